@@ -1,0 +1,29 @@
+"""aapt_jax: Autoregressive Adversarial Post-Training in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="aapt_jax",
+    version="0.1.0",
+    description=(
+        "Autoregressive Adversarial Post-Training (AAPT): real-time, interactive, "
+        "one-step autoregressive video generation in JAX/Flax."
+    ),
+    packages=find_packages(include=["aapt_jax", "aapt_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.7.1",
+        "flax>=0.11.2",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "grain>=0.2.10",
+        "einops>=0.8.0",
+        "ml-collections>=1.0.0",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "av>=12.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0"],
+        "datasets": ["tensorflow-datasets>=4.9.6"],
+    },
+)
