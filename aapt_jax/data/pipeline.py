@@ -1,0 +1,264 @@
+"""The grain input pipeline: records -> per-process batches -> global arrays.
+
+``make_dataset`` builds a deterministic, seeded ``grain.MapDataset``::
+
+    source -> tag record index -> shuffle(seed) -> shard by process
+           -> random clip crop (seeded) -> to model inputs
+           -> batch(per-process batch size, drop_remainder) -> repeat(num_epochs)
+
+``repeat`` reseeds the upstream shuffle and crops every epoch (grain's
+``reseed_each_epoch``), so each epoch has a new order and new crops, yet the
+whole stream is a pure function of ``seed``. Shuffling before sharding means
+a process sees different records each epoch while the shards of one epoch
+stay disjoint and (up to the ``len % process_count`` records dropped to keep
+shards equal) cover the data. ``make_iterator`` gives a grain
+``DatasetIterator`` whose ``get_state()``/``set_state()`` the checkpoint
+saves and restores (a small JSON-able dict per process).
+
+Batches are dicts of numpy arrays: ``latents`` float32 ``[B, T, h, w, C]``,
+and when the records have them ``actions`` int32 ``[B, T]``, ``controls``
+float32 ``[B, T, A]``, ``text_embedding`` float32 ``[B, L, D]`` with
+``text_mask`` bool ``[B, L]`` (when ``text_len`` is set). ``make_global_batch``
+turns them into global ``jax.Array``s sharded on the batch axis.
+
+Until a VAE exists the model works in pixel space: `pixels_to_latents`
+(space-to-depth, lossless) turns uint8 video into "latents".
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from aapt_jax.data import records
+
+_INDEX = "__record_index__"
+
+
+# ----------------------------------------------------------------------------
+# Pixel-space "latents".
+
+
+def pixels_to_latents(frames: np.ndarray, space_to_depth: int = 4) -> np.ndarray:
+  """uint8 ``[..., H, W, 3]`` -> float32 ``[..., H/s, W/s, 3*s*s]`` in [-1, 1].
+
+  Values: ``x / 127.5 - 1``. Channel order: channel ``(dy * s + dx) * 3 + c``
+  of latent pixel (i, j) is colour c of pixel ``(i*s + dy, j*s + dx)``
+  (i.e. ``[..., h, s, w, s, 3] -> [..., h, w, s(dy), s(dx), 3]`` flattened).
+  Lossless: `latents_to_pixels` inverts it exactly.
+  """
+  frames = np.asarray(frames)
+  if frames.dtype != np.uint8:
+    raise ValueError(f"pixels_to_latents: frames must be uint8, got {frames.dtype}")
+  s = int(space_to_depth)
+  *lead, H, W, C = frames.shape
+  if s < 1 or H % s or W % s:
+    raise ValueError(f"pixels_to_latents: frame size {H}x{W} is not divisible by "
+                     f"space_to_depth={s}")
+  n = len(lead)
+  x = frames.reshape(*lead, H // s, s, W // s, s, C)
+  x = x.transpose(*range(n), n, n + 2, n + 1, n + 3, n + 4)
+  x = x.reshape(*lead, H // s, W // s, s * s * C)
+  return x.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def latents_to_pixels(latents: np.ndarray, space_to_depth: int = 4) -> np.ndarray:
+  """Inverse of `pixels_to_latents`: ``[..., h, w, 3*s*s]`` -> uint8
+  ``[..., h*s, w*s, 3]`` (values rounded and clipped to [0, 255])."""
+  latents = np.asarray(latents, dtype=np.float32)
+  s = int(space_to_depth)
+  *lead, h, w, Cs = latents.shape
+  if s < 1 or Cs % (s * s):
+    raise ValueError(f"latents_to_pixels: {Cs} channels is not divisible by "
+                     f"space_to_depth**2={s * s}")
+  C, n = Cs // (s * s), len(lead)
+  x = latents.reshape(*lead, h, w, s, s, C)
+  x = x.transpose(*range(n), n, n + 2, n + 1, n + 3, n + 4)
+  x = x.reshape(*lead, h * s, w * s, C)
+  return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------
+# Per-example transforms.
+
+
+def _where(example: Mapping[str, Any], source: Any) -> str:
+  index = example.get(_INDEX)
+  if index is not None and hasattr(source, "locate"):
+    path, pos = source.locate(index % len(source))
+    return f"{path}[{pos}]"
+  return f"record {index}"
+
+
+def crop_clip(example: Mapping[str, Any], rng: np.random.Generator,
+              clip_frames: int, where: str = "record") -> dict[str, Any]:
+  """A random window of `clip_frames` latent frames of `example` (uniform
+  start drawn from `rng`), with its actions/controls cut to match."""
+  if "latents" in example:
+    key = "latents"
+  elif int(example.get("temporal_factor", 1)) == 1:
+    key = "video"
+  else:
+    raise ValueError(f"{where}: field 'latents': missing; a video with "
+                     f"temporal_factor {example['temporal_factor']} must be "
+                     "encoded with the VAE before training")
+  frames = example[key]
+  T = frames.shape[0]
+  if T < clip_frames:
+    raise ValueError(f"{where}: field {key!r}: {T} frames < clip_frames="
+                     f"{clip_frames}; drop short records or lower clip_frames")
+  start = int(rng.integers(0, T - clip_frames + 1))
+  out = {key: frames[start:start + clip_frames]}
+  for k in ("actions", "controls"):
+    if k in example:
+      v = example[k]
+      if v.shape[0] != T:
+        raise ValueError(f"{where}: field {k!r}: length {v.shape[0]} != {T} "
+                         f"frames of {key!r}")
+      out[k] = v[start:start + clip_frames]
+  for k in ("text_embedding",):
+    if k in example:
+      out[k] = example[k]
+  return out
+
+
+def to_model_inputs(example: Mapping[str, Any], *, space_to_depth: int = 4,
+                    latent_stats: tuple[Any, Any] | None = None,
+                    text_len: int | None = None) -> dict[str, np.ndarray]:
+  """A cropped example -> the arrays of one batch row (see module docstring).
+
+  `latent_stats` = (mean, std) per channel normalises stored VAE latents
+  (pixel-space latents are already in [-1, 1] and are not normalised).
+  `text_len` pads/truncates `text_embedding` to L tokens and adds `text_mask`.
+  """
+  if "latents" in example:
+    latents = np.asarray(example["latents"], np.float32)
+    if latent_stats is not None:
+      mean, std = (np.asarray(v, np.float32) for v in latent_stats)
+      latents = (latents - mean) / std
+  else:
+    latents = pixels_to_latents(example["video"], space_to_depth)
+  out = {"latents": latents}
+  if "actions" in example:
+    out["actions"] = np.asarray(example["actions"], np.int32)
+  if "controls" in example:
+    out["controls"] = np.asarray(example["controls"], np.float32)
+  if text_len is not None and "text_embedding" in example:
+    emb = np.asarray(example["text_embedding"], np.float32)[:text_len]
+    padded = np.zeros((text_len, emb.shape[1]), np.float32)
+    padded[: emb.shape[0]] = emb
+    out["text_embedding"] = padded
+    out["text_mask"] = np.arange(text_len) < emb.shape[0]
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Datasets.
+
+
+def shard_for_process(ds: grain.MapDataset, process_index: int,
+                      process_count: int) -> grain.MapDataset:
+  """Records ``process_index, process_index + n, ...`` of `ds`, after dropping
+  the last ``len(ds) % n`` so every process has the same number."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  usable = (len(ds) // process_count) * process_count
+  if usable == 0:
+    raise ValueError(f"{len(ds)} records cannot be split over {process_count} "
+                     "processes")
+  return ds[:usable][process_index::process_count]
+
+
+def per_process_batch_size(global_batch_size: int,
+                           process_count: int | None = None) -> int:
+  """`global_batch_size / process_count`, ValueError if it does not divide."""
+  n = jax.process_count() if process_count is None else process_count
+  if global_batch_size % n:
+    raise ValueError(f"train.batch_size={global_batch_size} is not divisible by "
+                     f"the {n} processes; use a multiple of {n}")
+  return global_batch_size // n
+
+
+def make_dataset(source: Any, *, clip_frames: int, batch_size: int, seed: int = 0,
+                 shuffle: bool = True, num_epochs: int | None = None,
+                 process_index: int | None = None, process_count: int | None = None,
+                 space_to_depth: int = 4, latent_stats: tuple[Any, Any] | None = None,
+                 text_len: int | None = None) -> grain.MapDataset:
+  """The training dataset of per-process batches (see module docstring).
+
+  Args:
+    source: a `records.RecordSource`, a path/glob/directory/list of ArrayRecord
+      files, or any random-access sequence of example dicts.
+    clip_frames: latent frames T per training clip.
+    batch_size: the *per-process* batch size B (`per_process_batch_size`).
+    seed: seeds the shuffle and the crops.
+    num_epochs: None repeats forever.
+    process_index, process_count: default `jax.process_index()/count()`.
+  """
+  if clip_frames < 1 or batch_size < 1:
+    raise ValueError(f"clip_frames ({clip_frames}) and batch_size ({batch_size}) "
+                     "must be >= 1")
+  if isinstance(source, (str, bytes)) or (
+      isinstance(source, Sequence) and source and isinstance(source[0], str)):
+    source = records.RecordSource(source)
+  if len(source) == 0:
+    raise ValueError("the data source is empty")
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  seed = int(seed) % 2**32
+
+  ds = grain.MapDataset.source(source)
+  ds = ds.map_with_index(lambda i, ex: {**ex, _INDEX: i})
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = shard_for_process(ds, pi, pc)
+
+  def crop(example, rng):
+    return crop_clip(example, rng, clip_frames, where=_where(example, source))
+
+  ds = ds.random_map(crop, seed=(seed + 0x9E3779B9) % 2**32)
+  ds = ds.map(lambda ex: to_model_inputs(ex, space_to_depth=space_to_depth,
+                                         latent_stats=latent_stats,
+                                         text_len=text_len))
+  if len(ds) < batch_size:
+    raise ValueError(f"{len(ds)} records per process < batch_size={batch_size}")
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.repeat(num_epochs)
+
+
+def make_iterator(ds: grain.MapDataset, *, num_threads: int = 2,
+                  prefetch_buffer_size: int = 4) -> grain.DatasetIterator:
+  """A checkpointable iterator (`get_state()` / `set_state(state)`)."""
+  options = grain.ReadOptions(num_threads=num_threads,
+                              prefetch_buffer_size=prefetch_buffer_size)
+  return iter(ds.to_iter_dataset(options))
+
+
+# ----------------------------------------------------------------------------
+# Global arrays.
+
+
+def batch_sharding(mesh: jax.sharding.Mesh,
+                   batch_axes: Sequence[str] = ("data", "fsdp")) -> jax.sharding.NamedSharding:
+  """Shards axis 0 over those of `batch_axes` that `mesh` has."""
+  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  spec = jax.sharding.PartitionSpec(axes if axes else None)
+  return jax.sharding.NamedSharding(mesh, spec)
+
+
+def make_global_batch(batch: Mapping[str, np.ndarray],
+                      sharding: jax.sharding.Sharding | Mapping[str, jax.sharding.Sharding],
+                      ) -> dict[str, jax.Array]:
+  """Per-process numpy batch -> global `jax.Array`s (batch axis sharded).
+
+  Each process passes its own rows; the global batch is the processes' rows
+  in process order, of leading size `B * process_count`.
+  """
+  out = {}
+  for key, value in batch.items():
+    sh = sharding[key] if isinstance(sharding, Mapping) else sharding
+    out[key] = jax.make_array_from_process_local_data(sh, np.asarray(value))
+  return out

@@ -1,0 +1,154 @@
+"""Data preparation: worlds -> ArrayRecord clips + whole episodes + metadata.
+
+`prepare_atari(out_dir, game=...)` writes into `out_dir`:
+
+* ``clips-NNNNN-of-MMMMM.array_record``: fixed-length clips of
+  `clip_frames` frames (cut every `clip_stride` frames from each episode),
+  fields ``video, actions, fps, world, game, episode, start, seed``;
+* ``episodes-NNNNN-of-MMMMM.array_record``: the whole episodes (same fields,
+  ``start = 0``) -- later stages roll out longer than any clip and take their
+  action sequences (and, via ``seed``, exact emulator replays) from them;
+* ``metadata.json``: game, num_actions, action_names, size, frame_skip, fps,
+  counts, the files, and everything skipped with the reason.
+
+A bad item never stops the run silently: it is skipped, counted, and
+reported with its reason in the summary and in metadata.json.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+from tqdm import tqdm
+
+from aapt_jax.data import records
+from aapt_jax.data.worlds import atari
+
+WORLDS = ("atari",)
+
+
+def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
+  """Creates `out_dir` and checks it is writable and holds no earlier records
+  (unless `overwrite`, which deletes them); ValueError otherwise."""
+  if not out_dir:
+    raise ValueError("--out: an output directory is required")
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    probe = os.path.join(out_dir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"cannot write to output directory {out_dir!r}: "
+                     f"{e.strerror or e}") from None
+  old = sorted(glob.glob(os.path.join(out_dir, "clips-*" + records.SUFFIX)) +
+               glob.glob(os.path.join(out_dir, "episodes-*" + records.SUFFIX)))
+  if old and not overwrite:
+    raise ValueError(f"{out_dir!r} already holds records ({os.path.basename(old[0])}"
+                     f", ...); pass --overwrite or choose another --out")
+  for p in old:
+    os.remove(p)
+
+
+def clip_starts(num_frames: int, clip_frames: int, stride: int) -> list[int]:
+  """Start indices of the full clips of an episode of `num_frames` frames."""
+  return list(range(0, num_frames - clip_frames + 1, stride))
+
+
+def prepare_atari(out_dir: str, *, game: str, episodes: int = 8,
+                  frames_per_episode: int | None = None, clip_frames: int = 16,
+                  clip_stride: int | None = None, size: int = 64,
+                  frame_skip: int = 4, seed: int = 0, repeat_prob: float = 0.75,
+                  num_shards: int = 1, overwrite: bool = False,
+                  progress: bool = True) -> dict[str, Any]:
+  """Records `episodes` Atari episodes and writes clips, episodes and
+  metadata.json to `out_dir`; returns the summary (also in metadata.json).
+
+  `frames_per_episode` caps each episode (None/0: until game over); episode
+  k is played from seed `seed + k` by a sticky-random policy keeping its
+  previous action with probability `repeat_prob`.
+  """
+  for name, value, low in (("episodes", episodes, 1), ("clip_frames", clip_frames, 1),
+                           ("size", size, 1), ("frame_skip", frame_skip, 1),
+                           ("num_shards", num_shards, 1)):
+    if int(value) < low:
+      raise ValueError(f"--{name} must be >= {low}, got {value}")
+  clip_stride = clip_stride or clip_frames
+  if clip_stride < 1:
+    raise ValueError(f"--clip_stride must be >= 1, got {clip_stride}")
+  world = atari.AtariWorld(game, size=size, frame_skip=frame_skip)  # checks game
+  check_output_dir(out_dir, overwrite)
+
+  base = {"world": "atari", "game": world.game, "fps": float(world.fps)}
+  skipped: list[str] = []
+  counts = {"episodes": 0, "episode_frames": 0, "clips": 0, "clip_frames": 0}
+  bar = tqdm(total=episodes, unit="episode", disable=not progress,
+             desc=f"atari/{world.game}")
+  with records.RecordWriter(os.path.join(out_dir, "clips"), num_shards) as clips_w, \
+       records.RecordWriter(os.path.join(out_dir, "episodes"), num_shards) as eps_w:
+    for k in range(episodes):
+      ep_seed = seed + k
+      try:
+        policy = atari.StickyRandomPolicy(world.num_actions, repeat_prob, seed=ep_seed)
+        ep = world.record_episode(ep_seed, policy, max_frames=frames_per_episode or None)
+      except (RuntimeError, ValueError) as e:
+        skipped.append(f"episode {k} (seed {ep_seed}): emulator error: {e}")
+        bar.update(1)
+        continue
+      T = len(ep)
+      example = dict(base, video=ep.frames, actions=ep.actions, episode=k, start=0,
+                     seed=ep_seed)
+      try:
+        eps_w.write(example, source=f"episode {k}")
+        counts["episodes"] += 1
+        counts["episode_frames"] += T
+      except ValueError as e:
+        skipped.append(f"episode {k}: {e}")
+      starts = clip_starts(T, clip_frames, clip_stride)
+      if not starts:
+        skipped.append(f"episode {k}: {T} frames < clip_frames={clip_frames}, "
+                       "no clips")
+      for s in starts:
+        clip = dict(base, video=ep.frames[s:s + clip_frames],
+                    actions=ep.actions[s:s + clip_frames], episode=k, start=s,
+                    seed=ep_seed)
+        try:
+          clips_w.write(clip, source=f"episode {k} clip at frame {s}")
+          counts["clips"] += 1
+          counts["clip_frames"] += clip_frames
+        except ValueError as e:
+          skipped.append(f"episode {k} clip at frame {s}: {e}")
+      bar.update(1)
+      bar.set_postfix(frames=counts["episode_frames"], clips=counts["clips"])
+  bar.close()
+
+  summary = {
+      "world": "atari", "game": world.game, "rom_id": world.rom_id,
+      "num_actions": world.num_actions, "action_names": world.action_names,
+      "size": list(world.size), "frame_skip": world.frame_skip, "fps": world.fps,
+      "clip_frames": clip_frames, "clip_stride": clip_stride, "seed": seed,
+      "repeat_prob": repeat_prob, "frames_per_episode": frames_per_episode or None,
+      "record_format": records.FORMAT, "counts": counts,
+      "files": {"clips": [os.path.basename(p) for p in clips_w.paths],
+                "episodes": [os.path.basename(p) for p in eps_w.paths]},
+      "skipped": skipped,
+  }
+  with open(os.path.join(out_dir, "metadata.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def format_summary(summary: dict[str, Any], out_dir: str) -> str:
+  c = summary["counts"]
+  lines = [
+      f"{summary['world']}/{summary['game']}: wrote {c['clips']} clips "
+      f"({c['clip_frames']} frames) to {os.path.join(out_dir, 'clips-*')} and "
+      f"{c['episodes']} episodes ({c['episode_frames']} frames) to "
+      f"{os.path.join(out_dir, 'episodes-*')}; metadata.json written.",
+      f"skipped {len(summary['skipped'])} item(s)" +
+      (":" if summary["skipped"] else "."),
+  ]
+  lines += [f"  - {s}" for s in summary["skipped"]]
+  return "\n".join(lines)

@@ -1,0 +1,27 @@
+"""Models: the block-causal DiT generator and its pieces."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from aapt_jax.models.generator import Conditioning, Generator, build_generator, init_params
+from aapt_jax.models.kv_cache import KVCache
+from aapt_jax.models.spec import ModelSpec
+
+_KINDS = ("generator", "discriminator", "vae")
+
+
+def abstract_params(config, kind: str = "generator"):
+  """The bare parameter tree as jax.ShapeDtypeStructs, via jax.eval_shape (no allocation)."""
+  if kind not in _KINDS:
+    raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+  if kind != "generator":
+    raise ValueError(f"abstract_params(kind={kind!r}): the {kind} is not part of this "
+                     "release yet; only kind='generator' is available")
+  model = build_generator(config)
+  boxed = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+  return nn.meta.unbox(boxed)["params"]
+
+
+__all__ = ["Conditioning", "Generator", "KVCache", "ModelSpec", "abstract_params",
+           "build_generator", "init_params"]

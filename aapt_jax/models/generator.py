@@ -1,0 +1,234 @@
+"""The generator: the DiT backbone plus a velocity head, with a full-sequence
+`__call__` (training), a one-frame `step` against a KV cache (1NFE
+streaming), and `init_cache`.
+
+Frames and blocks: block i is made from latent frame i; block 0 is the sink
+(the first frame, clean, t = 0). Block i >= 1 takes concat(noisy x_i at t_i,
+recycled x_{i-1}) on channels. Velocity parameterisation:
+x_t = (1 - t) x_0 + t eps, v = eps - x_0; the one-step frame is eps - v(eps, 1).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from aapt_jax.models import kv_cache as kvc
+from aapt_jax.models.layers import (Dense, LayerNorm32, PatchEmbed, TextProjection,
+                                    TimestepEmbedding, logical, unpatchify)
+from aapt_jax.models.spec import ModelSpec
+from aapt_jax.models.transformer import Transformer
+
+
+@flax.struct.dataclass
+class Conditioning:
+  """Per-call conditions; every field optional (None = zeros or unused).
+
+  Shapes for the full call; T = 1 for `step`.
+  """
+  previous: Any = None   # [B, T, h, w, C] recycled frames: previous[:, i] = x_{i-1}, zeros at i = 0
+  text: Any = None       # [B, L, text_dim]
+  text_mask: Any = None  # [B, L] bool, True = attend (ignored in plain-Wan mode)
+  actions: Any = None    # int32 [B, T]: the action whose effect frame i shows
+  controls: Any = None   # float32 [B, T, control_dim]
+
+
+def _shape_error(what, expected, got):
+  return ValueError(f"{what}: expected shape {expected}, got {tuple(got)}")
+
+
+class Generator(nn.Module):
+  """The AAPT generator (Wan2.1-compatible DiT); see DESIGN section 5."""
+  spec: ModelSpec
+
+  def setup(self):
+    s = self.spec
+    kw = dict(dtype=s.compute_dtype, param_dtype=s.params_dtype)
+    self.patch_embedding = PatchEmbed(s.dim, s.patch_size, **kw)
+    self.time_embedder = TimestepEmbedding(s.dim, s.freq_dim, **kw)
+    self.time_proj = Dense(6 * s.dim, ("embed", "mlp"), **kw)
+    if s.text_dim:
+      self.text_embedder = TextProjection(s.dim, **kw)
+    if s.num_actions:
+      self.action_embedding = self.param(
+          "action_embedding", logical(nn.initializers.normal(0.02), ("vocab", "embed")),
+          (s.num_actions, s.dim), s.params_dtype)
+    if s.control_dim:
+      self.control_in = Dense(s.dim, ("control", "embed"), **kw)
+      self.control_out = Dense(s.dim, ("embed", "embed_out"), **kw)
+    self.transformer = Transformer(s)
+    self.norm_out = LayerNorm32(eps=s.eps)
+    self.proj_out = Dense(s.patch_size[0] * s.patch_size[1] * s.patch_size[2] * s.latent_channels,
+                          ("embed", "patch_out"), **kw)
+    self.scale_shift_table = self.param(
+        "scale_shift_table", logical(nn.initializers.normal(s.dim ** -0.5), ("modulation", "embed")),
+        (2, s.dim), s.params_dtype)
+
+  # ------------------------------------------------------------ validation
+  def _check(self, latents, timesteps, cond: Conditioning, name="latents"):
+    s = self.spec
+    if latents.ndim != 5:
+      raise ValueError(f"{name} must be [B, T, h, w, C], got shape {tuple(latents.shape)}")
+    b, t, h, w, c = latents.shape
+    if c != s.latent_channels:
+      raise ValueError(f"{name} have C={c} channels but model.latent_channels={s.latent_channels}")
+    pt, ph, pw = s.patch_size
+    if h % ph or w % pw or t % pt:
+      raise ValueError(f"{name} (T, h, w)=({t}, {h}, {w}) must be divisible by "
+                       f"model.patch_size={s.patch_size}")
+    if tuple(timesteps.shape) != (b, t):
+      raise _shape_error("timesteps (one per latent frame)", (b, t), timesteps.shape)
+    if cond.previous is not None and tuple(cond.previous.shape) != tuple(latents.shape):
+      raise _shape_error("cond.previous", tuple(latents.shape), cond.previous.shape)
+    if cond.actions is not None:
+      if not s.num_actions:
+        raise ValueError("cond.actions given but model.num_actions=0 (the model takes no actions)")
+      if tuple(cond.actions.shape) != (b, t):
+        raise _shape_error("cond.actions", (b, t), cond.actions.shape)
+    if cond.controls is not None:
+      if not s.control_dim:
+        raise ValueError("cond.controls given but model.control_dim=0 (the model takes no controls)")
+      if tuple(cond.controls.shape) != (b, t, s.control_dim):
+        raise _shape_error("cond.controls", (b, t, s.control_dim), cond.controls.shape)
+    if cond.text is not None:
+      if not s.text_dim:
+        raise ValueError("cond.text given but model.text_dim=0 (the model takes no text)")
+      if cond.text.ndim != 3 or cond.text.shape[0] != b or cond.text.shape[2] != s.text_dim:
+        raise _shape_error("cond.text", (b, "L", s.text_dim), cond.text.shape)
+      if cond.text_mask is not None and tuple(cond.text_mask.shape) != tuple(cond.text.shape[:2]):
+        raise _shape_error("cond.text_mask", tuple(cond.text.shape[:2]), cond.text_mask.shape)
+
+  def _check_cache(self, cache: kvc.KVCache, batch):
+    s = self.spec
+    if not s.block_causal:
+      raise ValueError("a KV cache needs model.block_causal=True (plain-Wan mode is bidirectional)")
+    expected = (s.num_layers, batch, s.window_frames, s.tokens_per_frame, s.num_heads, s.head_dim)
+    if tuple(cache.ring_k.shape) != expected:
+      raise _shape_error("cache.ring_k [L, B, N, P, H, Dh] (from init_cache)", expected,
+                         cache.ring_k.shape)
+
+  # ---------------------------------------------------------------- pieces
+  def _embed(self, latents, timesteps, cond: Conditioning):
+    """-> tokens [B, T', P, D], temb [B, T', D] f32, mod [B, T', 6, D] f32, text."""
+    s = self.spec
+    pt = s.patch_size[0]
+    x = latents
+    if s.frame_recycling:
+      previous = cond.previous if cond.previous is not None else jnp.zeros_like(latents)
+      x = jnp.concatenate([latents, previous.astype(latents.dtype)], axis=-1)
+    tokens = self.patch_embedding(x)
+
+    temb = self.time_embedder(timesteps[:, ::pt]).astype(jnp.float32)  # [B, T', D]
+    if s.num_actions and cond.actions is not None:
+      actions = jnp.clip(cond.actions[:, ::pt].astype(jnp.int32), 0, s.num_actions - 1)
+      temb = temb + jnp.take(self.action_embedding, actions, axis=0).astype(jnp.float32)
+    if s.control_dim and cond.controls is not None:
+      c = self.control_out(nn.silu(self.control_in(cond.controls[:, ::pt])))
+      temb = temb + c.astype(jnp.float32)
+    elif s.control_dim and self.is_initializing():
+      self.control_out(nn.silu(self.control_in(jnp.zeros(temb.shape[:2] + (s.control_dim,)))))
+    mod = self.time_proj(nn.silu(temb)).astype(jnp.float32)
+    mod = mod.reshape(*mod.shape[:2], 6, s.dim)
+
+    text = None
+    if s.text_dim and cond.text is not None:
+      text = self.text_embedder(cond.text)
+    elif s.text_dim and self.is_initializing():
+      self.text_embedder(jnp.zeros((latents.shape[0], 1, s.text_dim)))
+    return tokens, temb, mod, text
+
+  def _head(self, x, temb, latent_hw):
+    s = self.spec
+    m = self.scale_shift_table.astype(jnp.float32)[None, None] + temb[:, :, None]  # [B, T', 2, D]
+    shift, scale = m[:, :, 0, None], m[:, :, 1, None]
+    h = self.norm_out(x) * (1 + scale) + shift
+    out = self.proj_out(h.astype(s.compute_dtype))  # [B, T', P, pt*ph*pw*C]
+    grid = (latent_hw[0] // s.patch_size[1], latent_hw[1] // s.patch_size[2])
+    return unpatchify(out, s.patch_size, grid, s.latent_channels).astype(jnp.float32)
+
+  def _run(self, latents, timesteps, cond, cache, commit):
+    s = self.spec
+    h, w = latents.shape[2:4]
+    grid = (h // s.patch_size[1], w // s.patch_size[2])
+    tokens, temb, mod, text = self._embed(latents, timesteps, cond)
+    layers_kv = None if cache is None else kvc.LayerKV(cache.sink_k, cache.sink_v,
+                                                       cache.ring_k, cache.ring_v)
+    counter = 0 if cache is None else cache.counter
+    x, new_layers = self.transformer(tokens, mod, text, cond.text_mask, grid, layers_kv,
+                                     counter, commit)
+    return self._head(x, temb, (h, w)), new_layers
+
+  # ------------------------------------------------------------------ API
+  def __call__(self, latents, timesteps, cond: Conditioning | None = None,
+               cache: kvc.KVCache | None = None):
+    """Full sequence: latents [B, T, h, w, C], timesteps [B, T] -> velocity [B, T, h, w, C].
+
+    With `cache` (a detached prefix), latents[:, 0] is block `cache.counter`;
+    the cache is read, not returned.
+    """
+    cond = cond if cond is not None else Conditioning()
+    self._check(latents, timesteps, cond)
+    if cache is not None:
+      self._check_cache(cache, latents.shape[0])
+      if latents.shape[2:4] != tuple(s for s in self.spec.latent_size):
+        raise _shape_error("latents (h, w) with a cache (model.latent_size)",
+                           tuple(self.spec.latent_size), latents.shape[2:4])
+    velocity, _ = self._run(latents, timesteps, cond, cache, commit=False)
+    return velocity
+
+  def step(self, latent, timestep, cond: Conditioning | None, cache: kvc.KVCache,
+           commit: bool = True):
+    """One latent frame [B, 1, h, w, C] at timestep [B, 1] against the cache.
+
+    Returns (velocity [B, 1, h, w, C], cache). With `commit` the same forward
+    writes this block's keys/values and advances the counter (1NFE).
+    """
+    cond = cond if cond is not None else Conditioning()
+    self._check(latent, timestep, cond, name="latent")
+    s = self.spec
+    if latent.shape[1] != 1:
+      raise ValueError(f"step takes one latent frame [B, 1, h, w, C], got T={latent.shape[1]}")
+    if tuple(latent.shape[2:4]) != tuple(s.latent_size):
+      raise _shape_error("latent (h, w) (model.latent_size)", tuple(s.latent_size),
+                         latent.shape[2:4])
+    self._check_cache(cache, latent.shape[0])
+    velocity, new_layers = self._run(latent, timestep, cond, cache, commit)
+    if not commit:
+      return velocity, cache
+    return velocity, kvc.KVCache(new_layers.sink_k, new_layers.sink_v, new_layers.ring_k,
+                                 new_layers.ring_v, cache.counter + 1)
+
+  def init_cache(self, batch_size: int) -> kvc.KVCache:
+    """An empty cache of fixed shapes (no parameters needed)."""
+    s = self.spec
+    if not s.block_causal:
+      raise ValueError("a KV cache needs model.block_causal=True (plain-Wan mode is bidirectional)")
+    return kvc.init_cache(s.num_layers, batch_size, s.window_frames, s.tokens_per_frame,
+                          s.num_heads, s.head_dim, s.compute_dtype)
+
+
+def build_generator(config) -> Generator:
+  """A Generator from a full config (or its `model` section)."""
+  model_config = config.model if "model" in config else config
+  return Generator(ModelSpec.from_config(model_config))
+
+
+def example_inputs(spec: ModelSpec, batch_size: int = 1, frames: int = 2):
+  """Zero inputs of the right shapes (for init, eval_shape and AOT compiles)."""
+  t = frames * spec.patch_size[0]
+  h, w = spec.latent_size
+  latents = jnp.zeros((batch_size, t, h, w, spec.latent_channels), jnp.float32)
+  cond = Conditioning(
+      text=jnp.zeros((batch_size, 1, spec.text_dim)) if spec.text_dim else None,
+      actions=jnp.zeros((batch_size, t), jnp.int32) if spec.num_actions else None,
+      controls=jnp.zeros((batch_size, t, spec.control_dim)) if spec.control_dim else None)
+  return latents, jnp.zeros((batch_size, t), jnp.float32), cond
+
+
+def init_params(model: Generator, rng) -> dict:
+  """{"params": ...} (boxed with logical axis names) for `model`."""
+  latents, timesteps, cond = example_inputs(model.spec)
+  return model.init(rng, latents, timesteps, cond)

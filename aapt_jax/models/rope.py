@@ -1,0 +1,66 @@
+"""3D rotary position embedding split over (t, h, w), Wan2.1's layout.
+
+The head dim d splits into t = d - 4⌊d/6⌋ and h = w = 2⌊d/6⌋ dims (44/42/42
+for d = 128), adjacent pairs (x[2i], x[2i+1]) rotate, θ = 10,000 per axis.
+Rotations on disjoint pairs commute, so the spatial part (h, w) and the
+temporal part (t) are applied separately:
+
+* spatial: absolute (row, column) of the token inside its frame — bounded;
+* temporal: only ever a *distance* between blocks (window-relative), never
+  an absolute frame index, so frame 10,000 sees exactly the angles seen in
+  training: there is no table to overflow and no precision lost.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+  """(t, h, w) dims of a head of size head_dim (each even)."""
+  hw = 2 * (head_dim // 6)
+  return head_dim - 2 * hw, hw, hw
+
+
+def axis_frequencies(axis_dim: int, theta: float):
+  """[axis_dim / 2] float32 angular frequencies θ^(-2i/axis_dim)."""
+  return 1.0 / (theta ** (jnp.arange(0, axis_dim, 2, dtype=jnp.float32) / axis_dim))
+
+
+def _rotate_pairs(x, cos, sin):
+  """Rotates adjacent pairs of x [..., 2K] by angles with cos/sin [..., K]."""
+  x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+  x0, x1 = x32[..., 0], x32[..., 1]
+  out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+def spatial_angles(grid_h: int, grid_w: int, head_dim: int, theta: float):
+  """cos, sin [grid_h * grid_w, head_dim/2 - t_dim/2] for the (h, w) pairs.
+
+  Tokens are row-major over (h, w), as Wan flattens them.
+  """
+  _, h_dim, w_dim = rope_split(head_dim)
+  rows = jnp.repeat(jnp.arange(grid_h, dtype=jnp.float32), grid_w)
+  cols = jnp.tile(jnp.arange(grid_w, dtype=jnp.float32), grid_h)
+  angles = jnp.concatenate([rows[:, None] * axis_frequencies(h_dim, theta),
+                            cols[:, None] * axis_frequencies(w_dim, theta)], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotate_spatial(x, cos, sin):
+  """x [B, T, P, H, Dh]: rotates the (h, w) pairs by the token's grid position."""
+  t_dim = rope_split(x.shape[-1])[0]
+  xs = _rotate_pairs(x[..., t_dim:], cos[:, None, :], sin[:, None, :])
+  return jnp.concatenate([x[..., :t_dim], xs], axis=-1)
+
+
+def rotate_time(x, distance, theta: float):
+  """Rotates the temporal pairs of x [..., Dh] by `distance` blocks.
+
+  distance: array broadcastable to x.shape[:-1] (e.g. [1, T, 1, 1, 1] -> use
+  shape [1, T, 1, 1] for x [B, T, P, H, Dh]).
+  """
+  t_dim = rope_split(x.shape[-1])[0]
+  angles = jnp.asarray(distance, jnp.float32)[..., None] * axis_frequencies(t_dim, theta)
+  xt = _rotate_pairs(x[..., :t_dim], jnp.cos(angles), jnp.sin(angles))
+  return jnp.concatenate([xt, x[..., t_dim:]], axis=-1)

@@ -1,0 +1,161 @@
+"""The DiT backbone (Wan2.1-compatible): blocks of modulated self-attention,
+text cross-attention and MLP, run under `nn.scan` over layers with a
+configurable `jax.checkpoint` policy.
+
+Parameter names follow diffusers' WanTransformer3DModel (attn1/attn2 with
+to_q/to_k/to_v/to_out and norm_q/norm_k, norm2 affine, ffn, scale_shift_table)
+so that weight import is a rename.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aapt_jax.models import attention as attn_ops
+from aapt_jax.models import kv_cache as kvc
+from aapt_jax.models import rope
+from aapt_jax.models.layers import Dense, FeedForward, LayerNorm32, RMSNorm, logical
+from aapt_jax.models.spec import ModelSpec
+
+REMAT_POLICY = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class SelfAttention(nn.Module):
+  """Block-causal (or, in plain-Wan mode, bidirectional) self-attention.
+
+  x: [B, T, P, D]. In cached mode the blocks are counter..counter+T-1 and the
+  layer's cache is read; with `commit` (T == 1) the same pass returns the
+  cache with this block's keys/values written.
+  """
+  spec: ModelSpec
+  grid: tuple[int, int]
+  cached: bool = False
+  commit: bool = False
+
+  @nn.compact
+  def __call__(self, x, counter, layer_kv):
+    s = self.spec
+    b, t, p, _ = x.shape
+    kw = dict(dtype=s.compute_dtype, param_dtype=s.params_dtype)
+    q = Dense(s.dim, ("embed", "heads"), name="to_q", **kw)(x)
+    k = Dense(s.dim, ("embed", "heads"), name="to_k", **kw)(x)
+    v = Dense(s.dim, ("embed", "heads"), name="to_v", **kw)(x)
+    if s.qk_norm:
+      q = RMSNorm("heads", eps=s.eps, name="norm_q", **kw)(q)
+      k = RMSNorm("heads", eps=s.eps, name="norm_k", **kw)(k)
+    shape = (b, t, p, s.num_heads, s.head_dim)
+    q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+    cos, sin = rope.spatial_angles(*self.grid, s.head_dim, s.rope_theta)
+    q, k = rope.rotate_spatial(q, cos, sin), rope.rotate_spatial(k, cos, sin)
+
+    new_kv = None
+    if not s.block_causal:
+      out = attn_ops.full_attention(q, k, v, theta=s.rope_theta)
+    elif not self.cached:
+      out = attn_ops.block_causal_attention(q, k, v, counter=0, window=s.window_frames,
+                                            theta=s.rope_theta)
+    else:
+      out = attn_ops.block_causal_attention(
+          q, k, v, counter=counter, window=s.window_frames, theta=s.rope_theta,
+          sink=(layer_kv.sink_k, layer_kv.sink_v), ring=(layer_kv.ring_k, layer_kv.ring_v))
+      if self.commit:
+        new_kv = kvc.write_block(layer_kv, k[:, 0], v[:, 0], counter)
+    out = Dense(s.dim, ("heads", "embed"), name="to_out", **kw)(out.reshape(b, t, p, s.dim))
+    return out, new_kv
+
+
+class CrossAttention(nn.Module):
+  """Tokens [B, T, P, D] attend to text [B, L, D] (already projected)."""
+  spec: ModelSpec
+
+  @nn.compact
+  def __call__(self, x, text, text_mask):
+    s = self.spec
+    b, t, p, _ = x.shape
+    kw = dict(dtype=s.compute_dtype, param_dtype=s.params_dtype)
+    q = Dense(s.dim, ("embed", "heads"), name="to_q", **kw)(x.reshape(b, t * p, s.dim))
+    k = Dense(s.dim, ("embed", "heads"), name="to_k", **kw)(text)
+    v = Dense(s.dim, ("embed", "heads"), name="to_v", **kw)(text)
+    if s.qk_norm:
+      q = RMSNorm("heads", eps=s.eps, name="norm_q", **kw)(q)
+      k = RMSNorm("heads", eps=s.eps, name="norm_k", **kw)(k)
+    heads = lambda a: a.reshape(a.shape[0], a.shape[1], s.num_heads, s.head_dim)
+    mask = text_mask if s.block_causal else None  # plain Wan has no text mask
+    out = attn_ops.cross_attention(heads(q), heads(k), heads(v), mask)
+    out = Dense(s.dim, ("heads", "embed"), name="to_out", **kw)(out.reshape(b, t * p, s.dim))
+    return out.reshape(b, t, p, s.dim)
+
+
+class Block(nn.Module):
+  """One DiT block; (x, layer_kv, ...) -> (x, new layer_kv), scan-shaped."""
+  spec: ModelSpec
+  grid: tuple[int, int]
+  cached: bool = False
+  commit: bool = False
+
+  @nn.compact
+  def __call__(self, x, layer_kv, mod, text, text_mask, counter):
+    # x [B, T, P, D]; mod [B, T, 6, D] float32 (shared time projection)
+    s = self.spec
+    f32 = jnp.float32
+    table = self.param(
+        "scale_shift_table",
+        logical(nn.initializers.normal(s.dim ** -0.5), ("modulation", "embed")),
+        (6, s.dim), s.params_dtype)
+    m = table.astype(f32)[None, None] + mod                     # [B, T, 6, D]
+    shift, scale, gate, c_shift, c_scale, c_gate = (m[:, :, i, None] for i in range(6))
+
+    h = LayerNorm32(eps=s.eps, name="norm1")(x) * (1 + scale) + shift
+    a, new_kv = SelfAttention(s, self.grid, self.cached, self.commit, name="attn1")(
+        h.astype(s.compute_dtype), counter, layer_kv)
+    x = (x.astype(f32) + a.astype(f32) * gate).astype(s.compute_dtype)
+
+    if s.text_dim:
+      norm2 = LayerNorm32(eps=s.eps, affine=s.cross_attn_norm, name="norm2")
+      cross = CrossAttention(s, name="attn2")
+      if text is not None:
+        x = x + cross(norm2(x).astype(s.compute_dtype), text, text_mask)
+      elif self.is_initializing():  # create the params; text None means "unused"
+        cross(norm2(x).astype(s.compute_dtype), jnp.zeros((x.shape[0], 1, s.dim), x.dtype), None)
+
+    h = LayerNorm32(eps=s.eps, name="norm3")(x) * (1 + c_scale) + c_shift
+    ff = FeedForward(s.dim, s.ffn_dim, dtype=s.compute_dtype, param_dtype=s.params_dtype,
+                     name="ffn")(h.astype(s.compute_dtype))
+    x = (x.astype(f32) + ff.astype(f32) * c_gate).astype(s.compute_dtype)
+    return x, new_kv
+
+
+class Transformer(nn.Module):
+  """All blocks: `nn.scan` over layers (params stacked on a "layers" axis) or unrolled."""
+  spec: ModelSpec
+
+  @nn.compact
+  def __call__(self, x, mod, text, text_mask, grid, layers_kv=None, counter=0, commit=False):
+    s = self.spec
+    cached = layers_kv is not None
+    block = Block
+    if s.remat != "none" and not cached:
+      block = nn.remat(Block, policy=REMAT_POLICY[s.remat], prevent_cse=not s.scan_layers)
+    if s.scan_layers:
+      scanned = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          length=s.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      return scanned(s, grid, cached, commit, name="blocks")(x, layers_kv, mod, text, text_mask,
+                                                             counter)
+    new_layers = []
+    for i in range(s.num_layers):
+      layer_kv = jax.tree.map(functools.partial(lambda i, a: a[i], i), layers_kv)
+      x, new_kv = block(s, grid, cached, commit, name=f"blocks_{i}")(
+          x, layer_kv, mod, text, text_mask, counter)
+      new_layers.append(new_kv)
+    if commit:
+      return x, jax.tree.map(lambda *a: jnp.stack(a), *new_layers)
+    return x, None

@@ -1,0 +1,82 @@
+"""Every config field of aapt_jax, documented in one place.
+
+Variants (`tiny.py`, `atari.py`, `wan2_1_1_3b.py`, `aapt_8b.py`) import this
+file and override fields; no default hides in code. Load a config with
+`aapt_jax.load_config("configs/atari.py", {"model.dim": 72})` or, in launch
+scripts, `--config=configs/atari.py --config.model.dim=72`.
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+
+  # Which training stage to run: "vae", "diffusion", "consistency",
+  # "adversarial", or "pipeline" (all stages in order, as the main job runs).
+  c.stage = "diffusion"
+  # Where the stage starts from (a run, stage, step or convert_weights dir);
+  # "" = the previous stage's directory in the same workdir.
+  c.init_from = ""
+  # Where the discriminator starts from (stage 3); "" = the stage-1 dir.
+  c.disc_init_from = ""
+
+  # ------------------------------------------------------------------ model
+  m = c.model = ml_collections.ConfigDict()
+  m.dim = 256                 # hidden size D
+  m.num_layers = 8            # transformer blocks
+  m.num_heads = 4             # attention heads; head dim = dim / num_heads
+  m.ffn_dim = 1024            # MLP hidden size
+  m.freq_dim = 256            # sinusoid size of the timestep embedding (Wan: 256)
+  m.text_dim = 0              # text embedding size; 0 = no text cross-attention
+  m.latent_channels = 16      # C of a latent frame
+  m.patch_size = (1, 2, 2)    # (t, h, w) patch of the patch embed; t must be 1
+                              # when block_causal (one latent frame per block)
+  m.latent_size = (16, 16)    # (h, w) of a latent frame, for the KV cache
+  m.window_frames = 8         # N: previous blocks kept besides the sink
+  m.num_actions = 0           # discrete action vocabulary; 0 = none
+  m.control_dim = 0           # continuous control vector size; 0 = none
+  m.block_causal = True       # AAPT attention (sink + window); False = plain
+                              # Wan bidirectional attention over all frames
+  m.frame_recycling = True    # input = concat(noisy x_i, x_{i-1}) on channels
+  m.qk_norm = True            # RMSNorm over all heads on q and k (Wan)
+  m.cross_attn_norm = True    # affine LayerNorm before cross-attention (Wan)
+  m.eps = 1e-6                # norm epsilon (Wan)
+  m.rope_theta = 10000.0      # RoPE base per axis (Wan)
+  m.dtype = "float32"         # compute dtype: float32 | bfloat16
+  m.param_dtype = "float32"   # parameter dtype
+  m.scan_layers = True        # run blocks under nn.scan (one compiled layer)
+  m.remat = "none"            # jax.checkpoint policy per block: none | full |
+                              # dots_saveable | dots_with_no_batch_dims_saveable
+  m.attention_backend = "xla"  # xla (the only one on CPU)
+
+  # ------------------------------------------------------------------ train
+  t = c.train = ml_collections.ConfigDict()
+  t.steps = 1000              # optimizer steps of the stage
+  t.batch_size = 8            # global batch size (samples)
+  t.seed = 0                  # seeds params, data order, noise
+  t.clip_frames = 8           # latent frames per training clip
+
+  # ------------------------------------------------------------- checkpoint
+  k = c.checkpoint = ml_collections.ConfigDict()
+  k.every_steps = 500         # save every so many steps (and at the end)
+  k.keep = 3                  # checkpoints kept
+
+  # ------------------------------------------------------------------- data
+  d = c.data = ml_collections.ConfigDict()
+  d.path = ""                 # directory of ArrayRecord files
+
+  # ------------------------------------------------------------------- mesh
+  # Device mesh axes; their product must equal the number of devices.
+  # -1 on one axis = all remaining devices.
+  me = c.mesh = ml_collections.ConfigDict()
+  me.data = -1
+  me.fsdp = 1
+  me.tensor = 1
+
+  # ------------------------------------------------------------ adversarial
+  a = c.adversarial = ml_collections.ConfigDict()
+  a.gradient = "recompute"          # "recompute" (parallel re-run) | "scan"
+  a.segment_gradient = "end_to_end"  # "end_to_end" | "truncated"
+  a.disc_noise_input = False         # noise D's input frames at its timestep
+  return c

@@ -1,0 +1,57 @@
+"""Makes training records from a world.
+
+  python launch/prepare_data.py --world=atari --game=Pong --episodes=8 \
+      --frames_per_episode=1000 --clip_frames=16 --size=64 --out=data/pong
+
+writes DIR/clips-*.array_record, DIR/episodes-*.array_record and
+DIR/metadata.json (see aapt_jax/data/prepare.py).
+"""
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--world", default="atari", help="only 'atari' for now")
+  p.add_argument("--game", default="Pong", help="Atari game, e.g. Pong, Breakout")
+  p.add_argument("--episodes", type=int, default=8)
+  p.add_argument("--frames_per_episode", type=int, default=0,
+                 help="cap on frames per episode; 0 = play until game over")
+  p.add_argument("--clip_frames", type=int, default=16)
+  p.add_argument("--clip_stride", type=int, default=0, help="0 = clip_frames")
+  p.add_argument("--size", type=int, default=64, help="square frame size")
+  p.add_argument("--frame_skip", type=int, default=4)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--repeat_prob", type=float, default=0.75,
+                 help="policy: probability of keeping the previous action")
+  p.add_argument("--num_shards", type=int, default=1)
+  p.add_argument("--overwrite", action="store_true",
+                 help="delete records already in --out")
+  p.add_argument("--out", required=True, help="output directory")
+  args = p.parse_args(argv)
+
+  try:
+    from aapt_jax.data import prepare
+    if args.world not in prepare.WORLDS:
+      raise ValueError(f"--world={args.world!r} is not supported; choose from "
+                       f"{', '.join(prepare.WORLDS)}")
+    summary = prepare.prepare_atari(
+        args.out, game=args.game, episodes=args.episodes,
+        frames_per_episode=args.frames_per_episode or None,
+        clip_frames=args.clip_frames, clip_stride=args.clip_stride or None,
+        size=args.size, frame_skip=args.frame_skip, seed=args.seed,
+        repeat_prob=args.repeat_prob, num_shards=args.num_shards,
+        overwrite=args.overwrite, progress=True)
+  except (ValueError, OSError, ImportError) as e:
+    print(f"prepare_data: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("prepare_data: interrupted; the output directory is incomplete",
+          file=sys.stderr)
+    return 130
+  print(prepare.format_summary(summary, args.out))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
