@@ -21,9 +21,13 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.66",
         "av>=12.0",
+        "ale-py>=0.12",
+        "array-record>=0.5",
+        "msgpack>=1.0",
+        # TFDS builders over our records (imported lazily; never TensorFlow).
+        "tensorflow-datasets>=4.9.6",
     ],
     extras_require={
         "test": ["pytest>=8.0"],
-        "datasets": ["tensorflow-datasets>=4.9.6"],
     },
 )

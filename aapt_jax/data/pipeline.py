@@ -87,8 +87,11 @@ def latents_to_pixels(latents: np.ndarray, space_to_depth: int = 4) -> np.ndarra
 
 def _where(example: Mapping[str, Any], source: Any) -> str:
   index = example.get(_INDEX)
-  if index is not None and hasattr(source, "locate"):
-    path, pos = source.locate(index % len(source))
+  if index is None:
+    return "record"
+  index %= len(source)  # indices count on across epochs
+  if hasattr(source, "locate"):
+    path, pos = source.locate(index)
     return f"{path}[{pos}]"
   return f"record {index}"
 

@@ -320,8 +320,11 @@ class RecordSource:
     counts = []
     for p in self.paths:
       reader = self._open(p)
-      counts.append(reader.num_records())
-      reader.close()
+      try:
+        counts.append(reader.num_records())
+        reader.close()
+      except Exception as e:  # the C++ reader raises RuntimeError
+        raise ValueError(f"{p}: not a readable ArrayRecord file ({e})") from None
     self._ends = list(np.cumsum(counts).tolist())
     self._readers = [None] * len(self.paths)
     self._lock = threading.Lock()
@@ -354,7 +357,10 @@ class RecordSource:
       with self._lock:
         if self._readers[f] is None:
           self._readers[f] = self._open(self.paths[f])
-    return self._readers[f].read([pos])[0]
+    try:
+      return self._readers[f].read([pos])[0]
+    except Exception as e:  # the C++ reader raises RuntimeError
+      raise ValueError(f"{self.paths[f]}[{pos}]: cannot read record ({e})") from None
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     path, pos = self.locate(index)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 from collections.abc import Callable, Iterator
 
@@ -75,6 +76,7 @@ def rom_id(game: str) -> str:
       "aapt_jax.data.worlds.atari.available_games()).")
 
 
+@functools.lru_cache(maxsize=32)
 def _area_weights(n_in: int, n_out: int) -> np.ndarray:
   """[n_out, n_in] box-filter weights: each output pixel averages the input
   pixels its footprint covers, weighted by the overlap (rows sum to 1)."""
@@ -82,7 +84,9 @@ def _area_weights(n_in: int, n_out: int) -> np.ndarray:
   lo, hi = edges[:-1, None], edges[1:, None]
   i = np.arange(n_in, dtype=np.float64)[None, :]
   w = np.clip(np.minimum(i + 1, hi) - np.maximum(i, lo), 0.0, None)
-  return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+  w = (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+  w.flags.writeable = False  # cached and shared
+  return w
 
 
 def resize_area(frames: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:

@@ -1,0 +1,28 @@
+"""The embedded default world: an Atari game from ale-py, on one CPU.
+
+Until the video VAE lands, the model works in pixel space: 64x64 RGB frames
+become 16x16x48 "latents" by 4x4 space-to-depth (data/pipeline.py), one
+latent frame per video frame (r = 1), so an action shows in the very next
+frame. 64 tokens per frame; small enough to train on 2 CPU cores and to run
+far faster than 24 frames/s.
+"""
+from configs import base
+
+
+def get_config(arg=None):
+  c = base.get_config(arg)
+  m = c.model
+  m.dim = 192
+  m.num_layers = 6
+  m.num_heads = 3
+  m.ffn_dim = 768
+  m.freq_dim = 128
+  m.text_dim = 0
+  m.latent_channels = 48      # 4x4 space-to-depth of RGB
+  m.latent_size = (16, 16)    # 64x64 pixels
+  m.window_frames = 8
+  m.num_actions = 18          # ALE's full action set; a game uses a subset
+  m.control_dim = 0
+  c.train.batch_size = 8
+  c.train.clip_frames = 12
+  return c

@@ -1,0 +1,192 @@
+"""The generator's contracts (DESIGN section 5): cached == full within and far
+beyond the window, fixed shapes and one compile, block-causality, the window,
+commit=False, scan == unrolled, remat on == off."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aapt_jax.models import Conditioning, build_generator, init_params
+from helpers import compiled, frame, random_inputs, step_all, tiny
+
+B = 2
+TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def rollout():
+  """One step-by-step rollout of 3N+2 frames on the tiny model."""
+  config, model, params = tiny()
+  n = model.spec.window_frames
+  call, step = compiled(model)
+  latents, timesteps, cond = random_inputs(model.spec, B, 3 * n + 2)
+  caches = []
+  outs = []
+  cache = model.init_cache(B)
+  for i in range(latents.shape[1]):
+    out, cache = step(params, latents[:, i:i + 1], timesteps[:, i:i + 1], frame(cond, i), cache)
+    outs.append(out)
+    caches.append(cache)
+  return dict(model=model, params=params, latents=latents, timesteps=timesteps, cond=cond,
+              stepped=jnp.concatenate(outs, 1), caches=caches, step=step, call=call)
+
+
+@pytest.mark.parametrize("which", ["3", "N+2", "N+3", "3N+2"])
+def test_cached_steps_equal_full_call(rollout, which):
+  n = rollout["model"].spec.window_frames
+  t = {"3": 3, "N+2": n + 2, "N+3": n + 3, "3N+2": 3 * n + 2}[which]
+  cond = rollout["cond"]
+  cond_t = cond.replace(previous=cond.previous[:, :t], actions=cond.actions[:, :t],
+                        controls=cond.controls[:, :t])
+  full = rollout["call"](rollout["params"], rollout["latents"][:, :t],
+                         rollout["timesteps"][:, :t], cond_t)
+  np.testing.assert_allclose(np.asarray(rollout["stepped"][:, :t]), np.asarray(full), **TOL)
+  assert float(jnp.abs(full).mean()) > 1e-2  # not vacuous
+
+
+def test_fresh_call_on_last_window_is_not_the_reference(rollout):
+  """The trap DESIGN warns about: a cached block's keys were computed in its
+  own window, so re-running only [sink, last N blocks] differs for a deep model."""
+  n = rollout["model"].spec.window_frames
+  t = 3 * n + 2
+  keep = [0] + list(range(t - n - 1, t))
+  cond = rollout["cond"]
+  sub = lambda a: a[:, jnp.array(keep)]
+  fresh = rollout["call"](rollout["params"], sub(rollout["latents"]), sub(rollout["timesteps"]),
+                          cond.replace(previous=sub(cond.previous), actions=sub(cond.actions),
+                                       controls=sub(cond.controls)))
+  assert float(jnp.abs(fresh[:, -1] - rollout["stepped"][:, -1]).max()) > 1e-4
+
+
+def test_call_continues_a_cached_prefix(rollout):
+  """__call__(cache=prefix) on later frames == stepping them (the cache is read, not written)."""
+  n = rollout["model"].spec.window_frames
+  for prefix in (1, n + 2):
+    cache = rollout["caches"][prefix - 1]
+    sl = slice(prefix, prefix + n + 1)
+    cond = rollout["cond"]
+    got = rollout["call"](rollout["params"], rollout["latents"][:, sl], rollout["timesteps"][:, sl],
+                          cond.replace(previous=cond.previous[:, sl], actions=cond.actions[:, sl],
+                                       controls=cond.controls[:, sl]), cache)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(rollout["stepped"][:, sl]), **TOL)
+
+
+def test_no_growth_and_one_compile(rollout):
+  """Cache shapes never change, step compiled once, frame 3N runs frame N+1's shapes."""
+  model = rollout["model"]
+  n = model.spec.window_frames
+  shapes = lambda c: jax.tree.map(lambda a: (a.shape, a.dtype), c)
+  init = shapes(model.init_cache(B))
+  for cache in rollout["caches"]:
+    assert shapes(cache) == init
+  assert rollout["step"]._cache_size() == 1
+  assert int(rollout["caches"][-1].counter) == 3 * n + 2
+  # the lowered program for frame N+1 and for frame 3N is the same text
+  lower = lambda c, i: rollout["step"].lower(
+      rollout["params"], rollout["latents"][:, i:i + 1], rollout["timesteps"][:, i:i + 1],
+      frame(rollout["cond"], i), c).as_text()
+  assert lower(rollout["caches"][n], n + 1) == lower(rollout["caches"][3 * n - 1], 3 * n)
+
+
+def test_commit_false_leaves_cache_unchanged(rollout):
+  step, params = rollout["step"], rollout["params"]
+  n = rollout["model"].spec.window_frames
+  cache = rollout["caches"][n + 1]
+  i = n + 2
+  args = (params, rollout["latents"][:, i:i + 1], rollout["timesteps"][:, i:i + 1],
+          frame(rollout["cond"], i))
+  v_peek, same = step(*args, cache, commit=False)
+  for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(cache)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  v_commit, _ = step(*args, cache, commit=True)
+  np.testing.assert_allclose(np.asarray(v_peek), np.asarray(v_commit), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(v_commit), np.asarray(rollout["stepped"][:, i:i + 1]), **TOL)
+
+
+def test_block_causality(rollout):
+  """Perturbing everything of frame j changes no output before j, and changes frame j."""
+  call, params = rollout["call"], rollout["params"]
+  latents, timesteps, cond = rollout["latents"], rollout["timesteps"], rollout["cond"]
+  j = 4
+  base = call(params, latents, timesteps, cond)
+  pert = call(params, latents.at[:, j].add(1.0), timesteps.at[:, j].set(0.9),
+              cond.replace(previous=cond.previous.at[:, j].add(1.0),
+                           actions=cond.actions.at[:, j].set((cond.actions[:, j] + 1) % 5),
+                           controls=cond.controls.at[:, j].add(1.0)))
+  np.testing.assert_array_equal(np.asarray(base[:, :j]), np.asarray(pert[:, :j]))
+  assert float(jnp.abs(base[:, j] - pert[:, j]).max()) > 1e-3
+  assert float(jnp.abs(base[:, -1] - pert[:, -1]).max()) > 1e-6  # later frames see it
+
+
+def test_window_bounds_receptive_field():
+  """One layer: block i sees blocks max(1, i-N)..i and the sink, nothing else."""
+  _, model, params = tiny((("model.num_layers", 1),))
+  n = model.spec.window_frames
+  call, _ = compiled(model)
+  latents, timesteps, cond = random_inputs(model.spec, B, n + 3, seed=3)
+  base = call(params, latents, timesteps, cond)
+  pert = call(params, latents.at[:, 1].add(1.0), timesteps, cond)
+  # block 1 is inside block N+1's window and outside block N+2's
+  assert float(jnp.abs(base[:, n + 1] - pert[:, n + 1]).max()) > 1e-4
+  np.testing.assert_array_equal(np.asarray(base[:, n + 2]), np.asarray(pert[:, n + 2]))
+  # the sink stays visible to every block
+  sink_pert = call(params, latents.at[:, 0].add(1.0), timesteps, cond)
+  assert float(jnp.abs(base[:, n + 2] - sink_pert[:, n + 2]).max()) > 1e-4
+
+
+def _unstack_layers(params, num_layers):
+  """Scanned params (blocks stacked on axis 0) -> unrolled blocks_0.. params."""
+  p = jax.tree.map(lambda a: a, params)
+  blocks = p["params"]["transformer"].pop("blocks")
+  for i in range(num_layers):
+    p["params"]["transformer"][f"blocks_{i}"] = jax.tree.map(lambda a, i=i: a[i], blocks)
+  return p
+
+
+def test_scan_equals_unrolled(rollout):
+  config, model, params = tiny()
+  _, unrolled, unrolled_init = tiny((("model.scan_layers", False),))
+  converted = _unstack_layers(jax.device_get(jax.tree.map(lambda a: a, params)),
+                              model.spec.num_layers)
+  # same tree structure as the unrolled model's own init
+  assert jax.tree.structure(converted) == jax.tree.structure(unrolled_init)
+  call, step = compiled(unrolled)
+  latents, timesteps, cond = rollout["latents"], rollout["timesteps"], rollout["cond"]
+  t = model.spec.window_frames + 2
+  cond_t = cond.replace(previous=cond.previous[:, :t], actions=cond.actions[:, :t],
+                        controls=cond.controls[:, :t])
+  got = call(converted, latents[:, :t], timesteps[:, :t], cond_t)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(rollout["stepped"][:, :t]), **TOL)
+  stepped, _ = step_all(step, converted, unrolled.init_cache(B), latents[:, :t],
+                        timesteps[:, :t], cond_t)
+  np.testing.assert_allclose(np.asarray(stepped), np.asarray(rollout["stepped"][:, :t]), **TOL)
+
+
+def test_remat_on_equals_off():
+  _, model, params = tiny()
+  _, remat_model, _ = tiny((("model.remat", "full"),))
+  latents, timesteps, cond = random_inputs(model.spec, B, 4, seed=5)
+
+  def loss(m):
+    return lambda p: jnp.mean(jnp.square(m.apply(p, latents, timesteps, cond)))
+
+  l0, g0 = jax.jit(jax.value_and_grad(loss(model)))(params)
+  l1, g1 = jax.jit(jax.value_and_grad(loss(remat_model)))(params)
+  np.testing.assert_allclose(float(l0), float(l1), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+  # the gradient reaches the first layer's sink path and the action table
+  assert float(jnp.abs(g0["params"]["action_embedding"]).max()) > 0
+
+
+def test_text_mask_and_text_none():
+  """Masked text tokens have no effect; text=None runs (cross-attention unused)."""
+  _, model, params = tiny()
+  call, _ = compiled(model)
+  latents, timesteps, cond = random_inputs(model.spec, B, 3, seed=6)
+  noisy = cond.text.at[0, 3:].add(5.0)  # sample 0 masks tokens 3, 4
+  a = call(params, latents, timesteps, cond)
+  b = call(params, latents, timesteps, cond.replace(text=noisy))
+  np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), atol=1e-6)
+  c = call(params, latents, timesteps, cond.replace(text=None, text_mask=None))
+  assert c.shape == a.shape and bool(jnp.all(jnp.isfinite(c)))
