@@ -70,11 +70,12 @@ def test_full_sequence_matches_reference(t):
 def test_cached_prefix_matches_reference(prefix, t):
   """Blocks prefix..prefix+t-1 read blocks < prefix from the sink + ring only."""
   q, k, v = _qkv(prefix + t, seed=1)
-  layer = kv_cache.LayerKV(jnp.zeros((B, P, H, D)), jnp.zeros((B, P, H, D)),
-                           jnp.zeros((B, N, P, H, D)), jnp.zeros((B, N, P, H, D)))
+  cache = kv_cache.init_cache(1, B, N, P, H, D)
   write = jax.jit(kv_cache.write_block)
   for j in range(prefix):
-    layer = write(layer, k[:, j], v[:, j], jnp.int32(j))
+    cache = write(cache, [(jnp.swapaxes(k[:, j], 1, 2), jnp.swapaxes(v[:, j], 1, 2))])
+  assert int(cache.counter) == prefix
+  layer = cache.layers[0]
   got = _attend(
       q[:, prefix:], k[:, prefix:], v[:, prefix:], counter=jnp.int32(prefix), window=N,
       theta=THETA, sink=(layer.sink_k, layer.sink_v), ring=(layer.ring_k, layer.ring_v))

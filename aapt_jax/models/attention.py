@@ -69,15 +69,18 @@ def block_causal_attention(q, k, v, *, counter, window: int, theta: float,
     rotation (temporal rotations here are distances only).
   counter: int or int32 [] — the absolute index of the first block.
   window: N, previous blocks kept besides the sink.
-  sink: (k, v) [B, P, H, Dh] of block 0 from a cache, or None when block 0 is
-    the first block of this sequence (counter == 0).
-  ring: (k, v) [B, N, P, H, Dh] of the cached previous blocks, or None.
+  sink: (k, v) [B, H, P, Dh] of block 0 from a cache (heads-major, as the
+    cache stores it), or None when block 0 is the first block of this
+    sequence (counter == 0).
+  ring: (k, v) [B, H, N, P, Dh] of the cached previous blocks, or None.
   Returns [B, T, P, H, Dh] in q.dtype.
   """
   b, t, p, h, d = q.shape
   n = window
   q = q * jnp.asarray(d ** -0.5, q.dtype)
   block_index = counter + jnp.arange(t)  # absolute index of each query block [T]
+  if ring is not None and t == 1:
+    return _one_block(q, k, v, counter, n, theta, sink, ring)
   state = _init(q)
 
   # 1. The sink, once, at distance min(i, N + 1): rotate the queries by it.
@@ -85,8 +88,8 @@ def block_causal_attention(q, k, v, *, counter, window: int, theta: float,
     sink_k, sink_v = k[:, 0], v[:, 0]
   else:
     first = counter == 0
-    sink_k = jnp.where(first, k[:, 0], sink[0].astype(k.dtype))
-    sink_v = jnp.where(first, v[:, 0], sink[1].astype(v.dtype))
+    sink_k = jnp.where(first, k[:, 0], jnp.swapaxes(sink[0], 1, 2).astype(k.dtype))
+    sink_v = jnp.where(first, v[:, 0], jnp.swapaxes(sink[1], 1, 2).astype(v.dtype))
   q_sink = rotate_time(q, jnp.minimum(block_index, n + 1)[None, :, None, None], theta)
   scores = jnp.einsum("btphd,bkhd->bthpk", q_sink, sink_k, preferred_element_type=jnp.float32)
   state = _add(state, scores, True, sink_v, "bthpk,bkhd->btphd")
@@ -94,16 +97,16 @@ def block_causal_attention(q, k, v, *, counter, window: int, theta: float,
   # 2. The cached ring: slot s holds block j_s at distance (i' + e_s) from
   #    query block i' (e_s = counter - j_s), i.e. R(-e_s) on the key, R(i') on the query.
   if ring is not None:
-    ring_k, ring_v = ring[0].astype(k.dtype), ring[1].astype(v.dtype)
+    ring_k, ring_v = ring[0].astype(k.dtype), ring[1].astype(v.dtype)  # [B, H, N, P, Dh]
     held = kvc.ring_block_indices(counter, n)                 # [N]
     ahead = counter - held                                     # e_s in 1..N where valid
-    k_r = rotate_time(ring_k, -ahead[None, :, None, None], theta)
-    q_r = q if t == 1 else rotate_time(q, jnp.arange(t)[None, :, None, None], theta)
-    scores = jnp.einsum("btphd,bnkhd->bthpnk", q_r, k_r, preferred_element_type=jnp.float32)
+    k_r = rotate_time(ring_k, -ahead[None, None, :, None], theta)
+    q_r = rotate_time(q, jnp.arange(t)[None, :, None, None], theta)
+    scores = jnp.einsum("btphd,bhnkd->bthpnk", q_r, k_r, preferred_element_type=jnp.float32)
     valid = (held[None, :] >= 1) & (jnp.arange(t)[:, None] + ahead[None, :] <= n)  # [T, N]
     state = _add(state, scores.reshape(b, t, h, p, n * p),
                  jnp.repeat(valid, p, axis=1)[None, :, None, None, :],
-                 ring_v.reshape(b, n * p, h, d), "bthpk,bkhd->btphd")
+                 ring_v.reshape(b, h, n * p, d), "bthpk,bhkd->btphd")
 
   # 3. The in-sequence window, one block offset o at a time: query block i
   #    reads key block i - o (if it is not the sink), at distance o.
@@ -113,6 +116,42 @@ def block_causal_attention(q, k, v, *, counter, window: int, theta: float,
     valid = (block_index[:t - o] >= 1)[None, :, None, None, None]
     state = _add(state, scores, valid, v[:, :t - o], "bthpk,btkhd->btphd", start=o)
   return _finish(state, q.dtype)
+
+
+def _one_block(q, k, v, counter, n, theta, sink, ring):
+  """The streaming step (T = 1): one softmax over [sink | ring | self], heads-major.
+
+  The same rule as the general path, with the temporal distances put on the
+  keys: the sink at min(counter, N + 1), ring slot s at counter - j_s, self at
+  0. q is already scaled. The three parts' scores are concatenated (small);
+  values are read in place from the cache.
+  """
+  b, _, p, h, d = q.shape
+  f32 = jnp.float32
+  heads_major = lambda a: jnp.swapaxes(a[:, 0], 1, 2)          # [B, 1, P, H, D] -> [B, H, P, D]
+  q1, k1, v1 = heads_major(q), heads_major(k), heads_major(v)
+  first = counter == 0
+  sink_k = jnp.where(first, k1, sink[0].astype(k.dtype))
+  sink_v = jnp.where(first, v1, sink[1].astype(v.dtype))
+  sink_k = rotate_time(sink_k, -jnp.minimum(counter, n + 1), theta)
+  held = kvc.ring_block_indices(counter, n)                      # [N]
+  ahead = counter - held
+  ring_k = rotate_time(ring[0].astype(k.dtype), -ahead[None, None, :, None], theta)
+  ring_v = ring[1].astype(v.dtype).reshape(b, h, n * p, d)
+  s_sink = jnp.einsum("bhpd,bhkd->bhpk", q1, sink_k, preferred_element_type=f32)
+  s_ring = jnp.einsum("bhpd,bhkd->bhpk", q1, ring_k.reshape(b, h, n * p, d),
+                      preferred_element_type=f32)
+  s_self = jnp.einsum("bhpd,bhkd->bhpk", q1, k1, preferred_element_type=f32)
+  ring_ok = jnp.repeat((held >= 1) & (ahead <= n), p)            # [N * P]
+  scores = jnp.concatenate([
+      s_sink, jnp.where(ring_ok, s_ring, _NEG_INF),
+      jnp.where(counter >= 1, s_self, _NEG_INF)], axis=-1)        # [B, H, P, (N + 2) P]
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  p_sink, p_ring, p_self = probs[..., :p], probs[..., p:p + n * p], probs[..., p + n * p:]
+  out = (jnp.einsum("bhpk,bhkd->bhpd", p_sink, sink_v, preferred_element_type=f32)
+         + jnp.einsum("bhpk,bhkd->bhpd", p_ring, ring_v, preferred_element_type=f32)
+         + jnp.einsum("bhpk,bhkd->bhpd", p_self, v1, preferred_element_type=f32))
+  return jnp.swapaxes(out, 1, 2)[:, None].astype(q.dtype)
 
 
 def full_attention(q, k, v, *, theta: float):

@@ -105,10 +105,13 @@ class Generator(nn.Module):
     s = self.spec
     if not s.block_causal:
       raise ValueError("a KV cache needs model.block_causal=True (plain-Wan mode is bidirectional)")
-    expected = (s.num_layers, batch, s.window_frames, s.tokens_per_frame, s.num_heads, s.head_dim)
-    if tuple(cache.ring_k.shape) != expected:
-      raise _shape_error("cache.ring_k [L, B, N, P, H, Dh] (from init_cache)", expected,
-                         cache.ring_k.shape)
+    if len(cache.layers) != s.num_layers:
+      raise ValueError(f"cache has {len(cache.layers)} layers but model.num_layers="
+                       f"{s.num_layers}: make it with this model's init_cache")
+    expected = (batch, s.num_heads, s.window_frames, s.tokens_per_frame, s.head_dim)
+    if tuple(cache.layers[0].ring_k.shape) != expected:
+      raise _shape_error("cache ring [B, H, N, P, Dh] (from init_cache)", expected,
+                         cache.layers[0].ring_k.shape)
 
   # ---------------------------------------------------------------- pieces
   def _embed(self, latents, timesteps, cond: Conditioning):
@@ -154,8 +157,7 @@ class Generator(nn.Module):
     h, w = latents.shape[2:4]
     grid = (h // s.patch_size[1], w // s.patch_size[2])
     tokens, temb, mod, text = self._embed(latents, timesteps, cond)
-    layers_kv = None if cache is None else kvc.LayerKV(cache.sink_k, cache.sink_v,
-                                                       cache.ring_k, cache.ring_v)
+    layers_kv = None if cache is None else cache.layers
     counter = 0 if cache is None else cache.counter
     x, new_layers = self.transformer(tokens, mod, text, cond.text_mask, grid, layers_kv,
                                      counter, commit)
@@ -195,11 +197,10 @@ class Generator(nn.Module):
       raise _shape_error("latent (h, w) (model.latent_size)", tuple(s.latent_size),
                          latent.shape[2:4])
     self._check_cache(cache, latent.shape[0])
-    velocity, new_layers = self._run(latent, timestep, cond, cache, commit)
+    velocity, new_kv = self._run(latent, timestep, cond, cache, commit)
     if not commit:
       return velocity, cache
-    return velocity, kvc.KVCache(new_layers.sink_k, new_layers.sink_v, new_layers.ring_k,
-                                 new_layers.ring_v, cache.counter + 1)
+    return velocity, kvc.write_block(cache, new_kv)
 
   def init_cache(self, batch_size: int) -> kvc.KVCache:
     """An empty cache of fixed shapes (no parameters needed)."""

@@ -6,6 +6,11 @@ frame) and a ring of the N previous blocks (block j >= 1 lives in slot
 held as an array. Shapes never depend on how many frames were generated, so
 `Generator.step` compiles once and runs at constant time and memory forever.
 
+Layout: one array per layer (not one stacked [L, ...] array), heads-major
+([B, H, ...]). A streaming step then reads every layer's keys in place and
+updates one ring slot per layer in place (with the cache donated); slicing a
+stacked array per layer would copy the whole ring every frame.
+
 Keys are stored after the q/k norm and the *spatial* rotary rotation but
 before any temporal rotation: the temporal rotation is a distance, applied
 when the keys are read (see `attention.block_causal_attention`).
@@ -18,40 +23,40 @@ import jax.numpy as jnp
 
 
 @flax.struct.dataclass
+class LayerKV:
+  sink_k: jax.Array   # [B, H, P, Dh]
+  sink_v: jax.Array   # [B, H, P, Dh]
+  ring_k: jax.Array   # [B, H, N, P, Dh]
+  ring_v: jax.Array   # [B, H, N, P, Dh]
+
+
+@flax.struct.dataclass
 class KVCache:
-  sink_k: jax.Array   # [L, B, P, H, Dh]
-  sink_v: jax.Array   # [L, B, P, H, Dh]
-  ring_k: jax.Array   # [L, B, N, P, H, Dh]
-  ring_v: jax.Array   # [L, B, N, P, H, Dh]
+  layers: tuple       # one LayerKV per layer
   counter: jax.Array  # int32 []: index of the next block (0 = the sink comes next)
 
   @property
   def window(self) -> int:
-    return self.ring_k.shape[2]
+    return self.layers[0].ring_k.shape[2]
 
   @property
   def batch_size(self) -> int:
-    return self.ring_k.shape[1]
+    return self.layers[0].ring_k.shape[0]
 
-  def layer(self, i: int) -> "LayerKV":
-    return LayerKV(self.sink_k[i], self.sink_v[i], self.ring_k[i], self.ring_v[i])
-
-
-@flax.struct.dataclass
-class LayerKV:
-  sink_k: jax.Array   # [B, P, H, Dh]
-  sink_v: jax.Array   # [B, P, H, Dh]
-  ring_k: jax.Array   # [B, N, P, H, Dh]
-  ring_v: jax.Array   # [B, N, P, H, Dh]
+  def stacked(self) -> LayerKV:
+    """All layers stacked on a leading axis (a copy), for a scanned model."""
+    return jax.tree.map(lambda *a: jnp.stack(a), *self.layers)
 
 
 def init_cache(num_layers, batch_size, window, tokens_per_frame, num_heads, head_dim,
                dtype=jnp.float32) -> KVCache:
-  sink = jnp.zeros((num_layers, batch_size, tokens_per_frame, num_heads, head_dim), dtype)
-  ring = jnp.zeros((num_layers, batch_size, window, tokens_per_frame, num_heads, head_dim),
-                   dtype)
-  return KVCache(sink_k=sink, sink_v=sink, ring_k=ring, ring_v=ring,
-                 counter=jnp.zeros((), jnp.int32))
+  sink = (batch_size, num_heads, tokens_per_frame, head_dim)
+  ring = (batch_size, num_heads, window, tokens_per_frame, head_dim)
+  # distinct buffers, so that a jitted step may donate the cache
+  layers = tuple(LayerKV(jnp.zeros(sink, dtype), jnp.zeros(sink, dtype),
+                         jnp.zeros(ring, dtype), jnp.zeros(ring, dtype))
+                 for _ in range(num_layers))
+  return KVCache(layers=layers, counter=jnp.zeros((), jnp.int32))
 
 
 def ring_block_indices(counter, window):
@@ -60,23 +65,26 @@ def ring_block_indices(counter, window):
   return last - jnp.mod(last - 1 - jnp.arange(window), window)
 
 
-def write_block(layer: LayerKV, k, v, counter) -> LayerKV:
-  """Writes block `counter`'s keys/values k, v [B, P, H, Dh] into the cache.
+def write_block(cache: KVCache, new_kv) -> KVCache:
+  """Writes block `cache.counter`'s keys/values and advances the counter.
 
-  Block 0 becomes the sink; block j >= 1 overwrites ring slot (j - 1) mod N,
-  the oldest block, which has just left the window.
+  new_kv: one (k, v) pair per layer, each [B, H, P, Dh]. Block 0 becomes the
+  sink; block j >= 1 overwrites ring slot (j - 1) mod N, the oldest block,
+  which has just left the window. One block per layer is written, so a
+  donated cache is updated in place.
   """
+  counter = cache.counter
   is_sink = counter == 0
-  window = layer.ring_k.shape[1]
-  slot = jnp.mod(counter - 1, window)
+  slot = jnp.mod(counter - 1, cache.window)
 
   def put(ring, new):
-    old = jax.lax.dynamic_index_in_dim(ring, slot, axis=1, keepdims=False)
+    old = jax.lax.dynamic_index_in_dim(ring, slot, axis=2, keepdims=False)
     new = jnp.where(is_sink, old, new.astype(ring.dtype))
-    return jax.lax.dynamic_update_index_in_dim(ring, new, slot, axis=1)
+    return jax.lax.dynamic_update_index_in_dim(ring, new, slot, axis=2)
 
-  return LayerKV(
-      sink_k=jnp.where(is_sink, k.astype(layer.sink_k.dtype), layer.sink_k),
-      sink_v=jnp.where(is_sink, v.astype(layer.sink_v.dtype), layer.sink_v),
-      ring_k=put(layer.ring_k, k),
-      ring_v=put(layer.ring_v, v))
+  layers = tuple(
+      LayerKV(sink_k=jnp.where(is_sink, k.astype(layer.sink_k.dtype), layer.sink_k),
+              sink_v=jnp.where(is_sink, v.astype(layer.sink_v.dtype), layer.sink_v),
+              ring_k=put(layer.ring_k, k), ring_v=put(layer.ring_v, v))
+      for layer, (k, v) in zip(cache.layers, new_kv))
+  return KVCache(layers=layers, counter=counter + 1)

@@ -26,41 +26,52 @@ def axis_frequencies(axis_dim: int, theta: float):
   return 1.0 / (theta ** (jnp.arange(0, axis_dim, 2, dtype=jnp.float32) / axis_dim))
 
 
-def _rotate_pairs(x, cos, sin):
-  """Rotates adjacent pairs of x [..., 2K] by angles with cos/sin [..., K]."""
-  x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
-  x0, x1 = x32[..., 0], x32[..., 1]
-  out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
-  return out.reshape(x.shape).astype(x.dtype)
+def _rotate(x, cos, sin):
+  """Rotates adjacent pairs (x[2i], x[2i+1]) of x [..., Dh] by per-pair angles.
+
+  cos, sin: [..., Dh] (each pair's value repeated twice; cos = 1, sin = 0 on
+  pairs that do not rotate), broadcastable to x. One elementwise pass:
+  x * cos + pairswap(x) * sin with pairswap(x)[2i] = -x[2i+1], [2i+1] = x[2i].
+  """
+  x32 = x.astype(jnp.float32)
+  pairs = x32.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+  swapped = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+  return (x32 * cos + swapped * sin).astype(x.dtype)
+
+
+def _full_width(angles, head_dim, offset):
+  """Per-pair angles [..., K] placed at pairs offset..offset+K of a head -> cos, sin [..., Dh]."""
+  pad = [(0, 0)] * (angles.ndim - 1) + [(offset, head_dim // 2 - offset - angles.shape[-1])]
+  angles = jnp.repeat(jnp.pad(angles, pad), 2, axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
 
 
 def spatial_angles(grid_h: int, grid_w: int, head_dim: int, theta: float):
-  """cos, sin [grid_h * grid_w, head_dim/2 - t_dim/2] for the (h, w) pairs.
+  """cos, sin [grid_h * grid_w, head_dim] rotating the (h, w) pairs (t pairs: identity).
 
   Tokens are row-major over (h, w), as Wan flattens them.
   """
-  _, h_dim, w_dim = rope_split(head_dim)
+  t_dim, h_dim, w_dim = rope_split(head_dim)
   rows = jnp.repeat(jnp.arange(grid_h, dtype=jnp.float32), grid_w)
   cols = jnp.tile(jnp.arange(grid_w, dtype=jnp.float32), grid_h)
   angles = jnp.concatenate([rows[:, None] * axis_frequencies(h_dim, theta),
                             cols[:, None] * axis_frequencies(w_dim, theta)], axis=-1)
-  return jnp.cos(angles), jnp.sin(angles)
+  return _full_width(angles, head_dim, t_dim // 2)
 
 
 def rotate_spatial(x, cos, sin):
   """x [B, T, P, H, Dh]: rotates the (h, w) pairs by the token's grid position."""
-  t_dim = rope_split(x.shape[-1])[0]
-  xs = _rotate_pairs(x[..., t_dim:], cos[:, None, :], sin[:, None, :])
-  return jnp.concatenate([x[..., :t_dim], xs], axis=-1)
+  return _rotate(x, cos[:, None, :], sin[:, None, :])
 
 
 def rotate_time(x, distance, theta: float):
   """Rotates the temporal pairs of x [..., Dh] by `distance` blocks.
 
-  distance: array broadcastable to x.shape[:-1] (e.g. [1, T, 1, 1, 1] -> use
-  shape [1, T, 1, 1] for x [B, T, P, H, Dh]).
+  distance: array broadcastable to x.shape[:-1] (e.g. shape [1, T, 1, 1] for
+  x [B, T, P, H, Dh]).
   """
-  t_dim = rope_split(x.shape[-1])[0]
+  head_dim = x.shape[-1]
+  t_dim = rope_split(head_dim)[0]
   angles = jnp.asarray(distance, jnp.float32)[..., None] * axis_frequencies(t_dim, theta)
-  xt = _rotate_pairs(x[..., :t_dim], jnp.cos(angles), jnp.sin(angles))
-  return jnp.concatenate([xt, x[..., t_dim:]], axis=-1)
+  cos, sin = _full_width(angles, head_dim, 0)
+  return _rotate(x, cos, sin)

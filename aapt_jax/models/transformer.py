@@ -8,14 +8,11 @@ so that weight import is a rename.
 """
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from aapt_jax.models import attention as attn_ops
-from aapt_jax.models import kv_cache as kvc
 from aapt_jax.models import rope
 from aapt_jax.models.layers import Dense, FeedForward, LayerNorm32, RMSNorm, logical
 from aapt_jax.models.spec import ModelSpec
@@ -31,8 +28,9 @@ class SelfAttention(nn.Module):
   """Block-causal (or, in plain-Wan mode, bidirectional) self-attention.
 
   x: [B, T, P, D]. In cached mode the blocks are counter..counter+T-1 and the
-  layer's cache is read; with `commit` (T == 1) the same pass returns the
-  cache with this block's keys/values written.
+  layer's cache is read; with `commit` (T == 1) the same pass also returns
+  this block's keys/values ([B, H, P, Dh] each), which the generator writes
+  into the cache (one block per layer, in place).
   """
   spec: ModelSpec
   grid: tuple[int, int]
@@ -65,8 +63,8 @@ class SelfAttention(nn.Module):
       out = attn_ops.block_causal_attention(
           q, k, v, counter=counter, window=s.window_frames, theta=s.rope_theta,
           sink=(layer_kv.sink_k, layer_kv.sink_v), ring=(layer_kv.ring_k, layer_kv.ring_v))
-      if self.commit:
-        new_kv = kvc.write_block(layer_kv, k[:, 0], v[:, 0], counter)
+      if self.commit:  # this block's keys/values for the cache, heads-major [B, H, P, Dh]
+        new_kv = (jnp.swapaxes(k[:, 0], 1, 2), jnp.swapaxes(v[:, 0], 1, 2))
     out = Dense(s.dim, ("heads", "embed"), name="to_out", **kw)(out.reshape(b, t, p, s.dim))
     return out, new_kv
 
@@ -138,6 +136,8 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, x, mod, text, text_mask, grid, layers_kv=None, counter=0, commit=False):
+    """layers_kv: one LayerKV per layer (cached mode) or None. With `commit`,
+    returns (x, one (k, v) pair per layer) for the cache; else (x, None)."""
     s = self.spec
     cached = layers_kv is not None
     block = Block
@@ -148,14 +148,15 @@ class Transformer(nn.Module):
           block, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
           length=s.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      return scanned(s, grid, cached, commit, name="blocks")(x, layers_kv, mod, text, text_mask,
-                                                             counter)
+      stacked = jax.tree.map(lambda *a: jnp.stack(a), *layers_kv) if cached else None
+      x, new_kv = scanned(s, grid, cached, commit, name="blocks")(x, stacked, mod, text,
+                                                                  text_mask, counter)
+      if commit:
+        new_kv = [(new_kv[0][i], new_kv[1][i]) for i in range(s.num_layers)]
+      return x, new_kv
     new_layers = []
     for i in range(s.num_layers):
-      layer_kv = jax.tree.map(functools.partial(lambda i, a: a[i], i), layers_kv)
       x, new_kv = block(s, grid, cached, commit, name=f"blocks_{i}")(
-          x, layer_kv, mod, text, text_mask, counter)
+          x, layers_kv[i] if cached else None, mod, text, text_mask, counter)
       new_layers.append(new_kv)
-    if commit:
-      return x, jax.tree.map(lambda *a: jnp.stack(a), *new_layers)
-    return x, None
+    return x, (new_layers if commit else None)

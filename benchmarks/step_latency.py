@@ -1,0 +1,158 @@
+"""Per-latent-frame latency of `Generator.step` (1NFE, KV cache) deep into a
+stream, against recomputing the whole window without a cache, in one run.
+
+  python benchmarks/step_latency.py [--configs tiny,atari,bar,bar32] [--frames 1440]
+
+`bar` is the peer-comparison shape (dim 256, 8 layers, 4 heads, ffn 1024, 64
+tokens per latent frame, fp32, window 8); `bar32` the same with a window of 32.
+Each step runs the real stream: frame 1440 is reached by 1440 committed steps.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from aapt_jax import load_config  # noqa: E402
+from aapt_jax.models import Conditioning, build_generator, init_params  # noqa: E402
+
+CONFIGS = {
+    "tiny": ("configs/tiny.py", {}),
+    "atari": ("configs/atari.py", {}),
+    "bar": ("configs/base.py", {"model.window_frames": 8}),
+    "bar32": ("configs/base.py", {"model.window_frames": 32}),
+}
+
+
+def cpu_name():
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def rss_mib():
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS"):
+        return int(line.split()[1]) / 1024
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_config(name, frames, repeats):
+  path, overrides = CONFIGS[name]
+  config = load_config(os.path.join(ROOT, path), overrides)
+  model = build_generator(config)
+  s = model.spec
+  params = nn.meta.unbox(init_params(model, jax.random.key(0)))
+  h, w = s.latent_size
+  rng = np.random.default_rng(0)
+
+  def cond_for(t):
+    return Conditioning(
+        previous=jnp.asarray(rng.standard_normal((1, t, h, w, s.latent_channels)), jnp.float32),
+        text=jnp.zeros((1, 8, s.text_dim)) if s.text_dim else None,
+        actions=jnp.zeros((1, t), jnp.int32) if s.num_actions else None,
+        controls=jnp.zeros((1, t, s.control_dim)) if s.control_dim else None)
+
+  step = jax.jit(lambda p, x, t, c, cache: model.apply(p, x, t, c, cache, method="step"),
+                 donate_argnums=4)
+  noise = jnp.asarray(rng.standard_normal((1, 1, h, w, s.latent_channels)), jnp.float32)
+  one = jnp.ones((1, 1))
+  cond1 = cond_for(1)
+  cache = model.init_cache(1)
+  compiled = step.lower(params, noise, one, cond1, cache).compile()
+  mem = compiled.memory_analysis()
+  temp_mib = getattr(mem, "temp_size_in_bytes", 0) / 2**20 if mem else float("nan")
+  cache_mib = sum(a.nbytes for a in jax.tree.leaves(cache)) / 2**20
+
+  n = s.window_frames
+  marks = sorted({1, n, 4 * n, frames})
+  lat = {}
+  rss = {}
+  frame = 0
+  window_ms = []
+  while frame < frames + repeats:
+    t0 = time.perf_counter()
+    v, cache = step(params, noise, one, cond1, cache)
+    v.block_until_ready()
+    dt = (time.perf_counter() - t0) * 1e3
+    frame += 1
+    for m in marks:
+      if m <= frame < m + repeats:
+        lat.setdefault(m, []).append(dt)
+        if frame == m:
+          rss[m] = rss_mib()
+  assert int(cache.counter) == frame
+
+  # Baseline: recompute the whole window (sink + N previous + current) without a cache.
+  t = n + 2
+  call = jax.jit(lambda p, x, ts, c: model.apply(p, x, ts, c))
+  xs = jnp.asarray(rng.standard_normal((1, t, h, w, s.latent_channels)), jnp.float32)
+  ts = jnp.ones((1, t))
+  condt = cond_for(t)
+  call(params, xs, ts, condt).block_until_ready()
+  base = []
+  for _ in range(max(3, repeats // 2)):
+    t0 = time.perf_counter()
+    call(params, xs, ts, condt).block_until_ready()
+    base.append((time.perf_counter() - t0) * 1e3)
+  return dict(name=name, tokens=s.tokens_per_frame, window=n, dims=f"{s.dim}x{s.num_layers}",
+              lat={m: float(np.median(v)) for m, v in lat.items()},
+              recompute=float(np.median(base)), cache_mib=cache_mib, temp_mib=temp_mib,
+              rss=rss, marks=marks, compiles=step._cache_size())
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--configs", default="tiny,atari,bar,bar32")
+  ap.add_argument("--frames", type=int, default=1440)
+  ap.add_argument("--repeats", type=int, default=20, help="steps timed at each mark")
+  args = ap.parse_args()
+  names = args.configs.split(",")
+  for n in names:
+    if n not in CONFIGS:
+      sys.exit(f"unknown config {n!r}; choose from {sorted(CONFIGS)}")
+  dev = jax.devices()[0]
+  print(f"device: {dev.platform} {dev.device_kind} ({cpu_name()}, {os.cpu_count()} cores), "
+        f"jax {jax.__version__}")
+  rows = [bench_config(n, args.frames, args.repeats) for n in names]
+  head = (f"{'config':<7} {'DxL':>7} {'tok/f':>5} {'N':>3} | "
+          + " ".join(f"{'f' + str(m):>8}" for m in ("1", "N", "4N", str(args.frames)))
+          + f" | {'flat':>5} | {'recompute':>9} {'ratio':>6} | {'cache':>7} {'temp':>7} "
+          f"{'RSS@4N':>7} {'RSS@end':>7} | jit")
+  print(head)
+  print("-" * len(head))
+  for r in rows:
+    ms = [r["lat"][m] for m in r["marks"]]
+    while len(ms) < 4:
+      ms.insert(0, ms[0])
+    flat = r["lat"][args.frames] / r["lat"][4 * r["window"]]
+    print(f"{r['name']:<7} {r['dims']:>7} {r['tokens']:>5} {r['window']:>3} | "
+          + " ".join(f"{m:>6.2f}ms" for m in ms)
+          + f" | {flat:>5.2f} | {r['recompute']:>7.2f}ms {r['recompute'] / r['lat'][args.frames]:>5.1f}x"
+          f" | {r['cache_mib']:>5.1f}Mi {r['temp_mib']:>5.1f}Mi {r['rss'][4 * r['window']]:>5.0f}Mi"
+          f" {r['rss'][args.frames]:>5.0f}Mi | {r['compiles']}")
+  print("latency: median ms per latent frame (one step = one forward, 1NFE) at that frame;"
+        " flat = last / 4N; recompute = one forward over sink + N + current without a cache;"
+        " ratio = recompute / cached at the last frame; cache = KV cache size; temp = XLA"
+        " scratch of the step; jit = step compilations.")
+
+
+if __name__ == "__main__":
+  main()
