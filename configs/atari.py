@@ -23,6 +23,11 @@ def get_config(arg=None):
   m.window_frames = 8
   m.num_actions = 18          # ALE's full action set; a game uses a subset
   m.control_dim = 0
+  c.data.world = "atari"
+  c.data.game = "Pong"
+  c.data.frame_size = 64
+  c.data.frame_skip = 4
+  c.data.space_to_depth = 4
   c.train.batch_size = 8
   c.train.clip_frames = 12
   return c

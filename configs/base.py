@@ -65,6 +65,12 @@ def get_config(arg=None):
   # ------------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
   d.path = ""                 # directory of ArrayRecord files
+  d.world = ""                # simulator of the embedded world: "atari" | ""
+  d.game = ""                 # the world's game (Atari: "Pong", "Breakout", ...)
+  d.frame_size = 64           # square frame size of the world's video
+  d.frame_skip = 4            # emulator frames per recorded frame
+  d.space_to_depth = 4        # pixel-space model: frames -> latents by s x s
+                              # space-to-depth (0 = latents come from a VAE)
 
   # ------------------------------------------------------------------- mesh
   # Device mesh axes; their product must equal the number of devices.

@@ -1,0 +1,1 @@
+"""Inference: streaming generation, one forward per latent frame."""

@@ -1,0 +1,63 @@
+"""1NFE autoregressive generation with the KV cache, one latent frame at a time.
+
+The stream: the first frame x_0 (a real start frame) is written into the cache
+as the sink by one prefill `step` at t = 0; every later frame is ONE forward
+from pure noise at t = 1 with the previous frame recycled:
+x_i = eps - v(eps, t=1 | x_{i-1}, action_i). Time and memory per frame are
+constant, however long the stream.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aapt_jax.models import Conditioning, Generator
+
+
+def make_step_fn(model: Generator) -> Callable:
+  """A jitted `step` with the cache donated (updated in place): compiled once."""
+
+  def step(params, latent, timestep, previous, actions, cache):
+    cond = Conditioning(previous=previous, actions=actions)
+    return model.apply({"params": params}, latent, timestep, cond, cache, method="step")
+
+  return jax.jit(step, donate_argnums=5)
+
+
+def generate_latents(model: Generator, params, first_latent: np.ndarray,
+                     actions: Sequence[int] | None, num_frames: int, seed: int = 0,
+                     step_fn: Callable | None = None) -> Iterator[np.ndarray]:
+  """Yields num_frames latent frames [h, w, C] (host numpy), the first being first_latent.
+
+  params: the bare parameter tree. actions[i] is the action whose effect frame
+  i shows (actions[0] is ignored: frame 0 is given); None = no actions.
+  """
+  s = model.spec
+  if num_frames < 1:
+    raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+  if tuple(first_latent.shape) != (*s.latent_size, s.latent_channels):
+    raise ValueError(f"first_latent must be {(*s.latent_size, s.latent_channels)}, "
+                     f"got {tuple(first_latent.shape)}")
+  if s.num_actions:
+    if actions is None or len(actions) < num_frames:
+      raise ValueError(f"the model takes actions: give at least {num_frames}, got "
+                       f"{0 if actions is None else len(actions)}")
+    bad = [a for a in actions[:num_frames] if not 0 <= int(a) < s.num_actions]
+    if bad:
+      raise ValueError(f"invalid action ids {bad[:5]}: valid ids are 0..{s.num_actions - 1}")
+  step = step_fn or make_step_fn(model)
+  act = (lambda i: jnp.full((1, 1), int(actions[i]), jnp.int32)) if s.num_actions else (
+      lambda i: None)
+  cache = model.init_cache(1)
+  x = jnp.asarray(first_latent, jnp.float32)[None, None]       # [1, 1, h, w, C]
+  _, cache = step(params, x, jnp.zeros((1, 1)), jnp.zeros_like(x), act(0), cache)
+  yield np.asarray(x[0, 0])
+  key = jax.random.key(seed)
+  for i in range(1, num_frames):
+    noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
+    v, cache = step(params, noise, jnp.ones((1, 1)), x, act(i), cache)
+    x = noise - v
+    yield np.asarray(x[0, 0])
