@@ -23,8 +23,19 @@ parameter would be silently replicated, so a test walks the tree):
     batch       samples ("data" and "fsdp")
     frames      latent frames
     tokens      tokens inside a frame
+    act_embed   the residual stream's width (replicated: FSDP shards the batch)
+    act_heads   attention heads of q/k/v activations ("tensor")
 """
 from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
@@ -45,6 +56,110 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("channels", None),
     ("patch_out", None),
     ("layers", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
 )
 
 LOGICAL_AXIS_NAMES = frozenset(name for name, _ in LOGICAL_AXIS_RULES)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# The residual stream [B, T, P, D] is sharded over the batch only.
+RESIDUAL = ("batch", "frames", "tokens", "act_embed")
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with one -1 filled in; ValueError if it does not divide."""
+  sizes = [int(mesh_config[a]) for a in MESH_AXES]
+  free = [i for i, s in enumerate(sizes) if s == -1]
+  if len(free) > 1:
+    raise ValueError(f"config field mesh: at most one axis may be -1, got "
+                     f"{dict(zip(MESH_AXES, sizes))}")
+  for a, s in zip(MESH_AXES, sizes):
+    if s == 0 or s < -1:
+      raise ValueError(f"config field mesh.{a} must be >= 1 or -1, got {s}")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f"config field mesh: {dict(zip(MESH_AXES, sizes))} does not divide "
+                       f"{num_devices} devices ({num_devices} % {fixed} != 0)")
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"config field mesh: {dict(zip(MESH_AXES, sizes))} needs "
+                     f"{math.prod(sizes)} devices but {num_devices} are available; "
+                     f"set one axis to -1 to use all of them")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
+  """The ("data", "fsdp", "tensor") mesh over all (or the given) devices, Auto axes."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_shardings(boxed_tree, mesh) -> Any:
+  """NamedShardings for a tree of (abstract) boxed values with logical axis names.
+
+  Unboxed leaves (scalars such as step counters) are replicated.
+  """
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+
+
+def check_divisible(abstract_tree, shardings) -> None:
+  """ValueError naming the parameter whose dimension a mesh axis does not divide."""
+  leaves = jax.tree.leaves_with_path(abstract_tree)
+  for (path, leaf), sharding in zip(leaves, jax.tree.leaves(shardings)):
+    for dim, axes in zip(leaf.shape, sharding.spec):
+      if axes is None:
+        continue
+      axes = axes if isinstance(axes, tuple) else (axes,)
+      size = math.prod(sharding.mesh.shape[a] for a in axes)
+      if dim % size:
+        raise ValueError(
+            f"{jax.tree_util.keystr(path)} has shape {leaf.shape}: dimension {dim} is not "
+            f"divisible by mesh axes {axes} (size {size}); change config.mesh or the model dims")
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """Batch arrays: axis 0 over ("data", "fsdp")."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  heartbeat_timeout_s: int | None = None
+
+
+def initialize_distributed(cfg: DistributedConfig | None = None) -> None:
+  """`jax.distributed.initialize`: explicit coordinator flags (SLURM/TPU/local
+  tests), or the platform's autodetection when none are given."""
+  cfg = cfg or DistributedConfig()
+  kwargs = {}
+  if cfg.coordinator_address:
+    kwargs.update(coordinator_address=cfg.coordinator_address,
+                  num_processes=cfg.num_processes, process_id=cfg.process_id)
+  if cfg.heartbeat_timeout_s:
+    kwargs["heartbeat_timeout_seconds"] = int(cfg.heartbeat_timeout_s)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except TypeError:  # older jax without heartbeat_timeout_seconds
+    kwargs.pop("heartbeat_timeout_seconds", None)
+    jax.distributed.initialize(**kwargs)
+
+
+def per_device_bytes(abstract_tree, shardings) -> int:
+  """Bytes per device of a sharded abstract tree (largest shard per leaf)."""
+  total = 0
+  for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
+    shard = sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shard)) * np.dtype(leaf.dtype).itemsize
+  return total
+

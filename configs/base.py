@@ -8,6 +8,23 @@ scripts, `--config=configs/atari.py --config.model.dim=72`.
 import ml_collections
 
 
+def _optim(**overrides):
+  """An optimizer section (optax, from training/optimizers.py)."""
+  o = ml_collections.ConfigDict()
+  o.name = "adamw"            # adamw | rmsprop
+  o.learning_rate = 1e-5      # peak learning rate
+  o.schedule = "constant"     # constant | cosine (decays to 0 at train.steps)
+  o.warmup_steps = 0          # linear warm-up from 0
+  o.b1 = 0.9                  # adamw
+  o.b2 = 0.999                # adamw
+  o.eps = 1e-8
+  o.weight_decay = 0.0        # adamw decoupled weight decay
+  o.rms_decay = 0.9           # rmsprop's alpha (paper stage 3: 0.9)
+  o.grad_clip = 1.0           # global-norm clip; 0 = off
+  o.update(overrides)
+  return o
+
+
 def get_config(arg=None):
   del arg
   c = ml_collections.ConfigDict()
@@ -56,6 +73,15 @@ def get_config(arg=None):
   t.batch_size = 8            # global batch size (samples)
   t.seed = 0                  # seeds params, data order, noise
   t.clip_frames = 8           # latent frames per training clip
+  t.ema_decay = 0.995         # EMA of the generator's params (paper: 0.995)
+  t.log_every = 10            # steps between metric writes (TensorBoard + console)
+  t.max_nonfinite = 5         # stop after this many non-finite losses in a row
+
+  # ------------------------------------------------ stage 1: diffusion adaptation
+  df = c.diffusion = ml_collections.ConfigDict()
+  df.timestep_shift = 3.0     # t' = s t / (1 + (s - 1) t), per latent frame
+  df.cond_dropout = 0.1       # per sample: drop actions/controls/text (for CFG)
+  df.optim = _optim(name="adamw", learning_rate=1e-5)  # paper: AdamW, lr 1e-5
 
   # ------------------------------------------------------------- checkpoint
   k = c.checkpoint = ml_collections.ConfigDict()
@@ -71,6 +97,14 @@ def get_config(arg=None):
   d.frame_skip = 4            # emulator frames per recorded frame
   d.space_to_depth = 4        # pixel-space model: frames -> latents by s x s
                               # space-to-depth (0 = latents come from a VAE)
+
+  # ------------------------------------------------------------ distributed
+  ds = c.distributed = ml_collections.ConfigDict()
+  ds.initialize = False       # call jax.distributed.initialize (multi-host)
+  ds.coordinator_address = ""  # "host:port"; "" = the platform's autodetection
+  ds.num_processes = 1
+  ds.process_id = 0
+  ds.heartbeat_timeout_s = 0  # 0 = JAX's default (100 s); tests use a few seconds
 
   # ------------------------------------------------------------------- mesh
   # Device mesh axes; their product must equal the number of devices.

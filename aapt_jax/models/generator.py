@@ -32,7 +32,7 @@ class Conditioning:
   previous: Any = None   # [B, T, h, w, C] recycled frames: previous[:, i] = x_{i-1}, zeros at i = 0
   text: Any = None       # [B, L, text_dim]
   text_mask: Any = None  # [B, L] bool, True = attend (ignored in plain-Wan mode)
-  actions: Any = None    # int32 [B, T]: the action whose effect frame i shows
+  actions: Any = None    # int32 [B, T]: the action whose effect frame i shows (-1 = none)
   controls: Any = None   # float32 [B, T, control_dim]
 
 
@@ -126,8 +126,9 @@ class Generator(nn.Module):
 
     temb = self.time_embedder(timesteps[:, ::pt]).astype(jnp.float32)  # [B, T', D]
     if s.num_actions and cond.actions is not None:
-      actions = jnp.clip(cond.actions[:, ::pt].astype(jnp.int32), 0, s.num_actions - 1)
-      temb = temb + jnp.take(self.action_embedding, actions, axis=0).astype(jnp.float32)
+      actions = cond.actions[:, ::pt].astype(jnp.int32)
+      emb = jnp.take(self.action_embedding, jnp.clip(actions, 0, s.num_actions - 1), axis=0)
+      temb = temb + jnp.where(actions[..., None] >= 0, emb.astype(jnp.float32), 0.0)
     if s.control_dim and cond.controls is not None:
       c = self.control_out(nn.silu(self.control_in(cond.controls[:, ::pt])))
       temb = temb + c.astype(jnp.float32)

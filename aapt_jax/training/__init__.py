@@ -1,0 +1,1 @@
+"""Training: state, optimizers, per-stage steps, the loop."""
