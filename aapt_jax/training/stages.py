@@ -39,7 +39,7 @@ def _masked(ok, new, old):
 
 def apply_update(state, grads, loss, tx, ema_decay):
   """Optimizer step + EMA, skipped when the loss or gradient is non-finite."""
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt = tx.update(grads, state.gen_opt, state.gen_params)
   new_params = optax.apply_updates(state.gen_params, updates)
