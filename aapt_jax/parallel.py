@@ -19,6 +19,7 @@ parameter would be silently replicated, so a test walks the tree):
                 the patch-embedding kernel [pt, ph, pw, C_in, D]
     patch_out   the output head's pt·ph·pw·C
     layers      the stacked layer axis of the scanned blocks
+    logit       the discriminator head's single output
   activations
     batch       samples ("data" and "fsdp")
     frames      latent frames
@@ -56,6 +57,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("channels", None),
     ("patch_out", None),
     ("layers", None),
+    ("logit", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
 )

@@ -119,4 +119,5 @@ def get_config(arg=None):
   a.gradient = "recompute"          # "recompute" (parallel re-run) | "scan"
   a.segment_gradient = "end_to_end"  # "end_to_end" | "truncated"
   a.disc_noise_input = False         # noise D's input frames at its timestep
+  a.disc_head_layers = ()            # blocks the logit heads read; () = 3 spread depths
   return c

@@ -15,9 +15,14 @@ def abstract_params(config, kind: str = "generator"):
   """The bare parameter tree as jax.ShapeDtypeStructs, via jax.eval_shape (no allocation)."""
   if kind not in _KINDS:
     raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
-  if kind != "generator":
-    raise ValueError(f"abstract_params(kind={kind!r}): the {kind} is not part of this "
-                     "release yet; only kind='generator' is available")
+  if kind == "vae":
+    raise ValueError("abstract_params(kind='vae'): the video VAE is not part of this "
+                     "release yet; kinds available: 'generator', 'discriminator'")
+  if kind == "discriminator":
+    from aapt_jax.models.discriminator import build_discriminator, init_discriminator_params
+    disc = build_discriminator(config)
+    boxed = jax.eval_shape(lambda: init_discriminator_params(disc, jax.random.key(0)))
+    return nn.meta.unbox(boxed)["params"]
   model = build_generator(config)
   boxed = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
   return nn.meta.unbox(boxed)["params"]

@@ -160,9 +160,21 @@ class Generator(nn.Module):
     tokens, temb, mod, text = self._embed(latents, timesteps, cond)
     layers_kv = None if cache is None else cache.layers
     counter = 0 if cache is None else cache.counter
-    x, new_layers = self.transformer(tokens, mod, text, cond.text_mask, grid, layers_kv,
-                                     counter, commit)
+    x, new_layers, _ = self.transformer(tokens, mod, text, cond.text_mask, grid, layers_kv,
+                                        counter, commit)
     return self._head(x, temb, (h, w)), new_layers
+
+  def features(self, latents, timesteps, cond: Conditioning | None = None):
+    """The backbone's block outputs [L, B, T', P, D] (no velocity head): what
+    the discriminator reads."""
+    cond = cond if cond is not None else Conditioning()
+    self._check(latents, timesteps, cond)
+    s = self.spec
+    h, w = latents.shape[2:4]
+    grid = (h // s.patch_size[1], w // s.patch_size[2])
+    tokens, _, mod, text = self._embed(latents, timesteps, cond)
+    _, _, feats = self.transformer(tokens, mod, text, cond.text_mask, grid, features=True)
+    return feats
 
   # ------------------------------------------------------------------ API
   def __call__(self, latents, timesteps, cond: Conditioning | None = None,

@@ -93,11 +93,12 @@ class CrossAttention(nn.Module):
 
 
 class Block(nn.Module):
-  """One DiT block; (x, layer_kv, ...) -> (x, new layer_kv), scan-shaped."""
+  """One DiT block; (x, layer_kv, ...) -> (x, (new k/v or None, x or None)), scan-shaped."""
   spec: ModelSpec
   grid: tuple[int, int]
   cached: bool = False
   commit: bool = False
+  features: bool = False  # also emit the block's output (the discriminator reads depths)
 
   @nn.compact
   def __call__(self, x, layer_kv, mod, text, text_mask, counter):
@@ -129,7 +130,7 @@ class Block(nn.Module):
     ff = FeedForward(s.dim, s.ffn_dim, dtype=s.compute_dtype, param_dtype=s.params_dtype,
                      name="ffn")(h.astype(s.compute_dtype))
     x = (x.astype(f32) + ff.astype(f32) * c_gate).astype(s.compute_dtype)
-    return x, new_kv
+    return x, (new_kv, x if self.features else None)
 
 
 class Transformer(nn.Module):
@@ -137,9 +138,14 @@ class Transformer(nn.Module):
   spec: ModelSpec
 
   @nn.compact
-  def __call__(self, x, mod, text, text_mask, grid, layers_kv=None, counter=0, commit=False):
-    """layers_kv: one LayerKV per layer (cached mode) or None. With `commit`,
-    returns (x, one (k, v) pair per layer) for the cache; else (x, None)."""
+  def __call__(self, x, mod, text, text_mask, grid, layers_kv=None, counter=0, commit=False,
+               features=False):
+    """layers_kv: one LayerKV per layer (cached mode) or None.
+
+    Returns (x, new_kv, feats): new_kv is one (k, v) pair per layer with
+    `commit` (else None); feats the output of every block [L, B, T, P, D]
+    with `features` (else None).
+    """
     s = self.spec
     cached = layers_kv is not None
     block = Block
@@ -151,14 +157,15 @@ class Transformer(nn.Module):
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
           length=s.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       stacked = jax.tree.map(lambda *a: jnp.stack(a), *layers_kv) if cached else None
-      x, new_kv = scanned(s, grid, cached, commit, name="blocks")(x, stacked, mod, text,
-                                                                  text_mask, counter)
+      x, (new_kv, feats) = scanned(s, grid, cached, commit, features, name="blocks")(
+          x, stacked, mod, text, text_mask, counter)
       if commit:
         new_kv = [(new_kv[0][i], new_kv[1][i]) for i in range(s.num_layers)]
-      return x, new_kv
-    new_layers = []
+      return x, new_kv, feats
+    new_layers, feats = [], []
     for i in range(s.num_layers):
-      x, new_kv = block(s, grid, cached, commit, name=f"blocks_{i}")(
+      x, (new_kv, feat) = block(s, grid, cached, commit, features, name=f"blocks_{i}")(
           x, layers_kv[i] if cached else None, mod, text, text_mask, counter)
       new_layers.append(new_kv)
-    return x, (new_layers if commit else None)
+      feats.append(feat)
+    return x, (new_layers if commit else None), (jnp.stack(feats) if features else None)

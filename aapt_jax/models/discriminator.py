@@ -1,0 +1,97 @@
+"""The discriminator: the generator's backbone (initialised from the stage-1
+generator) plus APT-style logit heads — at several depths, a learnable query
+cross-attends to each frame's tokens — giving one logit per latent frame.
+
+The frame goes where the noise went (the first input channels), the recycled
+slot holds the previous frame, and every frame carries the sample's
+timestep; with `adversarial.disc_noise_input` the frames are first noised at
+that timestep (x_t = (1 - t) x + t eps).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aapt_jax.models.generator import Conditioning, Generator
+from aapt_jax.models.layers import Dense, LayerNorm32, logical
+from aapt_jax.models.spec import ModelSpec
+from aapt_jax.objectives.flow_matching import interpolate
+
+
+class LogitHead(nn.Module):
+  """Per-frame logit from one depth's tokens [B, T, P, D] -> [B, T]."""
+  spec: ModelSpec
+
+  @nn.compact
+  def __call__(self, x):
+    s = self.spec
+    kw = dict(dtype=s.compute_dtype, param_dtype=s.params_dtype)
+    h = LayerNorm32(eps=s.eps, affine=True, name="norm")(x).astype(s.compute_dtype)
+    query = self.param("query", logical(nn.initializers.normal(s.dim ** -0.5), ("embed",)),
+                       (s.dim,), s.params_dtype)
+    keys = Dense(s.dim, ("embed", "embed_out"), name="to_k", **kw)(h)
+    values = Dense(s.dim, ("embed", "embed_out"), name="to_v", **kw)(h)
+    scores = jnp.einsum("btpd,d->btp", keys.astype(jnp.float32),
+                        query.astype(jnp.float32)) * s.dim ** -0.5
+    pooled = jnp.einsum("btp,btpd->btd", jax.nn.softmax(scores, axis=-1),
+                        values.astype(jnp.float32))
+    pooled = nn.silu(Dense(s.dim, ("embed", "embed_out"), name="mlp", **kw)(pooled))
+    return Dense(1, ("embed", "logit"), name="out", **kw)(pooled)[..., 0].astype(jnp.float32)
+
+
+class Discriminator(nn.Module):
+  spec: ModelSpec
+  head_layers: tuple[int, ...]   # block indices whose outputs the heads read
+  noise_input: bool = False      # adversarial.disc_noise_input
+
+  def setup(self):
+    self.backbone = Generator(self.spec)
+    self.heads = [LogitHead(self.spec, name=f"head_{i}") for i in self.head_layers]
+
+  def __call__(self, frames, timesteps, cond: Conditioning | None = None, noise_rng=None):
+    """frames [B, T, h, w, C], timesteps [B, T] -> logits [B, T] (one per latent frame)."""
+    if self.noise_input and noise_rng is not None:
+      frames = interpolate(frames, jax.random.normal(noise_rng, frames.shape, frames.dtype),
+                           timesteps)
+    feats = self.backbone.features(frames, timesteps, cond)  # [L, B, T, P, D]
+    return sum(head(feats[i]) for i, head in zip(self.head_layers, self.heads))
+
+
+def default_head_layers(num_layers: int, count: int = 3) -> tuple[int, ...]:
+  """`count` depths spread over the backbone, always including the last block."""
+  count = min(count, num_layers)
+  return tuple(sorted({round((k + 1) * num_layers / count) - 1 for k in range(count)}))
+
+
+def build_discriminator(config) -> Discriminator:
+  spec = ModelSpec.from_config(config.model)
+  adv = config.adversarial
+  layers = tuple(adv.disc_head_layers) if len(adv.disc_head_layers) else default_head_layers(
+      spec.num_layers)
+  bad = [i for i in layers if not 0 <= i < spec.num_layers]
+  if bad:
+    raise ValueError(f"config field adversarial.disc_head_layers: {bad} outside "
+                     f"0..{spec.num_layers - 1}")
+  return Discriminator(spec, layers, bool(adv.disc_noise_input))
+
+
+def params_from_generator(disc_params, gen_params):
+  """The discriminator's params with its backbone taken from a generator's
+  (what D's init from the stage-1 checkpoint does); heads keep their init."""
+  backbone = dict(disc_params["backbone"])
+  missing = [k for k in backbone if k not in gen_params]
+  if missing:
+    raise ValueError(f"generator params lack the discriminator backbone's {missing}")
+  return {**disc_params, "backbone": {k: gen_params[k] for k in backbone}}
+
+
+def init_discriminator_params(disc: Discriminator, rng) -> dict:
+  """{"params": ...} (boxed with logical axis names) for `disc`."""
+  from aapt_jax.models.generator import example_inputs
+  frames, timesteps, cond = example_inputs(disc.spec)
+  return disc.init(rng, frames, timesteps, cond)
+
+
+__all__ = ["Discriminator", "build_discriminator", "default_head_layers",
+           "init_discriminator_params", "params_from_generator"]

@@ -1,0 +1,76 @@
+"""The discriminator: one logit per latent frame, block-causal, its backbone
+from the stage-1 generator, input noising on and off."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aapt_jax import load_config
+from aapt_jax.models import abstract_params
+from aapt_jax.models import discriminator as dm
+from helpers import config_path, random_inputs, tiny
+
+
+@pytest.fixture(scope="module")
+def disc_setup():
+  config, model, gen_params = tiny()
+  disc = dm.build_discriminator(config)
+  params = nn.meta.unbox(dm.init_discriminator_params(disc, jax.random.key(5)))
+  params = {"params": dm.params_from_generator(params["params"], gen_params["params"])}
+  call = jax.jit(lambda p, x, t, c, r=None: disc.apply(p, x, t, c, noise_rng=r))
+  return config, disc, params, gen_params, call
+
+
+def test_backbone_starts_from_the_generator(disc_setup):
+  _, _, params, gen_params, _ = disc_setup
+  backbone = params["params"]["backbone"]
+  for key, tree in backbone.items():
+    for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(gen_params["params"][key])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert "proj_out" not in backbone  # the velocity head is not part of D
+
+
+def test_one_logit_per_frame_and_block_causal(disc_setup):
+  _, disc, params, _, call = disc_setup
+  x, t, cond = random_inputs(disc.spec, 2, 5, seed=2)
+  logits = call(params, x, t, cond)
+  assert logits.shape == (2, 5)
+  pert = call(params, x.at[:, 3].add(1.0), t, cond)
+  np.testing.assert_array_equal(np.asarray(logits[:, :3]), np.asarray(pert[:, :3]))
+  assert float(jnp.abs(logits[:, 3] - pert[:, 3]).max()) > 1e-5
+
+
+def test_noise_input_both_ways(disc_setup):
+  config, disc, params, _, call = disc_setup
+  x, t, cond = random_inputs(disc.spec, 2, 3, seed=3)
+  clean = call(params, x, t, cond)
+  # disc_noise_input=False: a noise rng changes nothing
+  np.testing.assert_array_equal(np.asarray(clean), np.asarray(call(params, x, t, cond,
+                                                                   jax.random.key(1))))
+  config_noisy = load_config(config_path("tiny.py"), {"adversarial.disc_noise_input": True})
+  noisy_disc = dm.build_discriminator(config_noisy)
+  noisy = noisy_disc.apply(params, x, t, cond, noise_rng=jax.random.key(1))
+  assert float(jnp.abs(noisy - clean).max()) > 1e-5
+  # at t = 0 the noised input is the frame itself
+  zero_t = jnp.zeros_like(t)
+  np.testing.assert_allclose(
+      np.asarray(noisy_disc.apply(params, x, zero_t, cond, noise_rng=jax.random.key(1))),
+      np.asarray(call(params, x, zero_t, cond)), atol=1e-6)
+
+
+def test_abstract_discriminator_params_and_bad_head_layers():
+  p = abstract_params(load_config(config_path("tiny.py")), kind="discriminator")
+  assert "backbone" in p and "head_1" in p
+  with pytest.raises(ValueError, match="disc_head_layers"):
+    dm.build_discriminator(load_config(config_path("tiny.py"),
+                                       {"adversarial.disc_head_layers": (0, 7)}))
+
+
+def test_every_discriminator_parameter_has_logical_axis_names():
+  from aapt_jax.parallel import LOGICAL_AXIS_NAMES
+  disc = dm.build_discriminator(load_config(config_path("tiny.py")))
+  boxed = jax.eval_shape(lambda: dm.init_discriminator_params(disc, jax.random.key(0)))
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(l, nn.LogicallyPartitioned) for l in leaves)
+  assert all(n in LOGICAL_AXIS_NAMES for l in leaves for n in l.names)
