@@ -98,6 +98,14 @@ def get_config(arg=None):
   d.space_to_depth = 4        # pixel-space model: frames -> latents by s x s
                               # space-to-depth (0 = latents come from a VAE)
 
+  # --------------------------------------------- stage 2: consistency distillation
+  cs = c.consistency = ml_collections.ConfigDict()
+  cs.num_steps = 32           # teacher ODE steps of the discretised schedule (paper: 32)
+  cs.shift = 24.0             # timestep shift of that schedule (paper: 24)
+  cs.distance = "l2"          # l2 | pseudo_huber
+  cs.huber_c = 0.03           # pseudo-Huber constant
+  cs.optim = _optim(name="adamw", learning_rate=1e-5)
+
   # ------------------------------------------------------------ distributed
   ds = c.distributed = ml_collections.ConfigDict()
   ds.initialize = False       # call jax.distributed.initialize (multi-host)
@@ -120,4 +128,11 @@ def get_config(arg=None):
   a.segment_gradient = "end_to_end"  # "end_to_end" | "truncated"
   a.disc_noise_input = False         # noise D's input frames at its timestep
   a.disc_head_layers = ()            # blocks the logit heads read; () = 3 spread depths
+  a.rollout_frames = 16              # L: latent frames of the student-forcing rollout
+  a.segment_frames = 8               # S: frames per judged segment (paper: 10 s)
+  a.segment_overlap = 1              # O: overlap of consecutive segments (paper: 1 s)
+  a.r1_weight = 1000.0               # λ of approximate R1 (reals) and R2 (fakes) (APT)
+  a.r1_sigma = 0.1                   # σ of their input perturbation (APT)
+  a.gen_optim = _optim(name="rmsprop", learning_rate=3e-6, rms_decay=0.9)  # paper
+  a.disc_optim = _optim(name="rmsprop", learning_rate=3e-6, rms_decay=0.9)
   return c

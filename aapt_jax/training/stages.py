@@ -84,3 +84,151 @@ def make_diffusion_step(model, tx, config):
     return state, {"loss": loss, **m}
 
   return step
+
+
+# --------------------------------------------------------------------------
+# Stage 2: consistency distillation.
+
+
+def consistency_loss(model, params, teacher_params, target_params, batch, rng, config):
+  """The student's clean prediction at t_k matches the EMA target's at the
+  teacher's Euler step t_{k-1}; teacher forcing (clean sink + recycled frames),
+  no condition dropout (no CFG)."""
+  from aapt_jax.objectives import consistency as cd
+  c = config.consistency
+  latents = batch["latents"]                                    # [B, T, h, w, C]
+  b, t_len = latents.shape[:2]
+  k_t, k_n = jax.random.split(rng)
+  t_k, t_prev = cd.sample_steps(k_t, b, c.num_steps, c.shift)
+  sink = jnp.arange(t_len)[None, :] == 0
+  t = jnp.where(sink, 0.0, t_k[:, None])                        # [B, T]
+  t_prev = jnp.where(sink, 0.0, t_prev[:, None])
+  noise = jax.random.normal(k_n, latents.shape, latents.dtype)
+  x_t = fm.interpolate(latents, noise, t)
+  previous = jnp.concatenate([jnp.zeros_like(latents[:, :1]), latents[:, :-1]], axis=1)
+  cond = Conditioning(previous=previous, actions=batch.get("actions"),
+                      controls=batch.get("controls"), text=batch.get("text_embedding"),
+                      text_mask=batch.get("text_mask"))
+  velocity = lambda p: (lambda x, s: model.apply({"params": p}, x, s, cond))
+  target = cd.consistency_target(velocity(teacher_params), velocity(target_params), x_t, t,
+                                 t_prev)
+  student = cd.clean_prediction(x_t, t, velocity(params)(x_t, t))
+  per_frame = cd.distance(student, target, c.distance, c.huber_c)
+  weights = (~sink).astype(jnp.float32) * jnp.ones((b, 1))
+  return jnp.sum(per_frame * weights) / jnp.sum(weights)
+
+
+def make_consistency_step(model, tx, config):
+  """The stage-2 step; the target network is `state.ema_params`."""
+
+  def step(state, batch):
+    with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+      rng, k = jax.random.split(jax.random.wrap_key_data(state.rng))
+      loss, grads = jax.value_and_grad(lambda p: consistency_loss(
+          model, p, state.teacher_params, state.ema_params, batch, k, config))(state.gen_params)
+      state, m = apply_update(state, grads, loss, tx, config.train.ema_decay)
+      state = state.replace(rng=jax.random.key_data(rng))
+    return state, {"loss": loss, **m}
+
+  return step
+
+
+# --------------------------------------------------------------------------
+# Stage 3: adversarial post-training with student forcing.
+
+
+def _segment_cond(actions, controls, start, stop):
+  pick = lambda a: None if a is None else a[:, start:stop]
+  return Conditioning(actions=pick(actions), controls=pick(controls))
+
+
+def _judge(disc, disc_params, frames, t, cond, noise_rng):
+  """D's logits [B, n] for a clip/segment (its first frame is D's sink)."""
+  previous = jnp.concatenate([jnp.zeros_like(frames[:, :1]), frames[:, :-1]], axis=1)
+  tt = jnp.broadcast_to(t[:, None], frames.shape[:2])
+  return disc.apply({"params": disc_params}, frames, tt,
+                    cond.replace(previous=jax.lax.stop_gradient(previous)), noise_rng=noise_rng)
+
+
+def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
+  """The stage-3 step: one D update on detached fakes (RpGAN + λ·(R1 + R2)),
+  then one G update through the student-forcing rollout (RpGAN against the
+  updated D), EMA of G.
+
+  batch: "latents" real clips [B, S, h, w, C] (+ "actions" [B, S]) paired with
+  every fake segment; "rollout_first" [B, h, w, C] the real start frame and
+  "rollout_actions" [B, L] the rollout's actions (from long episodes).
+  """
+  from aapt_jax import rollout as ro
+  from aapt_jax.objectives import adversarial as adv
+  a = config.adversarial
+  length, seg, overlap = a.rollout_frames, a.segment_frames, a.segment_overlap
+  starts = adv.segment_starts(length, seg, overlap)
+
+  def step(state, batch):
+    with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+      rng, k_noise, k_t, k_dn, k_r1, k_r2 = jax.random.split(
+          jax.random.wrap_key_data(state.rng), 6)
+      real = batch["latents"]
+      b = real.shape[0]
+      first = batch["rollout_first"]
+      noise = jax.random.normal(k_noise, (b, length - 1) + first.shape[1:], first.dtype)
+      inputs = jnp.concatenate([first[:, None], noise], axis=1)
+      r_actions = batch.get("rollout_actions")
+      roll_cond = Conditioning(actions=r_actions)
+      t = jax.random.uniform(k_t, (b,))
+      real_cond = _segment_cond(batch.get("actions"), batch.get("controls"), 0, seg)
+
+      # --- discriminator
+      rolled, _ = ro.rollout_student_forcing(model, jax.lax.stop_gradient(state.gen_params),
+                                             inputs, roll_cond)
+      rolled = jax.lax.stop_gradient(rolled)
+
+      def d_loss(dp):
+        total, r1_total = 0.0, 0.0
+        for s0 in starts:
+          fake = rolled[:, s0:s0 + seg]
+          n = fake.shape[1]
+          f_cond = _segment_cond(r_actions, None, s0, s0 + n)
+          rc = real_cond.replace(actions=None if real_cond.actions is None
+                                 else real_cond.actions[:, :n])
+          d_real = _judge(disc, dp, real[:, :n], t, rc, k_dn)
+          d_fake = _judge(disc, dp, fake, t, f_cond, k_dn)
+          total = total + adv.discriminator_loss(d_real, d_fake)
+          r1 = adv.approx_r1(lambda x: _judge(disc, dp, x, t, rc, k_dn), real[:, :n],
+                             a.r1_sigma, k_r1)
+          r2 = adv.approx_r1(lambda x: _judge(disc, dp, x, t, f_cond, k_dn), fake,
+                             a.r1_sigma, k_r2)
+          r1_total = r1_total + r1 + r2
+        return total + a.r1_weight * r1_total, (total, r1_total)
+
+      (d_total, (d_adv, d_r1)), d_grads = jax.value_and_grad(d_loss, has_aux=True)(
+          state.disc_params)
+      d_ok = jnp.isfinite(d_total) & jnp.isfinite(optax.tree.norm(d_grads))
+      d_updates, d_opt = disc_tx.update(d_grads, state.disc_opt, state.disc_params)
+      disc_params = _masked(d_ok, optax.apply_updates(state.disc_params, d_updates),
+                            state.disc_params)
+      disc_opt = _masked(d_ok, d_opt, state.disc_opt)
+
+      # --- generator, against the updated discriminator
+      def g_loss(gp):
+        segs = ro.segment_frames(model, gp, inputs, roll_cond, starts, seg,
+                                 gradient=a.gradient, segment_gradient=a.segment_gradient)
+        total = 0.0
+        for s0, fake in zip(starts, segs):
+          n = fake.shape[1]
+          rc = real_cond.replace(actions=None if real_cond.actions is None
+                                 else real_cond.actions[:, :n])
+          d_real = _judge(disc, disc_params, real[:, :n], t, rc, k_dn)
+          d_fake = _judge(disc, disc_params, fake, t, _segment_cond(r_actions, None, s0, s0 + n),
+                          k_dn)
+          total = total + adv.generator_loss(d_real, d_fake)
+        return total
+
+      g_total, g_grads = jax.value_and_grad(g_loss)(state.gen_params)
+      state, m = apply_update(state, g_grads, g_total, gen_tx, config.train.ema_decay)
+      state = state.replace(rng=jax.random.key_data(rng), disc_params=disc_params,
+                            disc_opt=disc_opt, skipped=state.skipped + (~d_ok).astype(jnp.int32))
+    return state, {"loss": g_total, "d_loss": d_adv, "r1": d_r1, "d_finite": d_ok, **m}
+
+  return step

@@ -25,20 +25,30 @@ class TrainState:
   teacher_params: Any = None  # frozen teacher (stage 2 only)
 
 
-def _init_fn(model, tx, seed):
+def _init_fn(model, tx, disc=None, disc_tx=None, teacher=False):
   def init(rng):
-    k_params, k_state = jax.random.split(rng)
+    k_params, k_state, k_disc = jax.random.split(rng, 3)
     params = init_params(model, k_params)["params"]  # boxed with logical names
-    return TrainState(step=jnp.zeros((), jnp.int32), gen_params=params, gen_opt=tx.init(params),
-                      ema_params=params, rng=jax.random.key_data(k_state),
-                      skipped=jnp.zeros((), jnp.int32))
-  del seed
+    state = TrainState(step=jnp.zeros((), jnp.int32), gen_params=params, gen_opt=tx.init(params),
+                       ema_params=params, rng=jax.random.key_data(k_state),
+                       skipped=jnp.zeros((), jnp.int32))
+    if teacher:  # stage 2: a frozen copy (replaced by the stage-1 weights on init_from)
+      state = state.replace(teacher_params=params)
+    if disc is not None:  # stage 3
+      from aapt_jax.models.discriminator import init_discriminator_params
+      d = init_discriminator_params(disc, k_disc)["params"]
+      state = state.replace(disc_params=d, disc_opt=disc_tx.init(d))
+    return state
   return init
 
 
-def abstract_state(model, tx, seed: int = 0):
-  """(abstract boxed state, init function): eval_shape, no allocation."""
-  init = _init_fn(model, tx, seed)
+def abstract_state(model, tx, seed: int = 0, *, disc=None, disc_tx=None, teacher=False):
+  """(abstract boxed state, init function): eval_shape, no allocation.
+
+  disc/disc_tx: the discriminator and its optimizer (stage 3); teacher: keep
+  a frozen teacher copy (stage 2).
+  """
+  init = _init_fn(model, tx, disc, disc_tx, teacher)
   return jax.eval_shape(init, jax.random.key(seed)), init
 
 
@@ -46,9 +56,10 @@ def state_shardings(boxed_abstract, mesh):
   return parallel.logical_shardings(boxed_abstract, mesh)
 
 
-def create_train_state(model, tx, mesh, seed: int = 0):
+def create_train_state(model, tx, mesh, seed: int = 0, *, disc=None, disc_tx=None,
+                       teacher=False):
   """Abstract-first init: eval_shape -> shardings -> jit(init, out_shardings)."""
-  boxed, init = abstract_state(model, tx, seed)
+  boxed, init = abstract_state(model, tx, seed, disc=disc, disc_tx=disc_tx, teacher=teacher)
   shardings = state_shardings(boxed, mesh)
   abstract = nn.meta.unbox(boxed)
   parallel.check_divisible(abstract.gen_params, shardings.gen_params)
