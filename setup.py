@@ -24,10 +24,11 @@ setup(
         "ale-py>=0.12",
         "array-record>=0.5",
         "msgpack>=1.0",
+        "tensorboardX>=2.6",
         # TFDS builders over our records (imported lazily; never TensorFlow).
         "tensorflow-datasets>=4.9.6",
     ],
     extras_require={
-        "test": ["pytest>=8.0"],
+        "test": ["pytest>=8.0", "portpicker>=1.6"],
     },
 )

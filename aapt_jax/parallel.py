@@ -30,6 +30,7 @@ parameter would be silently replicated, so a test walks the tree):
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Any
 
@@ -149,12 +150,14 @@ def initialize_distributed(cfg: DistributedConfig | None = None) -> None:
     kwargs.update(coordinator_address=cfg.coordinator_address,
                   num_processes=cfg.num_processes, process_id=cfg.process_id)
   if cfg.heartbeat_timeout_s:
+    # A process whose peer stops sending heartbeats for this long is
+    # terminated instead of hanging (JAX's default: 100 s).
+    if "heartbeat_timeout_seconds" not in inspect.signature(jax.distributed.initialize).parameters:
+      raise ValueError("config field distributed.heartbeat_timeout_s needs a jax whose "
+                       "jax.distributed.initialize takes heartbeat_timeout_seconds; set it "
+                       "to 0 or upgrade jax")
     kwargs["heartbeat_timeout_seconds"] = int(cfg.heartbeat_timeout_s)
-  try:
-    jax.distributed.initialize(**kwargs)
-  except TypeError:  # older jax without heartbeat_timeout_seconds
-    kwargs.pop("heartbeat_timeout_seconds", None)
-    jax.distributed.initialize(**kwargs)
+  jax.distributed.initialize(**kwargs)
 
 
 def per_device_bytes(abstract_tree, shardings) -> int:

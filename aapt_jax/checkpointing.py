@@ -1,0 +1,310 @@
+"""Checkpoints of a training stage: one Orbax `CheckpointManager` per stage.
+
+Layout (DESIGN.md section 5)::
+
+    <workdir>/<stage>/checkpoints/<step>/
+        state/    the sharded TrainState (Orbax PyTree, tensorstore)
+        data/     each process's grain iterator state (process_<i>-of-<n>.json)
+        config/   the run's config (JSON)
+
+Saves are asynchronous: `save` returns once the arrays are copied off the
+devices (the trainer may then donate them to the next step); the files are
+written in a background thread into ``<step>.orbax-checkpoint-tmp`` and
+renamed to ``<step>`` only when every item of every process is written. A
+process killed mid-save leaves only the tmp directory, which `latest_step`
+never returns (and the next manager deletes). `restore` reads onto an
+abstract target whose leaves carry the *new* shardings, so a checkpoint
+restores onto any mesh shape (or one device). `check_compatible` compares
+the checkpoint's array shapes with the target's before anything is restored
+or trained, so a config with another model shape fails with the fields that
+differ instead of training (and saving) over the checkpoint.
+
+Preemption: `PreemptionGuard` turns a SIGTERM (or a first Ctrl-C) into a
+flag in single-process runs and asks Orbax's `reached_preemption` (JAX's
+preemption service, which owns SIGTERM under `jax.distributed`) in
+multi-process runs; the trainer then saves and exits 0.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+STATE, DATA, CONFIG = "state", "data", "config"
+
+# Replicated shards are split across replicas for writing (replica-parallel)
+# only where a replica's slice is at least this big: slicing costs one small
+# compile per distinct shape, which dominated the first save of small models.
+MIN_REPLICA_PARALLEL_SLICE_BYTES = 4 << 20
+
+
+def _type_handlers():
+  th = ocp.type_handlers
+  return th.create_type_handler_registry(
+      (int, th.ScalarHandler()), (float, th.ScalarHandler()),
+      (np.number, th.ScalarHandler()), (np.ndarray, th.NumpyHandler()),
+      (str, th.StringHandler()),
+      (jax.Array, th.ArrayHandler(
+          use_replica_parallel=True,
+          min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES)))
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+  return os.path.join(os.path.abspath(workdir), stage)
+
+
+def checkpoint_dir(workdir: str, stage: str) -> str:
+  """`<workdir>/<stage>/checkpoints`."""
+  return os.path.join(stage_dir(workdir, stage), "checkpoints")
+
+
+def config_to_dict(config) -> dict[str, Any]:
+  """A JSON-able dict of a ConfigDict (tuples become lists)."""
+  if isinstance(config, ml_collections.ConfigDict):
+    return json.loads(config.to_json_best_effort())
+  return json.loads(json.dumps(config, default=str))
+
+
+def _flatten_config(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten_config(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def config_diff(saved: dict, current: dict, sections=("model",)) -> list[str]:
+  """`field: checkpoint=..., config=...` for each differing field of `sections`."""
+  a, b = _flatten_config(saved), _flatten_config(current)
+  keys = sorted(k for k in set(a) | set(b) if k.split(".")[0] in sections)
+  return [f"{k}: checkpoint={a.get(k, '<absent>')!r}, config={b.get(k, '<absent>')!r}"
+          for k in keys if a.get(k) != b.get(k)]
+
+
+def _path_str(path) -> str:
+  parts = []
+  for p in path:
+    for attr in ("name", "key", "idx"):
+      if hasattr(p, attr):
+        parts.append(str(getattr(p, attr)))
+        break
+    else:
+      parts.append(str(p))
+  return "/".join(parts)
+
+
+def _leaf_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{path: (shape, dtype)} of the array leaves of a state or its metadata."""
+  out = {}
+  leaves = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
+  for path, leaf in leaves:
+    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+      out[_path_str(path)] = (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+  return out
+
+
+class Checkpointer:
+  """The checkpoints of one stage directory.
+
+  Args:
+    directory: `<workdir>/<stage>/checkpoints` (created on the first save).
+    keep: checkpoints kept (older ones are deleted after a newer one commits).
+    async_save: write in a background thread (the default).
+  """
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    if int(keep) < 1:
+      raise ValueError(f"config field checkpoint.keep must be >= 1, got {keep}")
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=int(keep), create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
+                       DATA: grain.checkpoint.CheckpointHandler(),
+                       CONFIG: ocp.JsonCheckpointHandler()})
+
+  # -------------------------------------------------------------- queries
+
+  def all_steps(self) -> list[int]:
+    """Steps of the complete (committed) checkpoints, ascending."""
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint (never a half-written one), or None."""
+    return self.manager.latest_step()
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def read_config(self, step: int) -> dict[str, Any]:
+    """The config the checkpoint at `step` was saved with (a dict)."""
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        **{CONFIG: ocp.args.JsonRestore()}))
+    return dict(out[CONFIG])
+
+  def has_data_state(self, step: int) -> bool:
+    """Whether `step` holds this process's iterator state for this process count."""
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return os.path.exists(os.path.join(self.step_dir(step), DATA, name))
+
+  def check_compatible(self, step: int, abstract_state, config=None) -> None:
+    """ValueError naming every array whose shape/dtype (or presence) differs
+    between the checkpoint at `step` and `abstract_state`, with the config
+    fields that differ, before anything is restored or trained."""
+    saved = _leaf_shapes(self.manager.item_metadata(step)[STATE])
+    wanted = _leaf_shapes(abstract_state)
+    problems = []
+    for k in list(wanted) + [k for k in saved if k not in wanted]:  # state order
+      if k not in saved:
+        problems.append(f"{k}: not in the checkpoint (config wants {wanted[k][0]} "
+                        f"{wanted[k][1]})")
+      elif k not in wanted:
+        problems.append(f"{k}: in the checkpoint ({saved[k][0]} {saved[k][1]}) but not "
+                        "in the state this config builds")
+      elif saved[k] != wanted[k]:
+        problems.append(f"{k}: checkpoint {saved[k][0]} {saved[k][1]}, config "
+                        f"{wanted[k][0]} {wanted[k][1]}")
+    if not problems:
+      return
+    diff = []
+    if config is not None:
+      try:
+        diff = config_diff(self.read_config(step), config_to_dict(config),
+                           sections=("model", "diffusion", "stage"))
+      except Exception:  # a checkpoint without a readable config  # noqa: BLE001
+        diff = []
+    lines = [f"the checkpoint {self.step_dir(step)} does not match this config"]
+    if diff:
+      lines += ["config fields that differ from the checkpoint's:"] + [f"  {d}" for d in diff]
+    lines.append(f"arrays that differ ({len(problems)}):")
+    lines += [f"  {p}" for p in problems[:6]]
+    if len(problems) > 6:
+      lines.append(f"  ... and {len(problems) - 6} more")
+    lines.append("Use the config the checkpoint was written with, or a new --workdir; "
+                 "nothing was trained or saved.")
+    raise ValueError("\n".join(lines))
+
+  # -------------------------------------------------------------- save / restore
+
+  def save(self, step: int, state, *, iterator=None, config=None, force: bool = True) -> bool:
+    """Starts an async save of `state` (+ iterator state, config) at `step`.
+
+    Returns False if `step` is already saved. The arrays are copied off the
+    devices before this returns, so `state` may be donated right after.
+    """
+    step = int(step)
+    if step in self.manager.all_steps():
+      return False
+    items = {STATE: ocp.args.PyTreeSave(state)}
+    if iterator is not None:
+      items[DATA] = grain.checkpoint.CheckpointSave(iterator)
+    if config is not None:
+      items[CONFIG] = ocp.args.JsonSave(config_to_dict(config))
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, abstract_state, *, iterator=None):
+    """The state at `step` on `abstract_state`'s shardings (any mesh); with
+    `iterator`, also sets its position (in place) when the checkpoint holds
+    this process's iterator state. Returns (state, iterator_restored)."""
+    items = {STATE: ocp.args.PyTreeRestore(
+        abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
+    data = iterator is not None and self.has_data_state(step)
+    if data:
+      items[DATA] = grain.checkpoint.CheckpointRestore(iterator)
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return out[STATE], data
+
+  def reached_preemption(self, step: int) -> bool:
+    """Orbax's preemption sync point (only ever True under jax.distributed)."""
+    return self.manager.reached_preemption(int(step))
+
+  def wait(self) -> None:
+    """Blocks until the pending async save is committed."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def abstract_with_shardings(abstract_tree, shardings):
+  """ShapeDtypeStructs carrying `shardings`: a restore target for any mesh."""
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_tree, shardings)
+
+
+class PreemptionGuard:
+  """Tells the training loop to save and stop.
+
+  Single-process runs: SIGTERM (and a first Ctrl-C, SIGINT) sets a flag; a
+  second Ctrl-C interrupts at once. Handlers are installed by `install` and
+  removed by `uninstall`. Multi-process runs: JAX's preemption service owns
+  SIGTERM; `requested(step)` asks Orbax's `reached_preemption(step)`, which
+  every process answers alike at the same step.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, checkpointer: Checkpointer | None = None):
+    self.checkpointer = checkpointer
+    self.flag = threading.Event()
+    self.signal_name: str | None = None
+    self._previous: dict[int, Any] = {}
+
+  def install(self) -> "PreemptionGuard":
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handler)
+    return self
+
+  def _handler(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT:
+      if self.flag.is_set():
+        raise KeyboardInterrupt
+      sys.stderr.write("\ninterrupted: saving a checkpoint, then stopping (Ctrl-C again "
+                       "to stop without saving)\n")
+    self.signal_name = signal.Signals(signum).name
+    self.flag.set()
+
+  def requested(self, step: int) -> bool:
+    if self.flag.is_set():
+      return True
+    if jax.process_count() > 1 and self.checkpointer is not None:
+      if self.checkpointer.reached_preemption(step):
+        self.signal_name = "preemption notice"
+        return True
+    return False
+
+  def uninstall(self) -> None:
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+    self._previous = {}
+
+  def __enter__(self):
+    return self.install()
+
+  def __exit__(self, *exc):
+    self.uninstall()

@@ -1,0 +1,527 @@
+"""The training loop: `Trainer(config, workdir).run()`.
+
+One program for one CPU and for a multi-host cluster. `run()`:
+
+1. checks its inputs at the edge (stage, numbers, the data path and the
+   first/last record's shapes against the model) before compiling anything;
+   with `data.world` set and `data.path` empty, prepares a small dataset of
+   that world into `<workdir>/data` first;
+2. builds the mesh (activated with `jax.set_mesh`), the model, the optimizer
+   of the stage, and the TrainState -- restored from the latest complete
+   checkpoint in `<workdir>/<stage>/checkpoints` when there is one (after a
+   shape check against the checkpoint), so a rerun resumes -- and the grain
+   iterator (its position restored too);
+3. loops over one jitted, donated step with no per-step host sync: the
+   metrics of step i are read only after step i+1 is dispatched;
+4. saves every `checkpoint.every_steps`, at the end, and on preemption
+   (SIGTERM / `reached_preemption`), then returns; stops with
+   `NonFiniteLossError` after `train.max_nonfinite` non-finite losses in a
+   row, without saving.
+
+Stages plug in through `STAGES`: stage name -> (step factory, optimizer
+section). Only process 0 writes TensorBoard events (`<workdir>/<stage>/tb`),
+`<workdir>/<stage>/metrics.jsonl` and the console.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from aapt_jax import checkpointing, parallel
+from aapt_jax.data import pipeline, records
+from aapt_jax.models import build_generator
+from aapt_jax.training import optimizers, stages
+from aapt_jax.training import state as state_lib
+
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "aapt_jax", "jax")
+
+# A dataset prepared automatically for `data.world` (small: a first run on
+# one CPU; prepare more with launch/prepare_data.py and set data.path).
+AUTO_EPISODES = 8
+AUTO_FRAMES_PER_EPISODE = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+  make_step: Callable[..., Callable]   # (model, tx, config) -> step(state, batch)
+  optim: Callable[[Any], Any]          # config -> optimizer section
+
+
+STAGES: dict[str, StageSpec] = {
+    "diffusion": StageSpec(stages.make_diffusion_step, lambda c: c.diffusion.optim),
+}
+KNOWN_STAGES = ("vae", "diffusion", "consistency", "adversarial", "pipeline")
+
+
+class NonFiniteLossError(RuntimeError):
+  """`train.max_nonfinite` non-finite losses in a row."""
+
+
+def enable_compilation_cache() -> str:
+  """Turns on JAX's persistent compilation cache (unless a directory is set
+  already, e.g. by JAX_COMPILATION_CACHE_DIR); returns the directory."""
+  current = jax.config.jax_compilation_cache_dir
+  if not current:
+    current = os.path.expanduser(os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                                 or DEFAULT_CACHE_DIR)
+    jax.config.update("jax_compilation_cache_dir", current)
+  return current
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def _log(*args):
+  if is_main_process():
+    print(*args, flush=True)
+
+
+def barrier(name: str, timeout_s: float = 1800.0) -> None:
+  """Waits for every process at `name` (the coordination service's barrier,
+  not a collective: processes may arrive minutes apart, e.g. one compiling
+  while another loads the compilation cache; gloo's rendezvous waits 30 s)."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the client jax.distributed.initialize made
+  distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
+# ----------------------------------------------------------------------------
+# Checks at the edge.
+
+
+def check_config(config) -> StageSpec:
+  """ValueError naming the field for a config the trainer cannot run."""
+  stage = config.stage
+  if stage not in STAGES:
+    if stage in KNOWN_STAGES:
+      raise ValueError(f"config field stage={stage!r} is not implemented yet; "
+                       f"available: {', '.join(STAGES)}")
+    raise ValueError(f"config field stage={stage!r} is unknown; choose from "
+                     f"{', '.join(KNOWN_STAGES)}")
+  for field, value, low in (
+      ("train.steps", config.train.steps, 1), ("train.batch_size", config.train.batch_size, 1),
+      ("train.clip_frames", config.train.clip_frames, 2),
+      ("train.log_every", config.train.log_every, 1),
+      ("train.max_nonfinite", config.train.max_nonfinite, 1),
+      ("checkpoint.every_steps", config.checkpoint.every_steps, 1),
+      ("checkpoint.keep", config.checkpoint.keep, 1)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+      raise ValueError(f"config field {field} must be an int, got {value!r}")
+    if value < low:
+      raise ValueError(f"config field {field} must be >= {low}, got {value}")
+  return STAGES[stage]
+
+
+def _record_files(path: str) -> list[str]:
+  """The training files under data.path: a directory's clips-* files (what
+  prepare_data writes; episodes-* are for later stages), else all its records."""
+  if os.path.isdir(path) and any(f.startswith("clips-") and f.endswith(records.SUFFIX)
+                                 for f in os.listdir(path)):
+    return records.resolve_paths(os.path.join(path, "clips-*" + records.SUFFIX))
+  return records.resolve_paths(path)
+
+
+def prepare_world_data(config, out_dir: str) -> None:
+  """Records a small dataset of `config.data.world` into `out_dir` (process 0;
+  the others wait) unless a finished one (metadata.json) is there."""
+  from aapt_jax.data import prepare
+  world = config.data.world
+  if world not in prepare.WORLDS:
+    raise ValueError(f"config field data.world={world!r} is not supported; choose from "
+                     f"{', '.join(prepare.WORLDS)} or set data.path")
+  done = os.path.exists(os.path.join(out_dir, "metadata.json"))
+  if is_main_process() and not done:
+    clip = 2 * config.train.clip_frames
+    _log(f"data.path is empty: recording {AUTO_EPISODES} episodes x "
+         f"{AUTO_FRAMES_PER_EPISODE} frames of {world}/{config.data.game} at "
+         f"{config.data.frame_size}x{config.data.frame_size} into {out_dir} "
+         f"(clips of {clip} frames); set data.path to use other data")
+    summary = prepare.prepare_atari(
+        out_dir, game=config.data.game, episodes=AUTO_EPISODES,
+        frames_per_episode=AUTO_FRAMES_PER_EPISODE, clip_frames=clip,
+        clip_stride=config.train.clip_frames, size=config.data.frame_size,
+        frame_skip=config.data.frame_skip, seed=config.train.seed,
+        overwrite=True, progress=True)
+    _log(prepare.format_summary(summary, out_dir))
+  if jax.process_count() > 1:
+    barrier("aapt_jax:prepare_world_data")
+    if not os.path.exists(os.path.join(out_dir, "metadata.json")):
+      raise FileNotFoundError(
+          f"process {jax.process_index()} cannot see the data process 0 prepared in "
+          f"{out_dir}; use a --workdir all hosts share, or set data.path")
+
+
+def resolve_data(config, workdir: str) -> list[str]:
+  """The record files to train on; prepares world data when asked to."""
+  path = config.data.path
+  if not path:
+    if not config.data.world:
+      raise ValueError(
+          "config field data.path is empty: set --config.data.path=DIR (ArrayRecord "
+          "files from launch/prepare_data.py), or set data.world (e.g. 'atari') to "
+          "record a small dataset automatically")
+    path = os.path.join(os.path.abspath(workdir), "data")
+    prepare_world_data(config, path)
+    with config.unlocked():
+      config.data.path = path
+  if not os.path.exists(path) and not any(c in path for c in "*?["):
+    raise FileNotFoundError(f"config field data.path={path!r} does not exist; "
+                            "point it at a directory of ArrayRecord files "
+                            "(launch/prepare_data.py writes one)")
+  try:
+    return _record_files(path)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"config field data.path={path!r} holds no ArrayRecord "
+                            f"files (*{records.SUFFIX})") from None
+
+
+def check_example(example: dict, config, where: str) -> None:
+  """ValueError naming `where` and the field if a record does not fit the model."""
+  m, d = config.model, config.data
+  _, ph, pw = m.patch_size
+  lh, lw = m.latent_size
+  if "latents" in example:
+    x = example["latents"]
+    if x.ndim != 4:
+      raise ValueError(f"{where}: field 'latents': shape {x.shape}, expected [T, h, w, C]")
+    t, h, w, c = x.shape
+    field = "'latents'"
+  elif "video" in example:
+    v = example["video"]
+    s = int(d.space_to_depth)
+    if v.ndim != 4 or v.shape[-1] != 3:
+      raise ValueError(f"{where}: field 'video': shape {v.shape}, expected [T, H, W, 3]")
+    if s < 1:
+      raise ValueError(f"{where}: field 'video': records hold pixels but "
+                       "data.space_to_depth=0 (latents from a VAE); encode the video "
+                       "or set data.space_to_depth")
+    if v.shape[1] % s or v.shape[2] % s:
+      raise ValueError(f"{where}: field 'video': frame size {v.shape[1]}x{v.shape[2]} "
+                       f"is not divisible by data.space_to_depth={s}")
+    t, h, w, c = v.shape[0], v.shape[1] // s, v.shape[2] // s, 3 * s * s
+    field = f"'video' (as {h}x{w}x{c} latents by {s}x{s} space-to-depth)"
+  else:
+    raise ValueError(f"{where}: no 'latents' or 'video' field")
+  if c != m.latent_channels:
+    raise ValueError(f"{where}: field {field}: {c} channels but model.latent_channels="
+                     f"{m.latent_channels}")
+  if (h, w) != (lh, lw):
+    raise ValueError(f"{where}: field {field}: frames are {h}x{w} but model.latent_size="
+                     f"{(lh, lw)}; set model.latent_size or use matching records")
+  if h % ph or w % pw:
+    raise ValueError(f"{where}: field {field}: {h}x{w} is not divisible by the patch "
+                     f"{(ph, pw)} (model.patch_size)")
+  if t < config.train.clip_frames:
+    raise ValueError(f"{where}: field {field}: {t} frames < train.clip_frames="
+                     f"{config.train.clip_frames}")
+  if "actions" in example:
+    a = example["actions"]
+    if not m.num_actions:
+      raise ValueError(f"{where}: field 'actions': the records have actions but "
+                       "model.num_actions=0; set model.num_actions")
+    if a.size and int(a.max()) >= m.num_actions:
+      raise ValueError(f"{where}: field 'actions': action id {int(a.max())} >= "
+                       f"model.num_actions={m.num_actions}")
+  if "controls" in example:
+    u = example["controls"]
+    if u.ndim != 2 or u.shape[1] != m.control_dim:
+      raise ValueError(f"{where}: field 'controls': shape {u.shape} but model.control_dim="
+                       f"{m.control_dim}")
+
+
+def check_data(source: records.RecordSource, config) -> None:
+  """Validates and checks the first and last record against the model."""
+  n = len(source)
+  if n == 0:
+    raise ValueError(f"config field data.path={config.data.path!r}: the records are empty")
+  for i in sorted({0, n - 1}):
+    path, pos = source.locate(i)
+    where = f"{path}[{pos}]"
+    example = source[i]
+    records.validate_example(example, source=where)
+    check_example(example, config, where)
+
+
+# ----------------------------------------------------------------------------
+# Metrics.
+
+
+class Metrics:
+  """Consumes each step's metrics on the host (one step late); counts
+  non-finite losses in a row and raises `NonFiniteLossError` after `limit`."""
+
+  def __init__(self, limit: int):
+    self.limit = int(limit)
+    self.nonfinite_in_a_row = 0
+    self.nonfinite_total = 0
+    self.first: tuple[int, float] | None = None
+    self.last: tuple[int, float] | None = None
+    self.last_finite: tuple[int, float] | None = None
+
+  def consume(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
+    host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+    loss = host["loss"]
+    if self.first is None:
+      self.first = (step, loss)
+    self.last = (step, loss)
+    if host.get("finite", 1.0) and math.isfinite(loss):
+      self.nonfinite_in_a_row = 0
+      self.last_finite = (step, loss)
+    else:
+      self.nonfinite_in_a_row += 1
+      self.nonfinite_total += 1
+      if self.nonfinite_in_a_row >= self.limit:
+        raise NonFiniteLossError(
+            f"{self.nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite="
+            f"{self.limit}), last at step {step} (loss {loss}); their updates were skipped "
+            "and no checkpoint was saved since the first of them. Lower the learning "
+            "rate (e.g. --config.diffusion.optim.learning_rate) or check the data.")
+    return host
+
+
+class MetricWriter:
+  """TensorBoard events + metrics.jsonl + console lines, on process 0 only."""
+
+  def __init__(self, directory: str, enabled: bool):
+    self.enabled = enabled
+    self.tb = None
+    self.jsonl = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+      os.makedirs(directory, exist_ok=True)
+      self.tb = SummaryWriter(os.path.join(directory, "tb"), flush_secs=30)
+      self.jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    for k, v in scalars.items():
+      if k != "data_fingerprint" and v is not None:
+        self.tb.add_scalar(f"train/{k}", v, step)
+    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self.jsonl.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self.tb.close()
+      self.jsonl.close()
+      self.enabled = False
+
+
+def data_fingerprint(batch: dict[str, np.ndarray]) -> float:
+  """A cheap host-side checksum of a batch (for tests of the data order)."""
+  x = batch["latents"]
+  w = np.arange(1, x.shape[0] + 1, dtype=np.float64).reshape(-1, *([1] * (x.ndim - 1)))
+  return float(np.sum(x.astype(np.float64) * w))
+
+
+# ----------------------------------------------------------------------------
+# The trainer.
+
+
+class Trainer:
+  """Runs `config.stage` in `<workdir>/<stage>/` (see the module docstring)."""
+
+  def __init__(self, config, workdir: str):
+    if not workdir:
+      raise ValueError("--workdir is required (the run's directory)")
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    self.spec = check_config(config)
+    self.stage = config.stage
+    self.stage_dir = checkpointing.stage_dir(self.workdir, self.stage)
+    self.checkpoint_dir = checkpointing.checkpoint_dir(self.workdir, self.stage)
+
+  def run(self) -> dict[str, Any]:
+    """Trains to `train.steps` (resuming); returns a summary dict."""
+    config = self.config
+    cache_dir = enable_compilation_cache()
+    files = resolve_data(config, self.workdir)
+    source = records.RecordSource(files)
+    check_data(source, config)
+
+    mesh = parallel.make_mesh(config.mesh)
+    bsize = int(config.train.batch_size)
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if bsize % batch_devices:
+      raise ValueError(f"config field train.batch_size={bsize} is not divisible by the "
+                       f"mesh's data x fsdp = {batch_devices} devices; use a multiple of "
+                       f"{batch_devices} or change config.mesh")
+    per_process = pipeline.per_process_batch_size(bsize)
+    total = int(config.train.steps)
+
+    model = build_generator(config)
+    tx = optimizers.make_optimizer(self.spec.optim(config), total)
+    boxed, _ = state_lib.abstract_state(model, tx, config.train.seed)
+    shardings = state_lib.state_shardings(boxed, mesh)
+    abstract = nn.meta.unbox(boxed)
+    parallel.check_divisible(abstract.gen_params, shardings.gen_params)
+
+    ds = pipeline.make_dataset(source, clip_frames=config.train.clip_frames,
+                               batch_size=per_process, seed=config.train.seed,
+                               space_to_depth=config.data.space_to_depth or 1)
+    iterator = pipeline.make_iterator(ds)
+
+    ckpt = checkpointing.Checkpointer(self.checkpoint_dir, keep=config.checkpoint.keep)
+    guard = checkpointing.PreemptionGuard(ckpt).install()
+    writer = None
+    try:
+      with jax.set_mesh(mesh):
+        latest = ckpt.latest_step()
+        if latest is not None:
+          target = checkpointing.abstract_with_shardings(abstract, shardings)
+          ckpt.check_compatible(latest, target, config)
+          state, data_restored = ckpt.restore(latest, target, iterator=iterator)
+          _log(f"resuming {self.stage} from step {latest}: {ckpt.step_dir(latest)}"
+               + ("" if data_restored else
+                  " (no data iterator state for this process count: the data order "
+                  "starts afresh)"))
+        else:
+          state, _ = state_lib.create_train_state(model, tx, mesh, config.train.seed)
+        start = int(jax.device_get(state.step))
+        _log(f"{self.stage}: {total} steps, global batch {bsize} on mesh "
+             f"{dict(mesh.shape)} ({jax.device_count()} devices, {jax.process_count()} "
+             f"processes); data {config.data.path} ({len(source)} records)\n"
+             f"  checkpoints -> {self.checkpoint_dir} (every "
+             f"{config.checkpoint.every_steps} steps, keep {config.checkpoint.keep})\n"
+             f"  tensorboard -> {os.path.join(self.stage_dir, 'tb')}; metrics -> "
+             f"{os.path.join(self.stage_dir, 'metrics.jsonl')}\n"
+             f"  compilation cache -> {cache_dir}")
+        if start >= total:
+          _log(f"{self.stage}: already at step {start} >= train.steps={total}; nothing "
+               "to do (raise --config.train.steps to train on)")
+          return {"stage": self.stage, "start_step": start, "step": start,
+                  "steps_run": 0, "preempted": False, "first_loss": None,
+                  "final_loss": None, "seconds": 0.0, "seconds_per_step": None,
+                  "checkpoint": ckpt.step_dir(start) if start in ckpt.all_steps() else None}
+
+        step_fn = jax.jit(self.spec.make_step(model, tx, config),
+                          in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                          out_shardings=(shardings, None), donate_argnums=0)
+        writer = MetricWriter(self.stage_dir, enabled=is_main_process())
+        return self._loop(state, step_fn, iterator, ckpt, guard, writer, mesh, start,
+                          total)
+    finally:
+      guard.uninstall()
+      ckpt.close()
+      if writer is not None:
+        writer.close()
+
+  def _loop(self, state, step_fn, iterator, ckpt, guard, writer, mesh, start, total):
+    config = self.config
+    every = int(config.checkpoint.every_steps)
+    log_every = int(config.train.log_every)
+    bsharding = parallel.batch_sharding(mesh)
+    metrics = Metrics(config.train.max_nonfinite)
+    bar = None
+    if is_main_process():
+      from tqdm import tqdm
+      bar = tqdm(total=total, initial=start, unit="step", desc=self.stage,
+                 dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+    t0 = time.time()
+    t_first = None   # when step start+1's metrics were read (after its compile)
+    pending = None   # (step, metrics, fingerprint) of the last dispatched step
+    step = start
+    preempted = False
+
+    def consume():
+      nonlocal pending, t_first
+      if pending is None:
+        return
+      s, m, fp = pending
+      pending = None
+      host = metrics.consume(s, m)
+      if t_first is None:
+        t_first = time.time()
+      if bar is not None:
+        bar.set_postfix(loss=f"{host['loss']:.4f}", refresh=False)
+      if s % log_every == 0 or s == total or s == start + 1:
+        writer.write(s, {**host, "data_fingerprint": fp})
+        if bar is not None and (s % log_every == 0 or s == total):
+          bar.write(f"step {s:>7d}  loss {host['loss']:.5f}  grad_norm "
+                    f"{host['grad_norm']:.4f}  skipped {metrics.nonfinite_total}")
+
+    def save(s):
+      consume()  # a save never follows an unread step (non-finite check first)
+      if metrics.nonfinite_in_a_row:
+        if bar is not None:
+          bar.write(f"{self.stage}: not saving step {s}: its loss was non-finite "
+                    f"({metrics.nonfinite_in_a_row} in a row)")
+        return
+      ckpt.save(s, state, iterator=iterator, config=config)
+
+    try:
+      compiled = None
+      while step < total:
+        if guard.requested(step):
+          preempted = True
+          break
+        batch = next(iterator)
+        fp = data_fingerprint(batch) if (step + 1) % log_every == 0 or \
+            step + 1 in (total, start + 1) else None
+        gbatch = pipeline.make_global_batch(batch, bsharding)
+        if compiled is None:  # compile ahead, then start all processes together
+          t = time.time()
+          compiled = step_fn.lower(state, gbatch).compile()
+          barrier(f"aapt_jax:{self.stage}:compiled:{start}")
+          if bar is not None:
+            bar.write(f"{self.stage}: step compiled in {time.time() - t:.1f} s")
+        state, m = compiled(state, gbatch)
+        step += 1
+        consume()                      # the previous step's metrics
+        pending = (step, m, fp)
+        if bar is not None:
+          bar.update(1)
+        if step % every == 0 or step == total:
+          save(step)
+      consume()
+      if preempted:
+        save(step)
+      ckpt.wait()
+      if preempted:
+        latest = ckpt.latest_step()
+        _log(f"\n{self.stage}: stopped by {guard.signal_name or 'preemption'} at step "
+             f"{step}; latest checkpoint: "
+             f"{ckpt.step_dir(latest) if latest is not None else 'none'}. Rerun the same "
+             "command to resume.")
+    finally:
+      if bar is not None:
+        bar.close()
+    seconds = time.time() - t0
+    run_steps = step - start
+    per_step = ((time.time() - t_first) / (run_steps - 1)
+                if t_first is not None and run_steps > 1 else None)
+    summary = {
+        "stage": self.stage, "start_step": start, "step": step, "steps_run": run_steps,
+        "preempted": preempted,
+        "first_loss": metrics.first[1] if metrics.first else None,
+        "final_loss": metrics.last[1] if metrics.last else None,
+        "nonfinite_steps": metrics.nonfinite_total,
+        "seconds": seconds, "seconds_per_step": per_step,
+        "checkpoint": ckpt.step_dir(step) if step in ckpt.all_steps() else None,
+    }
+    _log(format_summary(summary))
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+  if not s["steps_run"]:
+    return f"{s['stage']}: no steps run (at step {s['step']})."
+  per = (f", {s['seconds_per_step'] * 1e3:.1f} ms/step after the first"
+         if s["seconds_per_step"] else "")
+  return (f"{s['stage']}: steps {s['start_step']} -> {s['step']} ({s['steps_run']} run) in "
+          f"{s['seconds']:.1f} s{per}; loss {s['first_loss']:.5f} (first) -> "
+          f"{s['final_loss']:.5f} (final); {s.get('nonfinite_steps', 0)} non-finite "
+          f"step(s) skipped" + (f"; checkpoint {s['checkpoint']}" if s["checkpoint"] else ""))

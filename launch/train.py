@@ -1,0 +1,60 @@
+"""Trains a stage; a rerun with the same --workdir resumes from its latest checkpoint.
+
+  python launch/train.py --config=configs/atari.py --workdir=runs/atari \
+      --config.train.steps=100
+
+Multi-host: the same command on every host, with --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (or config.distributed.initialize=True to let
+JAX detect the cluster). SIGTERM saves a checkpoint and exits 0.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+config_flags.DEFINE_config_file("config", "configs/atari.py", "Config file.", lock_config=False)
+flags.DEFINE_string("workdir", "runs/atari", "Run directory (checkpoints, TensorBoard, data).")
+flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator HOST:PORT.")
+flags.DEFINE_integer("num_processes", None, "jax.distributed: number of processes.")
+flags.DEFINE_integer("process_id", None, "jax.distributed: this process's id.")
+FLAGS = flags.FLAGS
+
+
+def main(_):
+  logging.set_verbosity(logging.WARNING)
+  from aapt_jax.cli import fail
+  config = FLAGS.config
+  d = config.distributed
+  if FLAGS.coordinator_address is not None:
+    d.coordinator_address = FLAGS.coordinator_address
+  if FLAGS.num_processes is not None:
+    d.num_processes = FLAGS.num_processes
+  if FLAGS.process_id is not None:
+    d.process_id = FLAGS.process_id
+  explicit = any(f is not None for f in (FLAGS.coordinator_address, FLAGS.num_processes,
+                                         FLAGS.process_id))
+  try:
+    from aapt_jax import parallel
+    from aapt_jax.training.trainer import NonFiniteLossError, Trainer
+    if explicit or d.initialize:
+      if d.coordinator_address and (d.num_processes < 1 or not
+                                    0 <= d.process_id < d.num_processes):
+        raise ValueError(f"--process_id={d.process_id} must be in [0, --num_processes="
+                         f"{d.num_processes})")
+      parallel.initialize_distributed(parallel.DistributedConfig(
+          coordinator_address=d.coordinator_address or None,
+          num_processes=d.num_processes, process_id=d.process_id,
+          heartbeat_timeout_s=d.heartbeat_timeout_s or None))
+    trainer = Trainer(config, FLAGS.workdir)
+    trainer.run()
+  except NonFiniteLossError as e:
+    fail("train", e, code=1)
+  except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
+    fail("train", e)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,365 @@
+"""The trainer and its checkpoints: exact resume, restore onto other meshes,
+crash safety (SIGKILL mid-save, SIGTERM), and bad input that must never
+touch a good checkpoint.
+
+All runs use one compiled program (configs/tiny.py, global batch 8, mesh
+data=2 x fsdp=4 on 8 CPU devices) so the persistent compilation cache makes
+every run after the first cheap, in this process and in the subprocesses.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from aapt_jax import checkpointing, load_config, parallel
+from aapt_jax.data.records import write_records
+from aapt_jax.models import build_generator
+from aapt_jax.training import optimizers
+from aapt_jax.training import state as state_lib
+from aapt_jax.training.trainer import NonFiniteLossError, Trainer
+from helpers import ROOT, config_path
+
+STAGE = "diffusion"
+BASE = {"train.batch_size": 8, "mesh.data": 2, "mesh.fsdp": 4, "mesh.tensor": 1,
+        "train.log_every": 1, "checkpoint.every_steps": 3}
+
+
+def tiny_examples(n=32, frames=8, seed=0, channels=4, action_max=5, nan=False):
+  rng = np.random.default_rng(seed)
+  for _ in range(n):
+    latents = rng.standard_normal((frames, 4, 4, channels)).astype(np.float16)
+    if nan:
+      latents[1:] = np.nan
+    yield {"latents": latents, "fps": 8.0,
+           "actions": rng.integers(0, action_max, frames).astype(np.int32)}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+  path = tmp_path_factory.mktemp("data")
+  write_records(str(path / "clips.array_record"), tiny_examples())
+  return str(path)
+
+
+def make_config(data, **overrides):
+  o = dict(BASE)
+  o["data.path"] = data
+  o.update({k.replace("__", "."): v for k, v in overrides.items()})
+  return load_config(config_path("tiny.py"), o)
+
+
+def cli_env(devices=8):
+  env = dict(os.environ)
+  env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices),
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", PYTHONUNBUFFERED="1")
+  return env
+
+
+def cli_args(workdir, data, **overrides):
+  o = dict(BASE)
+  o["data.path"] = data
+  o.update({k.replace("__", "."): v for k, v in overrides.items()})
+  return ([sys.executable, os.path.join(ROOT, "launch", "train.py"),
+           f"--config={config_path('tiny.py')}", f"--workdir={workdir}"] +
+          [f"--config.{k}={v}" for k, v in o.items()])
+
+
+def run_cli(workdir, data, timeout=240, **overrides):
+  return subprocess.run(cli_args(workdir, data, **overrides), cwd=ROOT, env=cli_env(),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def ckpt_dir(workdir):
+  return checkpointing.checkpoint_dir(str(workdir), STAGE)
+
+
+def complete_steps(workdir):
+  d = ckpt_dir(workdir)
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def tmp_dirs(workdir):
+  d = ckpt_dir(workdir)
+  return [n for n in os.listdir(d) if "tmp" in n] if os.path.isdir(d) else []
+
+
+def snapshot(directory):
+  """{relative path: (size, mtime_ns, sha of content)} of every file."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for f in files:
+      p = os.path.join(root, f)
+      st = os.stat(p)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, directory)] = (st.st_size, st.st_mtime_ns, hash(fh.read()))
+  return out
+
+
+def metrics_by_step(workdir):
+  rows = {}
+  with open(os.path.join(checkpointing.stage_dir(str(workdir), STAGE), "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      rows[row["step"]] = row   # a rerun's rows replace the killed run's
+  return rows
+
+
+def abstract_target(config, mesh):
+  model = build_generator(config)
+  tx = optimizers.make_optimizer(config.diffusion.optim, config.train.steps)
+  boxed, _ = state_lib.abstract_state(model, tx, config.train.seed)
+  shardings = state_lib.state_shardings(boxed, mesh)
+  return checkpointing.abstract_with_shardings(nn.meta.unbox(boxed), shardings), shardings
+
+
+def load_state(workdir, step, config):
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  target, _ = abstract_target(config, mesh)
+  with checkpointing.Checkpointer(ckpt_dir(workdir)) as ck:
+    state, _ = ck.restore(step, target)
+  return jax.device_get(state)
+
+
+def data_state(workdir, step):
+  with open(os.path.join(ckpt_dir(workdir), str(step), "data", "process_0-of-1.json")) as f:
+    return json.load(f)
+
+
+def assert_trees_equal(a, b, exact=True):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb) and jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(la, lb):
+    if exact:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    else:
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def good_run(tiny_data, tmp_path_factory):
+  """A workdir holding a good checkpoint at step 3 (3 steps trained)."""
+  workdir = tmp_path_factory.mktemp("good")
+  summary = Trainer(make_config(tiny_data, train__steps=3), str(workdir)).run()
+  assert summary["step"] == 3 and complete_steps(workdir) == [3]
+  return str(workdir)
+
+
+# ----------------------------------------------------------------------------
+# Resume.
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_resume_is_exact(tiny_data, good_run, tmp_path):
+  # A: 6 steps straight, saving (asynchronously, state donated right after) at 3 and 6.
+  straight = tmp_path / "straight"
+  summary = Trainer(make_config(tiny_data, train__steps=6), str(straight)).run()
+  assert summary["step"] == 6 and complete_steps(straight) == [3, 6]
+  config = make_config(tiny_data, train__steps=6)
+  # The mid-run async save holds the step-3 state although steps 4-6 then
+  # donated its buffers: it equals the 3-step run's final checkpoint.
+  assert_trees_equal(load_state(straight, 3, config), load_state(good_run, 3, config))
+
+  # B: the 3-step run's workdir, resumed to 6 in a new process.
+  resumed = tmp_path / "resumed"
+  shutil.copytree(good_run, resumed)
+  r = run_cli(resumed, tiny_data, train__steps=6)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"resuming {STAGE} from step 3" in r.stdout
+  assert complete_steps(resumed) == [3, 6]
+
+  a, b = load_state(straight, 6, config), load_state(resumed, 6, config)
+  assert int(a.step) == int(b.step) == 6
+  assert_trees_equal(a, b, exact=False)
+  # Training really moved the params (the comparison is not vacuous).
+  first = load_state(straight, 3, config)
+  assert not np.allclose(np.asarray(jax.tree.leaves(first.gen_params)[0]),
+                         np.asarray(jax.tree.leaves(a.gen_params)[0]))
+  # Same data order: the batches of steps 4-6 (fingerprints) and the losses.
+  ma, mb = metrics_by_step(straight), metrics_by_step(resumed)
+  for s in (4, 5, 6):
+    assert ma[s]["data_fingerprint"] == mb[s]["data_fingerprint"], s
+    np.testing.assert_allclose(ma[s]["loss"], mb[s]["loss"], rtol=1e-5)
+  assert len({ma[s]["data_fingerprint"] for s in (1, 2, 3, 4, 5, 6)}) == 6
+  assert data_state(straight, 6) == data_state(resumed, 6)
+  tb = os.path.join(checkpointing.stage_dir(str(resumed), STAGE), "tb")
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tb))
+  assert data_state(straight, 3) != data_state(straight, 6)
+
+  # A rerun at the target step trains nothing and writes nothing.
+  before = snapshot(ckpt_dir(resumed))
+  summary = Trainer(make_config(tiny_data, train__steps=6), str(resumed)).run()
+  assert summary["steps_run"] == 0 and snapshot(ckpt_dir(resumed)) == before
+
+
+def test_restore_onto_other_meshes(tmp_path):
+  config = load_config(config_path("tiny.py"))
+  model = build_generator(config)
+  tx = optimizers.make_optimizer(config.diffusion.optim, 10)
+  mesh_a = parallel.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  with jax.set_mesh(mesh_a):
+    state, _ = state_lib.create_train_state(model, tx, mesh_a, seed=3)
+  state = state.replace(step=state.step + 7)
+  saved = jax.device_get(state)
+  with checkpointing.Checkpointer(str(tmp_path / "ck")) as ck:
+    assert ck.save(7, state, config=config)
+  assert "7" in os.listdir(tmp_path / "ck")
+
+  meshes = {"fsdp=8": parallel.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}),
+            "1 device": parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
+                                           jax.devices()[:1])}
+  for name, mesh in meshes.items():
+    target, shardings = abstract_target(config, mesh)
+    with checkpointing.Checkpointer(str(tmp_path / "ck")) as ck:
+      ck.check_compatible(7, target, config)
+      restored, data = ck.restore(7, target)
+    assert not data and restored.disc_params is None and restored.teacher_params is None
+    assert_trees_equal(jax.device_get(restored), saved)
+    for leaf, want in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)):
+      assert leaf.sharding == want, name
+      assert leaf.sharding.mesh.shape == mesh.shape, name
+    emb = restored.gen_params["patch_embedding"]["kernel"]
+    if name == "fsdp=8":   # embed (D = 32) split 8 ways on the new mesh
+      assert emb.addressable_shards[0].data.shape[-1] == 4
+    else:
+      assert len(emb.sharding.device_set) == 1
+
+
+# ----------------------------------------------------------------------------
+# Crash safety.
+
+
+def _wait(predicate, timeout, proc=None, what=""):
+  end = time.time() + timeout
+  while time.time() < end:
+    if predicate():
+      return True
+    if proc is not None and proc.poll() is not None:
+      out, err = proc.communicate()
+      raise AssertionError(f"run exited ({proc.returncode}) while waiting for {what}:\n"
+                           f"{out[-2000:]}\n{err[-3000:]}")
+    time.sleep(0.002)
+  return False
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_sigkill_during_save_then_sigterm(tiny_data, tmp_path):
+  workdir = tmp_path / "run"
+  args = cli_args(workdir, tiny_data, train__steps=100000, checkpoint__every_steps=2)
+  proc = subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    assert _wait(lambda: len(complete_steps(workdir)) >= 2, 240, proc, "two checkpoints")
+    # SIGKILL the moment an async save has a half-written (tmp) directory.
+    caught = _wait(lambda: bool(tmp_dirs(workdir)), 20, proc, "a save in flight")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+  complete = complete_steps(workdir)
+  last = complete[-1]
+  print(f"SIGKILL with a save in flight: {caught}; left {tmp_dirs(workdir)}, complete {complete}")
+  if caught:
+    half = tmp_dirs(workdir)
+    assert half and all(int(re.match(r"\d+", h).group()) > last for h in half), (half, complete)
+  # Make sure a half-written newer step exists either way: a copy of the last
+  # complete one under a tmp name, with a file cut short.
+  fake = os.path.join(ckpt_dir(workdir), f"{last + 100}.orbax-checkpoint-tmp")
+  shutil.copytree(os.path.join(ckpt_dir(workdir), str(last)), fake)
+  for root, _, files in os.walk(fake):
+    for f in files:
+      if f.startswith("ocdbt") or f == "manifest.ocdbt":
+        with open(os.path.join(root, f), "r+b") as fh:
+          fh.truncate(1)
+
+  # Restart: resumes from the last complete checkpoint; then SIGTERM -> save, exit 0.
+  proc = subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    assert _wait(lambda: complete_steps(workdir) and complete_steps(workdir)[-1] > last,
+                 240, proc, "a checkpoint after the restart")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+  assert proc.returncode == 0, err[-3000:]
+  assert f"resuming {STAGE} from step {last}:" in out
+  m = re.search(r"stopped by SIGTERM at step (\d+); latest checkpoint: (\S+)\.", out)
+  assert m, out[-2000:]
+  stopped = int(m.group(1))
+  assert complete_steps(workdir)[-1] == stopped and m.group(2).endswith(f"/{stopped}")
+  assert not tmp_dirs(workdir)  # the half-written ones were cleaned up
+  assert int(load_state(workdir, stopped, make_config(tiny_data)).step) == stopped
+
+
+# ----------------------------------------------------------------------------
+# Bad input never touches a good checkpoint.
+
+
+def test_bad_inputs_leave_the_checkpoint_alone(tiny_data, good_run, tmp_path):
+  before = snapshot(ckpt_dir(good_run))
+
+  def fails(exc, pattern, **overrides):
+    config = make_config(overrides.pop("data", tiny_data), **{"train__steps": 6, **overrides})
+    with pytest.raises(exc, match=pattern):
+      Trainer(config, good_run).run()
+    assert snapshot(ckpt_dir(good_run)) == before
+
+  fails(FileNotFoundError, r"data\.path='/no/such/dir' does not exist", data="/no/such/dir")
+  fails(ValueError, r"data\.path is empty", data="")
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  fails(FileNotFoundError, r"data\.path=.* holds no ArrayRecord", data=str(empty))
+
+  wrong = tmp_path / "wrong"
+  write_records(str(wrong / "clips.array_record"), tiny_examples(4, channels=3))
+  fails(ValueError, r"clips\.array_record\[0\]: field 'latents': 3 channels but "
+        r"model\.latent_channels=4", data=str(wrong))
+  short = tmp_path / "short"
+  write_records(str(short / "clips.array_record"), tiny_examples(4, frames=3))
+  fails(ValueError, r"3 frames < train\.clip_frames=5", data=str(short))
+  actions = tmp_path / "actions"
+  write_records(str(actions / "clips.array_record"), tiny_examples(4, action_max=9))
+  fails(ValueError, r"field 'actions': action id \d >= model\.num_actions=5",
+        data=str(actions))
+
+  # A model of another shape than the checkpoint's: named, before any training.
+  fails(ValueError, r"(?s)does not match this config.*model\.dim: checkpoint=32, "
+        r"config=64.*gen_params/action_embedding: checkpoint \(5, 32\) float32, config "
+        r"\(5, 64\).*nothing was trained or saved", model__dim=64)
+  fails(ValueError, r"train\.steps must be >= 1", train__steps=0)
+
+  # Non-finite losses: updates skipped, the run stops after max_nonfinite in a
+  # row and saves nothing (although a save was due at every step).
+  nan = tmp_path / "nan"
+  write_records(str(nan / "clips.array_record"), tiny_examples(16, nan=True))
+  fails(NonFiniteLossError, r"2 non-finite losses in a row \(train\.max_nonfinite=2\)",
+        data=str(nan), train__max_nonfinite=2, checkpoint__every_steps=1)
+
+
+def test_cli_errors_are_one_line(tiny_data, tmp_path):
+  r = subprocess.run(cli_args(tmp_path / "w", tiny_data, train__steps="abc"), cwd=ROOT,
+                     env=cli_env(), capture_output=True, text=True, timeout=120)
+  assert r.returncode != 0
+  assert "train.steps" in r.stderr and "abc" in r.stderr
+  assert "Traceback" not in r.stderr
+  r = run_cli(tmp_path / "w", "/no/such/data", timeout=120)
+  assert r.returncode == 2
+  assert "train: error: config field data.path='/no/such/data' does not exist" in r.stderr
+  assert "Traceback" not in r.stderr
+  assert not os.path.exists(ckpt_dir(tmp_path / "w"))
