@@ -308,3 +308,63 @@ class PreemptionGuard:
 
   def __exit__(self, *exc):
     self.uninstall()
+
+
+# ----------------------------------------------------------------------------
+# Loading a trained generator (generate, play, export).
+
+STAGE_ORDER = ("diffusion", "consistency", "adversarial")
+
+
+def resolve_step_dir(path: str) -> str:
+  """A step directory from a run, stage, checkpoints or step directory: the
+  last stage's latest complete step. FileNotFoundError says what was looked for."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"checkpoint not found: {path} is not a directory")
+  if os.path.isdir(os.path.join(path, STATE)):
+    return path
+  for stage in reversed(STAGE_ORDER):  # a run directory: its last stage
+    if os.path.isdir(os.path.join(path, stage, "checkpoints")):
+      return resolve_step_dir(os.path.join(path, stage))
+  if os.path.isdir(os.path.join(path, "checkpoints")):  # a stage directory
+    path = os.path.join(path, "checkpoints")
+  steps = sorted(int(s) for s in os.listdir(path)
+                 if s.isdigit() and os.path.isdir(os.path.join(path, s, STATE)))
+  if not steps:
+    raise FileNotFoundError(
+        f"no complete checkpoint under {path}: expected a run directory (with "
+        f"{'/'.join(STAGE_ORDER)} stages), a stage directory, or a step directory holding "
+        f"'{STATE}/'")
+  return os.path.join(path, str(steps[-1]))
+
+
+def load_generator_params(path: str, which: str = "ema_params"):
+  """(config, params) of the generator in a checkpoint: the config it was saved
+  with (a ConfigDict) and its bare `which` tree ("ema_params" — what inference
+  uses — or "gen_params") on the first local device."""
+  step_dir = resolve_step_dir(path)
+  config_file = os.path.join(step_dir, CONFIG, "metadata")
+  try:
+    with open(config_file) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"checkpoint {step_dir} has no readable config ({config_file}): {e}") \
+        from None
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    meta = checkpointer.metadata(os.path.join(step_dir, STATE)).item_metadata
+  except Exception as e:  # noqa: BLE001 - orbax raises several kinds for a corrupt dir
+    raise ValueError(f"checkpoint {step_dir} is unreadable: {e}") from None
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  tree = meta.tree if hasattr(meta, "tree") else meta
+  if which not in tree or tree[which] is None:
+    raise ValueError(f"checkpoint {step_dir} holds no {which!r}")
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+                        dict(tree[which]))
+  restored = checkpointer.restore(
+      os.path.join(step_dir, STATE),
+      args=ocp.args.PyTreeRestore(item={which: target}, restore_args=ocp.checkpoint_utils
+                                  .construct_restore_args({which: target}),
+                                  partial_restore=True))
+  return config, restored[which]

@@ -73,7 +73,8 @@ def get_config(arg=None):
   t.batch_size = 8            # global batch size (samples)
   t.seed = 0                  # seeds params, data order, noise
   t.clip_frames = 8           # latent frames per training clip
-  t.ema_decay = 0.995         # EMA of the generator's params (paper: 0.995)
+  t.ema_decay = 0.995         # EMA of the generator's params (paper: 0.995); warmed
+                              # up as min(decay, (1 + step) / (10 + step))
   t.log_every = 10            # steps between metric writes (TensorBoard + console)
   t.max_nonfinite = 5         # stop after this many non-finite losses in a row
 

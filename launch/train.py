@@ -48,8 +48,10 @@ def main(_):
           coordinator_address=d.coordinator_address or None,
           num_processes=d.num_processes, process_id=d.process_id,
           heartbeat_timeout_s=d.heartbeat_timeout_s or None))
-    trainer = Trainer(config, FLAGS.workdir)
-    trainer.run()
+    summary = Trainer(config, FLAGS.workdir).run()
+    if summary.get("checkpoint") and summary["stage"] == config.stage:
+      print(f"next: python launch/generate.py --checkpoint={FLAGS.workdir} --frames=48 "
+            "--out=sample.mp4")
   except NonFiniteLossError as e:
     fail("train", e, code=1)
   except (ValueError, OSError) as e:  # FileNotFoundError is an OSError

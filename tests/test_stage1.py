@@ -157,3 +157,9 @@ def test_bad_mesh_is_a_clear_error():
   tx = optimizers.make_optimizer(config.diffusion.optim, 10)
   with pytest.raises(ValueError, match="not divisible"):
     train_state.create_train_state(model, tx, parallel.make_mesh(config.mesh))
+
+
+def test_ema_decay_warms_up_then_holds():
+  np.testing.assert_allclose(float(stages.ema_decay_at(0, 0.995)), 0.1)
+  np.testing.assert_allclose(float(stages.ema_decay_at(90, 0.995)), 91 / 100)
+  np.testing.assert_allclose(float(stages.ema_decay_at(10_000, 0.995)), 0.995)

@@ -18,13 +18,23 @@ from aapt_jax.models import Conditioning, Generator
 
 
 def make_step_fn(model: Generator) -> Callable:
-  """A jitted `step` with the cache donated (updated in place): compiled once."""
+  """One jitted function per frame, compiled once, the cache donated (in place).
 
-  def step(params, latent, timestep, previous, actions, cache):
-    cond = Conditioning(previous=previous, actions=actions)
-    return model.apply({"params": params}, latent, timestep, cond, cache, method="step")
+  frame_fn(params, key, index, given, previous, actions, cache) -> (frame, cache):
+  index 0 writes `given` (the real first frame) as the sink at t = 0; index
+  i >= 1 draws eps_i = N(fold_in(key, i)) and returns eps_i - v(eps_i, t=1).
+  """
 
-  return jax.jit(step, donate_argnums=5)
+  def frame_fn(params, key, index, given, previous, actions, cache):
+    first = index == 0
+    noise = jax.random.normal(jax.random.fold_in(key, index), given.shape, given.dtype)
+    latent = jnp.where(first, given, noise)
+    t = jnp.where(first, 0.0, 1.0) * jnp.ones(given.shape[:2])
+    cond = Conditioning(previous=jnp.where(first, 0.0, previous), actions=actions)
+    v, cache = model.apply({"params": params}, latent, t, cond, cache, method="step")
+    return jnp.where(first, given, noise - v), cache
+
+  return jax.jit(frame_fn, donate_argnums=6)
 
 
 def generate_latents(model: Generator, params, first_latent: np.ndarray,
@@ -33,7 +43,7 @@ def generate_latents(model: Generator, params, first_latent: np.ndarray,
   """Yields num_frames latent frames [h, w, C] (host numpy), the first being first_latent.
 
   params: the bare parameter tree. actions[i] is the action whose effect frame
-  i shows (actions[0] is ignored: frame 0 is given); None = no actions.
+  i shows (actions[0] goes with the given first frame); None = no actions.
   """
   s = model.spec
   if num_frames < 1:
@@ -48,16 +58,13 @@ def generate_latents(model: Generator, params, first_latent: np.ndarray,
     bad = [a for a in actions[:num_frames] if not 0 <= int(a) < s.num_actions]
     if bad:
       raise ValueError(f"invalid action ids {bad[:5]}: valid ids are 0..{s.num_actions - 1}")
-  step = step_fn or make_step_fn(model)
+  frame_fn = step_fn or make_step_fn(model)
   act = (lambda i: jnp.full((1, 1), int(actions[i]), jnp.int32)) if s.num_actions else (
       lambda i: None)
-  cache = model.init_cache(1)
-  x = jnp.asarray(first_latent, jnp.float32)[None, None]       # [1, 1, h, w, C]
-  _, cache = step(params, x, jnp.zeros((1, 1)), jnp.zeros_like(x), act(0), cache)
-  yield np.asarray(x[0, 0])
   key = jax.random.key(seed)
-  for i in range(1, num_frames):
-    noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
-    v, cache = step(params, noise, jnp.ones((1, 1)), x, act(i), cache)
-    x = noise - v
+  given = jnp.asarray(first_latent, jnp.float32)[None, None]   # [1, 1, h, w, C]
+  cache = model.init_cache(1)
+  x = given
+  for i in range(num_frames):
+    x, cache = frame_fn(params, key, jnp.int32(i), given, x, act(i), cache)
     yield np.asarray(x[0, 0])

@@ -58,13 +58,16 @@ def generate_video(config, *, checkpoint=None, frames=48, actions="random", seed
   """Streams `frames` latent frames into an mp4; returns (path, stats dict)."""
   if frames < 1:
     raise ValueError(f"--frames must be >= 1, got {frames}")
-  model = build_generator(config)
   if checkpoint:
-    raise NotImplementedError("loading checkpoints arrives with the training core; "
-                              "run without --checkpoint for an untrained model")
-  print("generate: no checkpoint given: an UNTRAINED model (random weights) — the video "
-        "shows the pipeline running, not a learned world")
-  params = nn.meta.unbox(init_params(model, jax.random.key(seed)))["params"]
+    from aapt_jax.checkpointing import load_generator_params, resolve_step_dir
+    config, params = load_generator_params(checkpoint)  # the model it was trained as
+    print(f"generate: EMA generator from {resolve_step_dir(checkpoint)}")
+    model = build_generator(config)
+  else:
+    print("generate: no --checkpoint: an UNTRAINED model (random weights) — the video "
+          "shows the pipeline running, not a learned world")
+    model = build_generator(config)
+    params = nn.meta.unbox(init_params(model, jax.random.key(seed)))["params"]
   world = _world(config)
   if model.spec.num_actions and world.num_actions > model.spec.num_actions:
     raise ValueError(f"{world.game} has {world.num_actions} actions but model.num_actions="

@@ -37,14 +37,21 @@ def _masked(ok, new, old):
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
+def ema_decay_at(step, ema_decay):
+  """EMA decay with warm-up: min(decay, (1 + step) / (10 + step)), so a short
+  run's EMA follows training instead of staying near the random init."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+
+
 def apply_update(state, grads, loss, tx, ema_decay):
   """Optimizer step + EMA, skipped when the loss or gradient is non-finite."""
   grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt = tx.update(grads, state.gen_opt, state.gen_params)
   new_params = optax.apply_updates(state.gen_params, updates)
-  new_ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-                         state.ema_params, new_params)
+  decay = ema_decay_at(state.step, ema_decay)
+  new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params)
   state = state.replace(
       step=state.step + 1,
       gen_params=_masked(ok, new_params, state.gen_params),

@@ -1,0 +1,41 @@
+"""Loading a trained generator from a run / stage / step directory."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from aapt_jax import checkpointing, load_config, parallel
+from aapt_jax.models import build_generator
+from aapt_jax.training import optimizers, state as train_state
+from helpers import config_path
+
+
+def test_load_ema_params_from_any_level_of_a_run(tmp_path):
+  config = load_config(config_path("tiny.py"), {"mesh.data": 1})
+  model = build_generator(config)
+  tx = optimizers.make_optimizer(config.diffusion.optim, 10)
+  mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    state, _ = train_state.create_train_state(model, tx, mesh)
+  state = state.replace(ema_params=jax.tree.map(lambda a: a + 1.0, state.ema_params))
+  run = str(tmp_path / "run")
+  with checkpointing.Checkpointer(checkpointing.checkpoint_dir(run, "diffusion")) as ckpt:
+    ckpt.save(3, state, config=config)
+    ckpt.save(7, state, config=config)
+  step_dir = os.path.join(run, "diffusion", "checkpoints", "7")
+  for path in (run, os.path.join(run, "diffusion"), step_dir):
+    assert checkpointing.resolve_step_dir(path) == step_dir
+  loaded_config, params = checkpointing.load_generator_params(run)
+  assert loaded_config.model.dim == config.model.dim
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.ema_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # the restored tree is what the model applies
+  build_generator(loaded_config)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not a directory"):
+    checkpointing.resolve_step_dir(str(tmp_path / "nope"))
+  with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    checkpointing.resolve_step_dir(str(tmp_path))
