@@ -363,3 +363,29 @@ def test_cli_errors_are_one_line(tiny_data, tmp_path):
   assert "train: error: config field data.path='/no/such/data' does not exist" in r.stderr
   assert "Traceback" not in r.stderr
   assert not os.path.exists(ckpt_dir(tmp_path / "w"))
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_consistency_stage_starts_from_the_diffusion_stage(tiny_data, tmp_path):
+  """Stage 2 in the same workdir starts its student and frozen teacher from
+  stage 1's EMA params, trains, and the teacher stays frozen."""
+  workdir = str(tmp_path / "run")
+  Trainer(make_config(tiny_data, train__steps=2), workdir).run()
+  _, stage1 = checkpointing.load_generator_params(os.path.join(workdir, "diffusion"))
+  summary = Trainer(make_config(tiny_data, stage="consistency", train__steps=2,
+                                consistency__num_steps=4), workdir).run()
+  assert summary["steps_run"] == 2 and np.isfinite(summary["final_loss"])
+  step_dir = checkpointing.resolve_step_dir(workdir)
+  assert step_dir.endswith(os.path.join("consistency", "checkpoints", "2"))
+  _, teacher = checkpointing.load_generator_params(workdir, which="teacher_params")
+  _, student = checkpointing.load_generator_params(workdir, which="gen_params")
+  for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(stage1)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any(float(np.abs(np.asarray(a) - np.asarray(b)).max()) > 0
+             for a, b in zip(jax.tree.leaves(student), jax.tree.leaves(stage1)))
+
+
+def test_consistency_without_a_diffusion_checkpoint_is_a_clear_error(tiny_data, tmp_path):
+  with pytest.raises(FileNotFoundError, match="run stage 'diffusion'"):
+    Trainer(make_config(tiny_data, stage="consistency"), str(tmp_path / "empty")).run()

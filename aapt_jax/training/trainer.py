@@ -55,10 +55,14 @@ AUTO_FRAMES_PER_EPISODE = 500
 class StageSpec:
   make_step: Callable[..., Callable]   # (model, tx, config) -> step(state, batch)
   optim: Callable[[Any], Any]          # config -> optimizer section
+  previous: str | None = None          # the stage it starts from (config.init_from)
+  teacher: bool = False                # keeps a frozen teacher (the previous stage's EMA)
 
 
 STAGES: dict[str, StageSpec] = {
     "diffusion": StageSpec(stages.make_diffusion_step, lambda c: c.diffusion.optim),
+    "consistency": StageSpec(stages.make_consistency_step, lambda c: c.consistency.optim,
+                             previous="diffusion", teacher=True),
 }
 KNOWN_STAGES = ("vae", "diffusion", "consistency", "adversarial", "pipeline")
 
@@ -364,7 +368,7 @@ class Trainer:
 
     model = build_generator(config)
     tx = optimizers.make_optimizer(self.spec.optim(config), total)
-    boxed, _ = state_lib.abstract_state(model, tx, config.train.seed)
+    boxed, _ = state_lib.abstract_state(model, tx, config.train.seed, teacher=self.spec.teacher)
     shardings = state_lib.state_shardings(boxed, mesh)
     abstract = nn.meta.unbox(boxed)
     parallel.check_divisible(abstract.gen_params, shardings.gen_params)
@@ -389,7 +393,10 @@ class Trainer:
                   " (no data iterator state for this process count: the data order "
                   "starts afresh)"))
         else:
-          state, _ = state_lib.create_train_state(model, tx, mesh, config.train.seed)
+          state, _ = state_lib.create_train_state(model, tx, mesh, config.train.seed,
+                                                  teacher=self.spec.teacher)
+          if self.spec.previous:
+            state = self._init_from(state, shardings)
         start = int(jax.device_get(state.step))
         _log(f"{self.stage}: {total} steps, global batch {bsize} on mesh "
              f"{dict(mesh.shape)} ({jax.device_count()} devices, {jax.process_count()} "
@@ -418,6 +425,34 @@ class Trainer:
       ckpt.close()
       if writer is not None:
         writer.close()
+
+  def _init_from(self, state, shardings):
+    """Starts the generator (and the teacher) from the previous stage's EMA
+    params: `config.init_from`, else `<workdir>/<previous stage>`."""
+    source = self.config.init_from or os.path.join(self.workdir, self.spec.previous)
+    try:
+      _, params = checkpointing.load_generator_params(source)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(
+          f"stage {self.stage!r} starts from a {self.spec.previous!r} checkpoint: {e}; run "
+          f"stage {self.spec.previous!r} in this --workdir first or set config.init_from"
+          ) from None
+    want = jax.tree.map(lambda a: (a.shape, a.dtype), state.gen_params)
+    got = jax.tree.map(lambda a: (a.shape, a.dtype), params)
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+      raise ValueError(f"config.init_from={source!r}: its generator params do not match this "
+                       "config's model (different model.* fields?)")
+
+    def placed():  # fresh device buffers per field (the state is donated)
+      return jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), params,
+                          shardings.gen_params)
+
+    state = state.replace(gen_params=placed(), ema_params=placed())
+    if self.spec.teacher:
+      state = state.replace(teacher_params=placed())
+    _log(f"{self.stage}: generator{' and teacher' if self.spec.teacher else ''} from "
+         f"{checkpointing.resolve_step_dir(source)} (EMA params)")
+    return state
 
   def _loop(self, state, step_fn, iterator, ckpt, guard, writer, mesh, start, total):
     config = self.config
