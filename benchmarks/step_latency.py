@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import sys
 import time
@@ -24,6 +23,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common import cpu_name  # noqa: E402
 from aapt_jax import load_config  # noqa: E402
 from aapt_jax.models import Conditioning, build_generator, init_params  # noqa: E402
 
@@ -33,17 +33,6 @@ CONFIGS = {
     "bar": ("configs/base.py", {"model.window_frames": 8}),
     "bar32": ("configs/base.py", {"model.window_frames": 32}),
 }
-
-
-def cpu_name():
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def rss_mib():

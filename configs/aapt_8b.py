@@ -4,6 +4,15 @@
 makes 52x92 latents, 46x26 = 1196 tokens per latent frame; one latent frame
 = 4 video frames, so 6 latent frames/s. The sliding window holds 30 latent
 frames (5 s) plus the first frame as the attention sink.
+
+Sized for 256 accelerators (H100 80 GiB or TPU v5p): batch 64 over data=8 x
+fsdp=8 = one sample per device, heads and MLP split over tensor=4.
+`benchmarks/aot_8b.py` compiles the stage-1 step on such a mesh and prints
+its memory per device; with tensor=1 (one sample and all 32 heads per
+device) one layer's block-causal attention scores alone outgrow an H100.
+On fewer devices lower train.batch_size so that each device keeps one
+sample (batch = devices / 4); `aapt_jax.training.memory.check_fits` says
+before allocating when a config cannot fit the devices at hand.
 """
 from configs import base
 
@@ -29,5 +38,5 @@ def get_config(arg=None):
   c.train.clip_frames = 21
   c.mesh.data = -1
   c.mesh.fsdp = 8
-  c.mesh.tensor = 1
+  c.mesh.tensor = 4           # see the docstring: tensor=1 does not fit 80 GiB
   return c

@@ -40,7 +40,7 @@ import numpy as np
 from aapt_jax import checkpointing, parallel
 from aapt_jax.data import pipeline, records
 from aapt_jax.models import build_generator
-from aapt_jax.training import optimizers, stages
+from aapt_jax.training import memory, optimizers, stages
 from aapt_jax.training import state as state_lib
 
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "aapt_jax", "jax")
@@ -356,6 +356,9 @@ class Trainer:
     source = records.RecordSource(files)
     check_data(source, config)
 
+    # before anything is allocated: will the state fit the devices at hand?
+    # (the message gives the memory per device and a config to use instead)
+    memory.check_fits(config)
     mesh = parallel.make_mesh(config.mesh)
     bsize = int(config.train.batch_size)
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
