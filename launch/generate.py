@@ -21,6 +21,8 @@ flags.DEFINE_integer("frames", 48, "Latent frames to generate (>= 1).")
 flags.DEFINE_string("actions", "random", "'random' or a JSON file with a list of actions.")
 flags.DEFINE_integer("seed", 0, "Seed of the start frame, the policy and the noise.")
 flags.DEFINE_string("out", "sample.mp4", "Output mp4 path.")
+flags.DEFINE_integer("steps", 0, "Forwards per latent frame: 1 = 1NFE; 0 = auto (16 Euler "
+                     "steps for a stage-1 diffusion checkpoint, else 1).")
 FLAGS = flags.FLAGS
 
 
@@ -31,7 +33,7 @@ def main(_):
   try:
     path, stats = generate_video(FLAGS.config, checkpoint=FLAGS.checkpoint or None,
                                  frames=FLAGS.frames, actions=FLAGS.actions, seed=FLAGS.seed,
-                                 out=FLAGS.out)
+                                 out=FLAGS.out, steps=FLAGS.steps)
   except (ValueError, FileNotFoundError, NotImplementedError) as e:
     fail("generate", e)
   print(f"wrote {path}: {stats}")

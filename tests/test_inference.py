@@ -34,6 +34,35 @@ def test_stream_equals_one_parallel_call_over_its_own_frames():
   np.testing.assert_allclose(np.asarray(noise - v)[0, 1:], stream[1:], atol=5e-5, rtol=5e-5)
 
 
+def test_euler_sampler_steps_by_hand():
+  """K = 2: eps -> peek at t_2 = 1 (no commit) -> Euler to t_1 -> the committing
+  step at t_1; the frame is x_{t_1} - t_1 v. Checked against explicit steps."""
+  from aapt_jax.inference.generate import make_step_fn
+  _, model, params = tiny((("model.text_dim", 0), ("model.control_dim", 0)))
+  s = model.spec
+  shape = (1, 1, *s.latent_size, s.latent_channels)
+  first = jax.random.normal(jax.random.key(2), shape)
+  fn = make_step_fn(model, sampler_steps=2, shift=3.0)
+  key = jax.random.key(4)
+  act = jnp.zeros((1, 1), jnp.int32)
+  f0, cache = fn(params["params"], key, jnp.int32(0), first, first, act, model.init_cache(1))
+  f1, cache = fn(params["params"], key, jnp.int32(1), first, f0, act, cache)
+  assert int(cache.counter) == 2
+  _, step = compiled(model)
+  t1 = 3.0 * 0.5 / (1 + 2.0 * 0.5)  # shift(1/2) = 0.75
+  cond = Conditioning(previous=first, actions=act)
+  ref = model.init_cache(1)
+  _, ref = step(params, first, jnp.zeros((1, 1)), Conditioning(previous=jnp.zeros_like(first),
+                                                              actions=act), ref)
+  eps = jax.random.normal(jax.random.fold_in(key, 1), shape)
+  v, same = step(params, eps, jnp.ones((1, 1)), cond, ref, commit=False)
+  assert int(same.counter) == 1
+  x = eps + (t1 - 1.0) * v
+  v, ref = step(params, x, jnp.full((1, 1), t1), cond, ref)
+  np.testing.assert_allclose(np.asarray(f1), np.asarray(x - t1 * v), atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(np.asarray(f0), np.asarray(first))
+
+
 def test_generate_rejects_bad_actions():
   _, model, params = tiny()
   s = model.spec

@@ -15,24 +15,38 @@ import jax.numpy as jnp
 import numpy as np
 
 from aapt_jax.models import Conditioning, Generator
+from aapt_jax.objectives.flow_matching import shift_timesteps
 
 
-def make_step_fn(model: Generator) -> Callable:
+def make_step_fn(model: Generator, sampler_steps: int = 1, shift: float = 1.0) -> Callable:
   """One jitted function per frame, compiled once, the cache donated (in place).
 
   frame_fn(params, key, index, given, previous, actions, cache) -> (frame, cache):
   index 0 writes `given` (the real first frame) as the sink at t = 0; index
-  i >= 1 draws eps_i = N(fold_in(key, i)) and returns eps_i - v(eps_i, t=1).
+  i >= 1 draws eps_i = N(fold_in(key, i)) and, with sampler_steps = 1 (1NFE),
+  returns eps_i - v(eps_i, t=1). With K > 1 steps (for a stage-1 diffusion
+  model) it takes Euler steps down the shifted grid t_K = 1 > ... > t_1 with
+  `commit=False`, and the last step at t_1 commits the block to the cache.
   """
+  if sampler_steps < 1:
+    raise ValueError(f"sampler steps must be >= 1, got {sampler_steps}")
+  grid = [float(g) for g in np.asarray(
+      shift_timesteps(np.linspace(0.0, 1.0, sampler_steps + 1), shift))]
 
   def frame_fn(params, key, index, given, previous, actions, cache):
     first = index == 0
     noise = jax.random.normal(jax.random.fold_in(key, index), given.shape, given.dtype)
-    latent = jnp.where(first, given, noise)
-    t = jnp.where(first, 0.0, 1.0) * jnp.ones(given.shape[:2])
     cond = Conditioning(previous=jnp.where(first, 0.0, previous), actions=actions)
+    ones = jnp.ones(given.shape[:2])
+    x = noise
+    for k in range(sampler_steps, 1, -1):  # peek steps: the cache is not written
+      v, _ = model.apply({"params": params}, x, grid[k] * ones, cond, cache, commit=False,
+                         method="step")
+      x = x + (grid[k - 1] - grid[k]) * v
+    latent = jnp.where(first, given, x)
+    t = jnp.where(first, 0.0, grid[1]) * ones
     v, cache = model.apply({"params": params}, latent, t, cond, cache, method="step")
-    return jnp.where(first, given, noise - v), cache
+    return jnp.where(first, given, x - grid[1] * v), cache
 
   return jax.jit(frame_fn, donate_argnums=6)
 

@@ -54,7 +54,7 @@ def load_actions(spec: str, world, num_frames: int, seed: int) -> list[int]:
 
 
 def generate_video(config, *, checkpoint=None, frames=48, actions="random", seed=0,
-                   out="sample.mp4"):
+                   out="sample.mp4", steps=0):
   """Streams `frames` latent frames into an mp4; returns (path, stats dict)."""
   if frames < 1:
     raise ValueError(f"--frames must be >= 1, got {frames}")
@@ -75,7 +75,11 @@ def generate_video(config, *, checkpoint=None, frames=48, actions="random", seed
   action_ids = load_actions(actions, world, frames, seed)
   first = pipeline.pixels_to_latents(world.reset(seed), config.data.space_to_depth)
   s = config.data.space_to_depth
-  step = make_step_fn(model)
+  if steps == 0:  # auto: a stage-1 model is a diffusion model and needs several steps
+    steps = 16 if config.stage == "diffusion" and checkpoint else 1
+  print(f"generate: {steps} forward(s) per latent frame"
+        + (" (1NFE)" if steps == 1 else " (Euler sampler for a diffusion-stage model)"))
+  step = make_step_fn(model, steps, config.diffusion.timestep_shift)
   t0 = time.perf_counter()
   stats = []
   with VideoWriter(out, world.fps, (config.data.frame_size,) * 2) as writer:
@@ -86,6 +90,6 @@ def generate_video(config, *, checkpoint=None, frames=48, actions="random", seed
       writer.write(frame)
       stats.append((frame.mean(), frame.std()))
   seconds = time.perf_counter() - t0
-  return out, dict(frames=frames, seconds=round(seconds, 2),
+  return out, dict(frames=frames, steps_per_frame=steps, seconds=round(seconds, 2),
                    frames_per_s=round(frames / seconds, 1), fps=world.fps,
                    mean_pixel=round(float(np.mean([m for m, _ in stats])), 1))
