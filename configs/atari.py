@@ -32,7 +32,8 @@ def get_config(arg=None):
   c.train.clip_frames = 12
   c.train.steps = 300         # stage 1 in ~20 min on 2 CPU cores (~3.5 s/step)
   c.checkpoint.every_steps = 100
-  # Trained from scratch (the paper's 1e-5 fine-tunes a pretrained model):
-  # at 3e-4 the stage-1 loss falls from ~2.6 to ~1.0 in 60 steps on Pong.
-  c.diffusion.optim.learning_rate = 3e-4
+  # Trained from scratch (the paper's 1e-5 fine-tunes a pretrained model).
+  # Measured on Pong, stage-1 loss at step 60: 0.99 at lr 3e-4, 0.61 at 1e-3
+  # (no non-finite steps; gradient norms 0.1-0.3, under the clip).
+  c.diffusion.optim.learning_rate = 1e-3
   return c
