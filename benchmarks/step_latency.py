@@ -23,7 +23,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import cpu_name  # noqa: E402
+from common import config_names, device_line  # noqa: E402
 from aapt_jax import load_config  # noqa: E402
 from aapt_jax.models import Conditioning, build_generator, init_params  # noqa: E402
 
@@ -113,13 +113,8 @@ def main():
   ap.add_argument("--frames", type=int, default=1440)
   ap.add_argument("--repeats", type=int, default=20, help="steps timed at each mark")
   args = ap.parse_args()
-  names = args.configs.split(",")
-  for n in names:
-    if n not in CONFIGS:
-      sys.exit(f"unknown config {n!r}; choose from {sorted(CONFIGS)}")
-  dev = jax.devices()[0]
-  print(f"device: {dev.platform} {dev.device_kind} ({cpu_name()}, {os.cpu_count()} cores), "
-        f"jax {jax.__version__}")
+  names = config_names(args.configs, CONFIGS)
+  print(device_line())
   rows = [bench_config(n, args.frames, args.repeats) for n in names]
   head = (f"{'config':<7} {'DxL':>7} {'tok/f':>5} {'N':>3} | "
           + " ".join(f"{'f' + str(m):>8}" for m in ("1", "N", "4N", str(args.frames)))

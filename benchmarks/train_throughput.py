@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import cpu_name  # noqa: E402
+from common import config_names, device_line  # noqa: E402
 from aapt_jax import load_config, parallel  # noqa: E402
 from aapt_jax.models import build_generator  # noqa: E402
 from aapt_jax.training.optimizers import make_optimizer  # noqa: E402
@@ -155,13 +155,8 @@ def main():
   ap.add_argument("--configs", default="tiny,atari")
   ap.add_argument("--steps", type=int, default=20, help="timed steps per config")
   args = ap.parse_args()
-  names = args.configs.split(",")
-  for n in names:
-    if n not in CONFIGS:
-      sys.exit(f"unknown config {n!r}; choose from {sorted(CONFIGS)}")
-  dev = jax.devices()[0]
-  print(f"device: {dev.platform} {dev.device_kind} ({cpu_name()}, {os.cpu_count()} cores "
-        f"visible), jax {jax.__version__}, {len(jax.devices())} device")
+  names = config_names(args.configs, CONFIGS)
+  print(device_line())
   peak, n = matmul_peak()
   print(f"matmul peak (fp32, best of {n}x{n} and others, same run): {peak / 1e9:.1f} GFLOP/s")
   rows = [bench(name, args.steps) for name in names]
