@@ -98,28 +98,25 @@ def prepare_atari(out_dir: str, *, game: str, episodes: int = 8,
         bar.update(1)
         continue
       T = len(ep)
-      example = dict(base, video=ep.frames, actions=ep.actions, episode=k, start=0,
-                     seed=ep_seed)
-      try:
-        eps_w.write(example, source=f"episode {k}")
-        counts["episodes"] += 1
-        counts["episode_frames"] += T
-      except ValueError as e:
-        skipped.append(f"episode {k}: {e}")
+
+      def write(writer, kind, start, stop, label):
+        """Writes frames start..stop of the episode; counts it or records why not."""
+        example = dict(base, video=ep.frames[start:stop], actions=ep.actions[start:stop],
+                       episode=k, start=start, seed=ep_seed)
+        try:
+          writer.write(example, source=label)
+          counts[kind + "s"] += 1
+          counts[kind + "_frames"] += stop - start
+        except ValueError as e:
+          skipped.append(f"{label}: {e}")
+
+      write(eps_w, "episode", 0, T, f"episode {k}")
       starts = clip_starts(T, clip_frames, clip_stride)
       if not starts:
         skipped.append(f"episode {k}: {T} frames < clip_frames={clip_frames}, "
                        "no clips")
       for s in starts:
-        clip = dict(base, video=ep.frames[s:s + clip_frames],
-                    actions=ep.actions[s:s + clip_frames], episode=k, start=s,
-                    seed=ep_seed)
-        try:
-          clips_w.write(clip, source=f"episode {k} clip at frame {s}")
-          counts["clips"] += 1
-          counts["clip_frames"] += clip_frames
-        except ValueError as e:
-          skipped.append(f"episode {k} clip at frame {s}: {e}")
+        write(clips_w, "clip", s, s + clip_frames, f"episode {k} clip at frame {s}")
       bar.update(1)
       bar.set_postfix(frames=counts["episode_frames"], clips=counts["clips"])
   bar.close()
