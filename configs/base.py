@@ -107,6 +107,28 @@ def get_config(arg=None):
   cs.huber_c = 0.03           # pseudo-Huber constant
   cs.optim = _optim(name="adamw", learning_rate=1e-5)
 
+  # -------------------------------------------------------------------- vae
+  # The causal video VAE (models/vae.py), in Wan2.1's layout; these defaults
+  # are Wan2.1's VAE: r = 2^(True flags) = 4 frames per latent frame (after
+  # the first), s = 2^(len(dim_mult) - 1) = 8 pixels per latent pixel. A
+  # latent frame is model.latent_size x z_dim (the decode cache's shape).
+  v = c.vae = ml_collections.ConfigDict()
+  v.base_dim = 96             # channels of the first level
+  v.z_dim = 16                # latent channels C
+  v.dim_mult = (1, 2, 4, 4)   # channel multiplier per level
+  v.num_res_blocks = 2        # residual blocks per encoder level (decoder: +1)
+  v.attn_scales = ()          # must be (): Wan2.1 has attention in the mid blocks only
+  v.temperal_downsample = (False, True, True)  # temporal halving per downsample
+                              # (diffusers' spelling); the decoder mirrors it
+  v.dropout = 0.0             # must be 0.0 (as Wan)
+  v.dtype = "float32"         # compute dtype: float32 | bfloat16
+  # Per-channel statistics of the raw latents (Wan2.1's): the DiT sees
+  # (latents - mean) / std (models/vae.py normalize_latents).
+  v.latents_mean = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+  v.latents_std = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                   3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
   # ------------------------------------------------------------ distributed
   ds = c.distributed = ml_collections.ConfigDict()
   ds.initialize = False       # call jax.distributed.initialize (multi-host)

@@ -7,6 +7,8 @@ import jax
 from aapt_jax.models.generator import Conditioning, Generator, build_generator, init_params
 from aapt_jax.models.kv_cache import KVCache
 from aapt_jax.models.spec import ModelSpec
+from aapt_jax.models.vae import VAE, build_vae
+from aapt_jax.models.vae import init_params as init_vae_params
 
 _KINDS = ("generator", "discriminator", "vae")
 
@@ -16,8 +18,8 @@ def abstract_params(config, kind: str = "generator"):
   if kind not in _KINDS:
     raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
   if kind == "vae":
-    raise ValueError("abstract_params(kind='vae'): the video VAE is not part of this "
-                     "release yet; kinds available: 'generator', 'discriminator'")
+    vae = build_vae(config)
+    return jax.eval_shape(lambda: init_vae_params(vae, jax.random.key(0)))["params"]
   if kind == "discriminator":
     from aapt_jax.models.discriminator import build_discriminator, init_discriminator_params
     disc = build_discriminator(config)
@@ -28,5 +30,5 @@ def abstract_params(config, kind: str = "generator"):
   return nn.meta.unbox(boxed)["params"]
 
 
-__all__ = ["Conditioning", "Generator", "KVCache", "ModelSpec", "abstract_params",
-           "build_generator", "init_params"]
+__all__ = ["Conditioning", "Generator", "KVCache", "ModelSpec", "VAE", "abstract_params",
+           "build_generator", "build_vae", "init_params"]
