@@ -1,0 +1,31 @@
+"""The Atari world's small causal video VAE (stage "vae").
+
+64x64 RGB frames -> 16x16x8 latents: spatial factor s = 4 (three levels,
+two spatial downsamples) and temporal factor r = 2 (one temporal
+downsample), so a latent frame carries 2 video frames and an action shows
+within 2 frames (r = 1 would halve that floor at twice the DiT tokens per
+second). Wan2.1's layout at 1/6 of its width: base_dim 16, one residual
+block per level. The rest of the config is configs/atari.py with the DiT
+moved to VAE latents (model.latent_channels = vae.z_dim, no space-to-depth).
+
+  python launch/train.py --config=configs/atari_vae.py --workdir=/tmp/atari
+"""
+from configs import atari
+
+
+def get_config(arg=None):
+  c = atari.get_config(arg)
+  c.stage = "vae"
+  v = c.vae
+  v.base_dim = 16
+  v.z_dim = 8
+  v.dim_mult = (1, 2, 4)        # s = 4: 64x64 -> 16x16
+  v.num_res_blocks = 1
+  v.temperal_downsample = (False, True)  # r = 2
+  # Identity statistics until measured on the world's latents.
+  v.latents_mean = (0.0,) * 8
+  v.latents_std = (1.0,) * 8
+  c.model.latent_channels = v.z_dim
+  c.model.latent_size = (16, 16)
+  c.data.space_to_depth = 0     # latents come from the VAE
+  return c
