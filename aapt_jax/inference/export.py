@@ -1,0 +1,136 @@
+"""Inference exports: what a user deploys and what ships under `assets/`.
+
+An export directory holds::
+
+    export.json        format version, source checkpoint, stage, parameter counts
+    config.json        the full config the generator was trained with
+    generator.msgpack  the EMA generator's bare params, bfloat16 (flax msgpack)
+    vae.msgpack        the video VAE's params, bfloat16 (only for VAE-latent configs)
+    start_frame.npy    uint8 [H, W, 3]: the stream's default first frame (optional)
+
+No optimizer state, no discriminator. `read_export` checks every array against
+the tree the config builds, so a corrupt export or one whose config.json does
+not describe its params fails with the arrays that differ.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from aapt_jax.checkpointing import config_to_dict
+from aapt_jax.models import abstract_params
+
+FORMAT = "aapt_jax.export/1"
+EXPORT_FILE = "export.json"
+CONFIG_FILE = "config.json"
+GENERATOR_FILE = "generator.msgpack"
+VAE_FILE = "vae.msgpack"
+START_FRAME_FILE = "start_frame.npy"
+SHIPPED_EXPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "assets", "atari")
+
+
+def is_export(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, EXPORT_FILE))
+
+
+def _leaves(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in flat}
+
+
+def check_params(params, expected, what: str) -> None:
+  """ValueError naming the arrays of `params` that `expected` (a tree of
+  ShapeDtypeStructs) lacks, has, or shapes differently."""
+  have, want = _leaves(params), _leaves(expected)
+  problems = [f"{k}: missing" for k in want if k not in have]
+  problems += [f"{k}: not in the model" for k in have if k not in want]
+  problems += [f"{k}: {have[k]} vs model {want[k]}" for k in want
+               if k in have and have[k] != want[k]]
+  if problems:
+    more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+    raise ValueError(f"{what} does not match its config's model ({len(problems)} arrays "
+                     f"differ: {'; '.join(problems[:4])}{more}): corrupt, or written for "
+                     "another config")
+
+
+def _to_bf16(tree):
+  return jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16)), tree)
+
+
+def write_export(out: str, config, params, *, start_frame: np.ndarray | None = None,
+                 vae_params=None, source: str = "") -> dict:
+  """Writes an export of `params` (the bare generator tree) to the directory `out`.
+
+  Returns export.json's contents."""
+  check_params(params, abstract_params(config), "the generator params")
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, CONFIG_FILE), "w") as f:
+    json.dump(config_to_dict(config), f, indent=1)
+  files = {GENERATOR_FILE: params, VAE_FILE: vae_params}
+  for name, tree in files.items():
+    if tree is not None:
+      with open(os.path.join(out, name), "wb") as f:
+        f.write(flax.serialization.msgpack_serialize(_to_bf16(tree)))
+  if start_frame is not None:
+    start_frame = np.asarray(start_frame)
+    if start_frame.dtype != np.uint8 or start_frame.ndim != 3 or start_frame.shape[-1] != 3:
+      raise ValueError(f"start frame must be uint8 [H, W, 3], got {start_frame.dtype} "
+                       f"{start_frame.shape}")
+    np.save(os.path.join(out, START_FRAME_FILE), start_frame)
+  meta = dict(format=FORMAT, source=source, stage=str(config.stage), dtype="bfloat16",
+              generator_params=int(sum(np.size(x) for x in jax.tree.leaves(params))),
+              vae=vae_params is not None, start_frame=start_frame is not None)
+  with open(os.path.join(out, EXPORT_FILE), "w") as f:
+    json.dump(meta, f, indent=1)
+  meta["bytes"] = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
+  return meta
+
+
+def _read_tree(path: str, what: str):
+  try:
+    with open(path, "rb") as f:
+      return flax.serialization.msgpack_restore(f.read())
+  except (OSError, ValueError, TypeError) as e:
+    raise ValueError(f"export file {path} ({what}) is unreadable: {e}") from None
+
+
+def read_export(path: str):
+  """(config, generator params, vae params or None, start frame or None, meta)
+  of the export in `path`; params are float32 numpy trees, checked against the
+  config's model."""
+  path = os.path.abspath(path)
+  try:
+    with open(os.path.join(path, EXPORT_FILE)) as f:
+      meta = json.load(f)
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"export {path} is unreadable: {e}") from None
+  if meta.get("format") != FORMAT:
+    raise ValueError(f"export {path} has format {meta.get('format')!r}; this version "
+                     f"reads {FORMAT!r}")
+  to32 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+  params = to32(_read_tree(os.path.join(path, GENERATOR_FILE), "generator"))
+  try:
+    expected = abstract_params(config)
+  except ValueError as e:
+    raise ValueError(f"export {path}: its config.json is invalid: {e}") from None
+  check_params(params, expected, f"export {path}")
+  vae_params = None
+  if meta.get("vae"):
+    vae_params = to32(_read_tree(os.path.join(path, VAE_FILE), "vae"))
+    check_params(vae_params, abstract_params(config, "vae"), f"export {path} (VAE)")
+  start_frame = None
+  if meta.get("start_frame"):
+    try:
+      start_frame = np.load(os.path.join(path, START_FRAME_FILE))
+    except (OSError, ValueError) as e:
+      raise ValueError(f"export {path}: start frame unreadable: {e}") from None
+  return config, params, vae_params, start_frame, meta

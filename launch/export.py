@@ -1,0 +1,52 @@
+"""Writes an inference export: the EMA generator (+ the VAE) in bf16, its
+config and a start frame; no optimizer state, no discriminator.
+
+  python launch/export.py --checkpoint=runs/atari --out=assets/atari
+
+--checkpoint: a run directory (its last stage's latest step), a stage or step
+directory, or another export. The export loads with
+`StreamingSession.load(DIR)`, `launch/generate.py --checkpoint=DIR` and
+`launch/play.py --checkpoint=DIR`.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+config_flags.DEFINE_config_file("config", None, "Optional: checked against the checkpoint's "
+                                "own config (an error if the model differs).", lock_config=False)
+flags.DEFINE_string("checkpoint", "", "Run, stage, step or export directory.")
+flags.DEFINE_string("workdir", "", "Run directory (used when --checkpoint is empty).")
+flags.DEFINE_string("out", "", "Export directory to write.")
+flags.DEFINE_integer("seed", 0, "Emulator seed of the stored start frame.")
+FLAGS = flags.FLAGS
+
+
+def main(_):
+  logging.set_verbosity(logging.WARNING)
+  from aapt_jax.cli import fail
+  from aapt_jax.inference.export import write_export
+  from aapt_jax.inference.session import StreamingModel
+  checkpoint = FLAGS.checkpoint or FLAGS.workdir
+  if not checkpoint or not FLAGS.out:
+    fail("export", ValueError("give --checkpoint=DIR (or --workdir=RUN) and --out=DIR"))
+  try:
+    model = StreamingModel.load(checkpoint)
+    if FLAGS.config is not None:
+      model.check_config(FLAGS.config)
+    start = model.start_frame if model.world is None else model.default_start_frame(FLAGS.seed)
+    meta = write_export(FLAGS.out, model.config, model.params, start_frame=start,
+                        vae_params=model.decoder_params, source=model.source)
+  except (ValueError, FileNotFoundError, OSError) as e:
+    fail("export", e)
+  print(f"export: {model.source} -> {os.path.abspath(FLAGS.out)} "
+        f"({meta['generator_params']:,} generator params, {meta['bytes'] / 2**20:.1f} MiB, "
+        f"stage {meta['stage']})")
+  print(f"play it: python launch/play.py --checkpoint={FLAGS.out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,39 @@
+"""Shared by the session, server and browser tests: tiny pixel-space worlds
+(random weights) as StreamingModels and as inference exports."""
+import functools
+
+import flax.linen as nn
+import jax
+
+from aapt_jax import load_config
+from aapt_jax.inference.export import write_export
+from aapt_jax.inference.session import StreamingModel
+from aapt_jax.models import build_generator, init_params
+from helpers import config_path
+
+# A tiny Atari (Pong) world: 16x16 frames -> 4x4x48 latents, a one-step model.
+TINY_ATARI = (("stage", "consistency"), ("model.latent_channels", 48), ("model.text_dim", 0),
+              ("model.control_dim", 0), ("model.num_actions", 18), ("data.world", "atari"),
+              ("data.game", "Pong"), ("data.frame_size", 16), ("data.space_to_depth", 4))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_world(overrides=TINY_ATARI, seed=0):
+  """(config, bare params) of a randomly initialised tiny model."""
+  config = load_config(config_path("tiny.py"), dict(overrides))
+  params = nn.meta.unbox(init_params(build_generator(config), jax.random.key(seed)))["params"]
+  return config, params
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_streaming_model(overrides=TINY_ATARI, sampler_steps=0):
+  config, params = tiny_world(overrides)
+  return StreamingModel(config, params, sampler_steps=sampler_steps)
+
+
+def write_tiny_export(out_dir, overrides=TINY_ATARI):
+  """Writes the tiny world as an export (with the emulator's first frame); returns its path."""
+  config, params = tiny_world(overrides)
+  start = tiny_streaming_model(overrides).default_start_frame(0)
+  write_export(str(out_dir), config, params, start_frame=start, source="tests")
+  return str(out_dir)
