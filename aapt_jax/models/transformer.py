@@ -119,7 +119,9 @@ class Block(nn.Module):
     x = (x.astype(f32) + a.astype(f32) * gate).astype(s.compute_dtype)
 
     if s.text_dim:
-      norm2 = LayerNorm32(eps=s.eps, affine=s.cross_attn_norm, name="norm2")
+      # Wan: an affine LayerNorm before cross-attention, or none at all
+      norm2 = LayerNorm32(eps=s.eps, affine=True, name="norm2") if s.cross_attn_norm else \
+          (lambda a: a)
       cross = CrossAttention(s, name="attn2")
       if text is not None:
         x = x + cross(norm2(x).astype(s.compute_dtype), text, text_mask)
