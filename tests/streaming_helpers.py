@@ -8,7 +8,7 @@ import jax
 from aapt_jax import load_config
 from aapt_jax.inference.export import write_export
 from aapt_jax.inference.session import StreamingModel
-from aapt_jax.models import build_generator, init_params
+from aapt_jax.models import build_generator, build_vae, init_params, init_vae_params
 from helpers import config_path
 
 # A tiny Atari (Pong) world: 16x16 frames -> 4x4x48 latents, a one-step model.
@@ -26,9 +26,17 @@ def tiny_world(overrides=TINY_ATARI, seed=0):
 
 
 @functools.lru_cache(maxsize=None)
+def tiny_vae_params(overrides, seed=1):
+  """The bare params of a randomly initialised VAE of the config (a VAE-latent world)."""
+  config, _ = tiny_world(overrides)
+  return init_vae_params(build_vae(config), jax.random.key(seed))["params"]
+
+
+@functools.lru_cache(maxsize=None)
 def tiny_streaming_model(overrides=TINY_ATARI, sampler_steps=0):
   config, params = tiny_world(overrides)
-  return StreamingModel(config, params, sampler_steps=sampler_steps)
+  vae_params = tiny_vae_params(overrides) if not config.data.space_to_depth else None
+  return StreamingModel(config, params, vae_params, sampler_steps=sampler_steps)
 
 
 def write_tiny_export(out_dir, overrides=TINY_ATARI):

@@ -15,22 +15,27 @@ from aapt_jax.data import pipeline
 from aapt_jax.inference import export as export_lib
 from aapt_jax.inference.session import StreamingModel, StreamingSession, sampler_grid
 from aapt_jax.models import Conditioning
+from aapt_jax.models.vae import denormalize_latents, normalize_latents
 from helpers import ROOT, compiled
 from streaming_helpers import TINY_ATARI, tiny_streaming_model, tiny_world, write_tiny_export
 
 # Everything in play: text, actions AND control vectors; 8x8 frames -> 4x4x12 latents.
 TINY_FULL = (("stage", "consistency"), ("model.latent_channels", 12), ("data.world", ""),
              ("data.frame_size", 8), ("data.space_to_depth", 2))
+# The same in VAE latents: r = 2 video frames per latent frame, s = 2, z = 4,
+# with latent statistics that are not the identity.
+TINY_VAE = (("stage", "consistency"), ("data.world", ""), ("data.space_to_depth", 0),
+            ("vae.base_dim", 8), ("vae.z_dim", 4), ("vae.dim_mult", (1, 2)),
+            ("vae.num_res_blocks", 1), ("vae.temperal_downsample", (True,)),
+            ("vae.latents_mean", (0.1, -0.2, 0.3, 0.0)), ("vae.latents_std", (1.5, 0.5, 2.0, 1.0)))
 
 
-def _hand_stream(model, params, first_frame, text, inputs, seed, steps, shift):
-  """The stream computed by hand: the prefill step, then per frame noise ->
-  (Euler peek steps) -> the committing Generator.step; decoded by pipeline's
-  depth-to-space. inputs: (action or -1, control vector) per frame."""
+def _hand_latents(model, params, x, text, inputs, seed, steps, shift):
+  """The stream's latents [1, T, h, w, C] by hand from latent 0 `x` [1, 1, h, w, C]:
+  the prefill step, then per frame noise -> (Euler peek steps) -> the
+  committing Generator.step. inputs: (action or -1, control vector) per frame."""
   _, step = compiled(model)
-  s = model.spec
   p = {"params": params}
-  x = jnp.asarray(pipeline.pixels_to_latents(first_frame, 2))[None, None]
   text_mask = jnp.ones(text.shape[:2], bool)
   cond = lambda prev, a, c: Conditioning(previous=prev, text=text, text_mask=text_mask,
                                          actions=jnp.full((1, 1), a, jnp.int32),
@@ -39,7 +44,7 @@ def _hand_stream(model, params, first_frame, text, inputs, seed, steps, shift):
   _, cache = step(p, x, jnp.zeros((1, 1)), cond(jnp.zeros_like(x), 0, np.zeros(3)), cache)
   grid = sampler_grid(steps, shift)
   key = jax.random.key(seed)
-  frames = [pipeline.latents_to_pixels(np.asarray(x[0, 0]), 2)]
+  latents = [x]
   for i, (a, c) in enumerate(inputs, start=1):
     eps = jax.random.normal(jax.random.fold_in(key, i), x.shape)
     y = eps
@@ -48,32 +53,63 @@ def _hand_stream(model, params, first_frame, text, inputs, seed, steps, shift):
       y = y + (grid[k - 1] - grid[k]) * v
     v, cache = step(p, y, jnp.full((1, 1), grid[1]), cond(x, a, c), cache)
     x = y - grid[1] * v
-    frames.append(pipeline.latents_to_pixels(np.asarray(x[0, 0]), 2))
-  assert s.window_frames < len(inputs)  # the ring wrapped around
-  return np.stack(frames)
+    latents.append(x)
+  assert model.spec.window_frames < len(inputs)  # the ring wrapped around
+  return jnp.concatenate(latents, axis=1)
 
 
-@pytest.mark.parametrize("steps", [1, 2])
-def test_session_equals_generator_step_and_decode_by_hand(steps):
-  model = tiny_streaming_model(TINY_FULL, sampler_steps=steps)
-  assert (model.num_actions, model.control_dim, model.frame_size) == (5, 3, (8, 8))
+def _to_uint8(video):
+  return np.asarray(jnp.clip(jnp.round((video + 1.0) * 127.5), 0, 255)).astype(np.uint8)
+
+
+def _hand_video(streaming, first, text, inputs, seed):
+  """The video by hand: latent 0 encoded (depth-to-space's inverse, or the
+  VAE's mean, normalised), the latents by hand, decoded as ONE clip
+  (pipeline.latents_to_pixels, or VAE.decode over all latents at once)."""
+  config, decoder = streaming.config, streaming.decoder
+  if config.data.space_to_depth:
+    x = jnp.asarray(pipeline.pixels_to_latents(first, 2))[None, None]
+  else:
+    video = jnp.asarray(first, jnp.float32)[None, None] / 127.5 - 1.0
+    mean, _ = decoder.vae.apply({"params": streaming.decoder_params}, video, method="encode")
+    x = normalize_latents(mean, config.vae)
+  latents = _hand_latents(streaming.model, streaming.params, x, jnp.asarray(text)[None], inputs,
+                          seed, streaming.sampler_steps, float(config.diffusion.timestep_shift))
+  if config.data.space_to_depth:
+    return pipeline.latents_to_pixels(np.asarray(latents[0]), 2)
+  raw = denormalize_latents(latents, config.vae)
+  return _to_uint8(decoder.vae.apply({"params": streaming.decoder_params}, raw,
+                                     method="decode")[0])
+
+
+@pytest.mark.parametrize("overrides,steps", [(TINY_FULL, 1), (TINY_FULL, 2), (TINY_VAE, 1)],
+                         ids=["pixels-1step", "pixels-2steps", "vae-1step"])
+def test_session_equals_generator_step_and_decode_by_hand(overrides, steps):
+  streaming = tiny_streaming_model(overrides, sampler_steps=steps)
+  k = streaming.frames_per_latent
+  assert (streaming.num_actions, streaming.control_dim, streaming.frame_size, k) == (
+      5, 3, (8, 8), 1 if overrides is TINY_FULL else 2)
   first = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
   text = np.asarray(jax.random.normal(jax.random.key(3), (4, 12)))
   zeros, vec = np.zeros(3, np.float32), np.array([0.5, -1.0, 2.0], np.float32)
   inputs = [(1, zeros), (4, zeros), (-1, vec), (0, zeros), (2, zeros), (-1, -vec), (3, zeros)]
-  session = StreamingSession(model, seed=5)
-  out = [session.start(first, text=text)[0]]
-  for a, c in inputs:
-    out.append(session.step(a if a >= 0 else c)[0])
-  out = np.stack(out)
-  np.testing.assert_array_equal(out[0], first)  # the first frame is the real one, exactly
-  ref = _hand_stream(model.model, model.params, first, jnp.asarray(text)[None], inputs, 5,
-                     steps, float(model.config.diffusion.timestep_shift))
+  session = StreamingSession(streaming, seed=5)
+  start = session.start(first, text=text)
+  assert start.shape == (k, 8, 8, 3)
+  steps_out = [session.step(a if a >= 0 else c) for a, c in inputs]
+  assert all(f.shape == (k, 8, 8, 3) and f.dtype == np.uint8 for f in steps_out)
+  # latent 0 decodes to one frame (shown k times); each later latent to k frames
+  np.testing.assert_array_equal(start, np.broadcast_to(start[-1:], start.shape))
+  out = np.concatenate([start[-1:]] + steps_out)
+  if k == 1:
+    np.testing.assert_array_equal(out[0], first)  # pixel space: the real first frame, exactly
+  ref = _hand_video(streaming, first, text, inputs, 5)
+  assert ref.shape == out.shape
   diff = np.abs(out.astype(int) - ref.astype(int))
   assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
   # the actions matter: another action at frame 1 gives another frame
   session.reset()
-  assert np.abs(session.step(2)[0].astype(int) - out[1].astype(int)).max() > 0
+  assert np.abs(session.step(2).astype(int) - steps_out[0].astype(int)).max() > 0
 
 
 def test_reset_replays_and_bad_input_is_a_clear_error():

@@ -16,10 +16,12 @@ with the parameters passed explicitly so one jitted step takes them as inputs:
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from aapt_jax.data import pipeline
+from aapt_jax.models.vae import build_vae, denormalize_latents, normalize_latents
 
 
 def depth_to_space(latents, s: int):
@@ -60,24 +62,34 @@ class PixelDecoder:
 
 class VAEDecoder:
   """The causal video VAE's streaming decode behind the same interface: a thin
-  adapter over `encode`, `decode_step` and `init_decode_cache` of the module
-  `aapt_jax.models.build_vae(config)` (DESIGN section 5)."""
+  adapter over `encode`, `decode_step` and `init_decode_cache` of
+  `aapt_jax.models.build_vae(config)`, with the per-channel latent
+  normalisation the DiT was trained on (vae.latents_mean / latents_std)."""
 
-  def __init__(self, vae, frames_per_latent: int, frame_size):
-    self.vae = vae
-    self.frames_per_latent = int(frames_per_latent)
-    self.frame_size = tuple(frame_size)
+  def __init__(self, config):
+    self.vae = build_vae(config)
+    self.vae_config = config.vae
+    if config.model.latent_channels != self.vae.spec.z_dim:
+      raise ValueError(f"model.latent_channels={config.model.latent_channels} must equal the "
+                       f"VAE's vae.z_dim={self.vae.spec.z_dim}")
+    self.frames_per_latent = self.vae.spec.temporal_factor
+    self.frame_size = self.vae.spec.frame_size
+    self._encode = jax.jit(self._encode_mean)
+
+  def _encode_mean(self, params, frame):
+    video = frame.astype(jnp.float32)[None, None] / 127.5 - 1.0         # [1, 1, H, W, 3]
+    mean, _ = self.vae.apply({"params": params}, video, method="encode")
+    return normalize_latents(mean, self.vae_config)                      # [1, 1, h, w, z]
 
   def encode_first(self, params, frame: np.ndarray) -> np.ndarray:
-    video = jnp.asarray(frame, jnp.float32)[None, None] / 127.5 - 1.0  # [1, 1, H, W, 3]
-    mean, _ = self.vae.apply({"params": params}, video, method="encode")
-    return np.asarray(mean[:, :1])
+    return np.asarray(self._encode(params, jnp.asarray(frame)))
 
   def init_decode_cache(self, batch_size: int):
     return self.vae.init_decode_cache(batch_size)
 
   def decode_step(self, params, latent, cache):
-    return self.vae.apply({"params": params}, latent, cache, method="decode_step")
+    raw = denormalize_latents(latent, self.vae_config)
+    return self.vae.apply({"params": params}, raw, cache, method="decode_step")
 
 
 def uses_vae(config) -> bool:
@@ -88,15 +100,6 @@ def uses_vae(config) -> bool:
 def build_decoder(config):
   """The decoder of the config's latent space (pixels or the video VAE)."""
   m = config.model
-  if not uses_vae(config):
-    return PixelDecoder(config.data.space_to_depth, m.latent_size, m.latent_channels)
-  try:
-    from aapt_jax.models import build_vae
-  except ImportError:
-    raise ValueError("this config works in VAE latents (data.space_to_depth=0) but the "
-                     "video VAE (aapt_jax.models.build_vae) is not in this release yet; "
-                     "use a pixel-space config (data.space_to_depth > 0)") from None
-  vae = build_vae(config)
-  r = int(config.vae.temporal_factor)
-  s = int(config.vae.spatial_factor)
-  return VAEDecoder(vae, r, (m.latent_size[0] * s, m.latent_size[1] * s))
+  if uses_vae(config):
+    return VAEDecoder(config)
+  return PixelDecoder(config.data.space_to_depth, m.latent_size, m.latent_channels)

@@ -148,7 +148,12 @@ class StreamingModel:
     self.decoder = build_decoder(c)
     export_lib.check_params(self.params, abstract_params(c), f"the params of {self.source}")
     self.params = _cast(self.params, self.model.spec.params_dtype)
-    if self.decoder_params is not None:
+    if uses_vae(c):
+      if self.decoder_params is None:
+        raise ValueError(f"{self.source}: this config decodes with the video VAE "
+                         "(data.space_to_depth=0) but no VAE params were given")
+      export_lib.check_params(self.decoder_params, abstract_params(c, "vae"),
+                              f"the VAE params of {self.source}")
       self.decoder_params = _cast(self.decoder_params, jnp.float32)
     if self.sampler_steps == 0:  # auto: a stage-1 model is a diffusion model
       self.sampler_steps = DIFFUSION_SAMPLER_STEPS if c.stage == "diffusion" else 1
