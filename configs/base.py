@@ -128,6 +128,14 @@ def get_config(arg=None):
                     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
   v.latents_std = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+  # Stage "vae" (training/vae_stage.py): loss = sum of weight x term, each
+  # term a mean over its elements (objectives/vae.py): |x - x'|, (x - x')^2,
+  # |grad x - grad x'| of neighbouring pixels, KL to N(0, I) per latent element.
+  v.l1_weight = 1.0
+  v.l2_weight = 0.0
+  v.grad_weight = 0.0
+  v.kl_weight = 1e-6
+  v.optim = _optim(name="adamw", learning_rate=1e-4)
 
   # ------------------------------------------------------------ distributed
   ds = c.distributed = ml_collections.ConfigDict()

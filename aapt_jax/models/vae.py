@@ -258,15 +258,17 @@ class VAE(nn.Module):
     return mean, jnp.clip(logvar, *LOGVAR_RANGE)
 
   def _decode(self, latents, cache, first):
+    """-> (unclipped float32 video, new cache)."""
     x, _ = self.post_quant_conv(latents.astype(self.spec.compute_dtype))
     video, new_cache = self.decoder(x, cache, first)
-    return jnp.clip(video.astype(jnp.float32), -1.0, 1.0), new_cache
+    return video.astype(jnp.float32), new_cache
 
-  def decode(self, latents):
-    """latents [B, T', h, w, z] -> video [B, 1 + (T'-1)·r, H, W, 3] in [-1, 1]."""
+  def decode(self, latents, clip: bool = True):
+    """latents [B, T', h, w, z] -> video [B, 1 + (T'-1)·r, H, W, 3] in [-1, 1]
+    (`clip=False`: unclipped, for training, where a clip would stop gradients)."""
     self._check_latents(latents)
     video, _ = self._decode(latents, None, None)
-    return video
+    return jnp.clip(video, -1.0, 1.0) if clip else video
 
   def decode_step(self, latent, cache: DecodeCache):
     """One latent frame [B, 1, h, w, z] -> (frames [B, r, H, W, 3] in [-1, 1], cache).
@@ -286,7 +288,7 @@ class VAE(nn.Module):
     first = cache.index == 0
     frames, convs = self._decode(latent, cache.convs, first)
     frames = jnp.where(first, jnp.broadcast_to(frames[:, -1:], frames.shape), frames)
-    return frames, DecodeCache(convs=convs, index=cache.index + 1)
+    return jnp.clip(frames, -1.0, 1.0), DecodeCache(convs=convs, index=cache.index + 1)
 
   def init_decode_cache(self, batch_size: int) -> DecodeCache:
     """An empty decode cache of fixed shapes for latent frames of model.latent_size."""
