@@ -238,7 +238,7 @@ class VAE(nn.Module):
     r, f = s.temporal_factor, s.spatial_factor
     if (t - 1) % r:
       raise ValueError(f"video has T={t} frames but the VAE needs T = 1 + k·r with r={r} "
-                       f"(e.g. {1 + (t - 1) // r * r} or {1 + ((t - 1) // r + 1) * r}); "
+                       f"(e.g. {1 + max(t - 1, 0) // r * r} or {1 + (max(t - 1, 0) // r + 1) * r}); "
                        f"frames are never dropped silently")
     if h % f or w % f:
       raise ValueError(f"video (H, W)=({h}, {w}) must be divisible by the spatial factor s={f}")
