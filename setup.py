@@ -9,6 +9,7 @@ setup(
         "one-step autoregressive video generation in JAX/Flax."
     ),
     packages=find_packages(include=["aapt_jax", "aapt_jax.*"]),
+    package_data={"aapt_jax.inference": ["static/*.html"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.7.1",
@@ -26,10 +27,12 @@ setup(
         "array-record>=0.5",
         "msgpack>=1.0",
         "tensorboardX>=2.6",
+        "aiohttp>=3.9",       # launch/play.py: the playable page (HTTP + WebSocket)
+        "simplejpeg>=1.7",    # its JPEG frames
         # TFDS builders over our records (imported lazily; never TensorFlow).
         "tensorflow-datasets>=4.9.6",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "portpicker>=1.6"],
+        "test": ["pytest>=8.0", "portpicker>=1.6", "selenium>=4.20"],
     },
 )

@@ -227,6 +227,10 @@ class StreamingSession:
   fps = property(lambda self: self.model.fps)
 
   @property
+  def started(self) -> bool:
+    return self._state is not None
+
+  @property
   def frame_index(self) -> int:
     """Latent frames made so far (1 right after start)."""
     return 0 if self._state is None else int(self._state.index)

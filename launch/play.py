@@ -1,0 +1,66 @@
+"""Serves the playable page: a generated world you steer with the keyboard.
+
+  python launch/play.py --checkpoint=runs/atari --port=8000   # then open http://localhost:8000
+
+--checkpoint: a run directory (its last stage's latest step), a stage or step
+directory, or an inference export (launch/export.py); empty = the shipped
+export under assets/. Each browser tab gets its own stream, up to
+--max_sessions at once.
+"""
+import os
+import socket
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+config_flags.DEFINE_config_file("config", None, "Optional: checked against the checkpoint's "
+                                "own config (an error if the model differs).", lock_config=False)
+flags.DEFINE_string("checkpoint", "", "Run, stage, step or export directory; empty = assets/.")
+flags.DEFINE_string("workdir", "", "Run directory (used when --checkpoint is empty).")
+flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on (0.0.0.0 = all).")
+flags.DEFINE_integer("port", 8000, "Port to listen on.")
+flags.DEFINE_integer("max_sessions", 4, "Streams (browser tabs) served at once.")
+flags.DEFINE_float("fps", 0, "Video frames/s streamed; 0 = the world's frame rate.")
+flags.DEFINE_integer("steps", 0, "Forwards per latent frame: 1 = 1NFE; 0 = auto (16 Euler "
+                     "steps for a stage-1 diffusion checkpoint, else 1).")
+FLAGS = flags.FLAGS
+
+
+def _check_port(host: str, port: int) -> None:
+  """OSError with a one-line reason when host:port cannot be listened on."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    try:
+      s.bind((host, port))
+    except OSError as e:
+      raise OSError(f"cannot listen on {host}:{port} ({e.strerror}): is another server "
+                    "running there? pick another --port") from None
+
+
+def main(_):
+  logging.set_verbosity(logging.WARNING)
+  from aapt_jax.cli import fail
+  try:
+    _check_port(FLAGS.host, FLAGS.port)  # before the model loads and compiles
+    from aiohttp import web
+    from aapt_jax.inference.server import PlayServer
+    from aapt_jax.inference.session import StreamingModel
+    model = StreamingModel.load(FLAGS.checkpoint or FLAGS.workdir or None,
+                                sampler_steps=FLAGS.steps)
+    if FLAGS.config is not None:
+      model.check_config(FLAGS.config)
+    server = PlayServer(model, max_sessions=FLAGS.max_sessions, fps=FLAGS.fps or None)
+    print(f"play: {model.source} ({model.sampler_steps} forward(s) per latent frame); "
+          "compiling ...", flush=True)
+    server.warm_up()
+    print(f"play: open http://{'localhost' if FLAGS.host in ('127.0.0.1', '0.0.0.0') else FLAGS.host}"
+          f":{FLAGS.port} (Ctrl-C stops)", flush=True)
+    web.run_app(server.app(), host=FLAGS.host, port=FLAGS.port, print=None)
+  except (ValueError, FileNotFoundError, OSError) as e:
+    fail("play", e)
+
+
+if __name__ == "__main__":
+  app.run(main)

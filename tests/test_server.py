@@ -1,0 +1,209 @@
+"""The play server over aiohttp's test client: the frames it streams are the
+session's frames for the actions it reports; bad messages, clients that
+vanish mid-stream and too many sessions leave it serving."""
+import asyncio
+import base64
+import json
+
+import numpy as np
+import pytest
+import simplejpeg
+from aiohttp import WSMsgType
+from aiohttp.test_utils import TestClient, TestServer
+
+from aapt_jax.inference.server import PlayServer, decode_frame_message, encode_frame
+from aapt_jax.inference.session import StreamingSession
+from streaming_helpers import tiny_streaming_model
+
+TIMEOUT = 60.0  # seconds; generous for a loaded 2-core CPU
+
+
+def _serve(test, **options):
+  """Runs `await test(client, server)` against a fresh PlayServer on the tiny world."""
+  server = PlayServer(tiny_streaming_model(), fps=options.pop("fps", 240.0), **options)
+
+  async def main():
+    async with TestClient(TestServer(server.app())) as client:
+      return await asyncio.wait_for(test(client, server), TIMEOUT)
+
+  return asyncio.run(main())
+
+
+async def _receive(ws, frames=0, texts=0):
+  """Reads until `frames` binary and `texts` JSON messages arrived; returns both lists."""
+  got_frames, got_texts = [], []
+  while len(got_frames) < frames or len(got_texts) < texts:
+    msg = await ws.receive()
+    if msg.type == WSMsgType.BINARY:
+      got_frames.append(msg.data)
+    elif msg.type == WSMsgType.TEXT:
+      got_texts.append(json.loads(msg.data))
+    else:
+      raise AssertionError(f"socket closed early: {msg.type} {msg.data} {msg.extra}")
+  return got_frames, got_texts
+
+
+async def _until(predicate, seconds=TIMEOUT):
+  for _ in range(int(seconds / 0.02)):
+    if predicate():
+      return
+    await asyncio.sleep(0.02)
+  raise AssertionError("condition not reached")
+
+
+def test_streamed_frames_are_the_sessions_frames_for_the_reported_actions():
+  async def test(client, server):
+    ws = await client.ws_connect("/ws")
+    _, (hello,) = await _receive(ws, texts=1)
+    assert hello["type"] == "hello" and hello["actions"][3] == "LEFT"
+    assert hello["frame_size"] == [16, 16] and hello["stored_start_frame"] is False
+    frames, _ = await _receive(ws, frames=3)
+    await ws.send_json({"type": "action", "action": "left", "seq": 1})
+    while True:
+      more, _ = await _receive(ws, frames=1)
+      frames += more
+      if decode_frame_message(more[0])[1] == 1 and len(frames) >= 8:
+        break
+    await ws.send_json({"type": "action", "action": 2, "seq": 2})
+    while decode_frame_message(frames[-1])[1] != 2:
+      frames += (await _receive(ws, frames=1))[0]
+    frames += (await _receive(ws, frames=2))[0]
+    await ws.close()
+    await _until(lambda: not server.sessions)
+    return hello["session"], frames
+
+  session_id, frames = _serve(test)
+  headers = [decode_frame_message(f)[:3] for f in frames]
+  assert [n for n, _, _ in headers] == list(range(len(frames)))  # no frame lost or reordered
+  assert headers[0][2] == -1  # the start frame
+  acks = [a for _, a, _ in headers]
+  assert acks == sorted(acks) and {1, 2} <= set(acks)
+  assert {act for _, a, act in headers[1:] if a == 1} == {3}  # "left" -> LEFT (id 3)
+  assert {act for _, a, act in headers[1:] if a == 2} == {2}
+  # the same actions through a session by hand give byte-identical messages
+  by_hand = StreamingSession(tiny_streaming_model(), seed=session_id)
+  expected = [encode_frame(by_hand.start()[0], 0, 0, -1, 90)]
+  for n, ack, action in headers[1:]:
+    expected.append(encode_frame(by_hand.step(action)[0], n, ack, action, 90))
+  assert frames == expected
+
+
+def test_malformed_messages_get_an_error_and_the_stream_goes_on():
+  bad = [("not json", "not JSON"), ("[1, 2]", "JSON object"), ('{"type": 5}', "JSON object"),
+         ('{"type": "teleport"}', "unknown message type"),
+         ('{"type": "action", "action": "JUMP"}', "unknown action name"),
+         ('{"type": "action", "action": 99}', "invalid action"),
+         ('{"type": "action", "action": true}', "invalid action"),
+         ('{"type": "action", "action": 1, "seq": -4}', "'seq'"),
+         ('{"type": "start", "seed": "x"}', "'seed'"),
+         ('{"type": "start", "image": "data:image/jpeg;base64,AAAA"}', "not a readable JPEG"),
+         ('{"type": "start", "image": 7}', "data URL"),
+         (b"\x00\x01", "binary messages")]
+  image = np.zeros((32, 32, 3), np.uint8)
+  image[:, 16:] = 255  # left black, right white
+  url = "data:image/jpeg;base64," + base64.b64encode(
+      simplejpeg.encode_jpeg(image, quality=95, colorspace="RGB")).decode()
+
+  async def test(client, server):
+    ws = await client.ws_connect("/ws")
+    await _receive(ws, frames=1, texts=1)
+    for message, error in bad:
+      await (ws.send_bytes(message) if isinstance(message, bytes) else ws.send_str(message))
+      while True:
+        _, texts = await _receive(ws, texts=1)
+        if texts[0]["type"] == "error":
+          break
+      assert error in texts[0]["message"], (message, texts[0])
+    frames, _ = await _receive(ws, frames=3)  # still streaming
+    assert len(server.sessions) == 1
+    await ws.send_json({"type": "start", "image": url})  # a good image restarts the stream
+    while True:
+      frame, = (await _receive(ws, frames=1))[0]
+      if decode_frame_message(frame)[2] == -1:
+        break
+    await ws.close()
+    return decode_frame_message(frame)[3]
+
+  first = _serve(test)
+  assert first.shape == (16, 16, 3)  # resized to the model's frames
+  assert first[:, :7].max() < 40 and first[:, 9:].min() > 215
+
+
+def test_start_from_a_seed_and_reset():
+  from aapt_jax.data.worlds.atari import AtariWorld
+
+  async def test(client, server):
+    ws = await client.ws_connect("/ws")
+    await _receive(ws, frames=2, texts=1)
+    await ws.send_json({"type": "start", "seed": 3})
+    seen = []
+    for kind in ("seed", "reset"):
+      while True:  # frames until the restart shows up (action -1 after stepped ones)
+        frame, = (await _receive(ws, frames=1))[0]
+        n, _, action, pixels = decode_frame_message(frame)
+        if action == -1 and n > 1:
+          seen.append(pixels)
+          break
+      if kind == "seed":
+        await _receive(ws, frames=2)
+        await ws.send_json({"type": "reset"})
+    await ws.close()
+    return seen
+
+  seeded, reset = _serve(test)
+  real = AtariWorld("Pong", size=16).reset(3)
+  assert np.abs(seeded.astype(int) - real.astype(int)).mean() < 6  # through JPEG
+  np.testing.assert_array_equal(reset, seeded)
+
+
+def test_a_client_vanishing_mid_stream_frees_its_session():
+  async def test(client, server):
+    ws = await client.ws_connect("/ws")
+    await _receive(ws, frames=2, texts=1)
+    assert len(server.sessions) == 1
+    ws._response.connection.transport.abort()  # no close handshake: the TCP connection drops
+    await _until(lambda: not server.sessions)
+    again = await client.ws_connect("/ws")  # the server still serves
+    frames, _ = await _receive(again, frames=2, texts=1)
+    await again.close()
+    await _until(lambda: not server.sessions)
+    return frames
+
+  assert len(_serve(test)) == 2
+
+
+def test_too_many_sessions_get_a_clear_message_not_a_hang():
+  async def test(client, server):
+    first = await client.ws_connect("/ws")
+    second = await client.ws_connect("/ws")
+    for ws in (first, second):
+      await _receive(ws, frames=1, texts=1)
+    status = await (await client.get("/status")).json()
+    assert status == {"sessions": 2, "max_sessions": 2}
+    third = await client.ws_connect("/ws")
+    msg = await third.receive(timeout=10)
+    assert msg.type == WSMsgType.TEXT and json.loads(msg.data)["type"] == "full"
+    assert "2 of 2 sessions" in json.loads(msg.data)["message"]
+    closed = await third.receive(timeout=10)
+    assert closed.type == WSMsgType.CLOSE and closed.data == 1013
+    await first.close()
+    await _until(lambda: len(server.sessions) == 1)
+    fourth = await client.ws_connect("/ws")  # a freed slot is taken again
+    _, (hello,) = await _receive(fourth, frames=1, texts=1)
+    await asyncio.gather(second.close(), fourth.close())
+    return hello
+
+  assert _serve(test, max_sessions=2)["type"] == "hello"
+
+
+def test_page_and_bad_options():
+  async def test(client, server):
+    page = await client.get("/")
+    return page.status, await page.text()
+
+  status, html = _serve(test)
+  assert status == 200 and "<canvas" in html and "/ws" in html
+  with pytest.raises(ValueError, match="max_sessions"):
+    PlayServer(tiny_streaming_model(), max_sessions=0)
+  with pytest.raises(ValueError, match="fps"):
+    PlayServer(tiny_streaming_model(), fps=-1)
