@@ -42,6 +42,7 @@ def tiny_streaming_model(overrides=TINY_ATARI, sampler_steps=0):
 def write_tiny_export(out_dir, overrides=TINY_ATARI):
   """Writes the tiny world as an export (with the emulator's first frame); returns its path."""
   config, params = tiny_world(overrides)
-  start = tiny_streaming_model(overrides).default_start_frame(0)
-  write_export(str(out_dir), config, params, start_frame=start, source="tests")
+  model = tiny_streaming_model(overrides)
+  write_export(str(out_dir), config, params, start_frame=model.default_start_frame(0),
+               vae_params=model.decoder_params, source="tests")
   return str(out_dir)

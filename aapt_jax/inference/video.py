@@ -1,4 +1,7 @@
-"""Generating a video of the embedded world: start frame, actions, 1NFE stream, mp4."""
+"""Generating a video of the embedded world: start frame, actions, a
+StreamingSession one latent frame at a time, frames streamed into an mp4
+(constant memory however many frames), optionally side by side with the real
+emulator playing the same actions."""
 from __future__ import annotations
 
 import json
@@ -10,22 +13,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from aapt_jax.data import pipeline
 from aapt_jax.data.video_io import VideoWriter
-from aapt_jax.inference.generate import generate_latents, make_step_fn
-from aapt_jax.models import build_generator, init_params
-
-
-def _world(config):
-  if config.data.world != "atari":
-    raise ValueError(f"config field data.world={config.data.world!r}: video generation needs "
-                     "a world for the start frame; only 'atari' exists so far")
-  if not config.data.space_to_depth:
-    raise NotImplementedError("latent-space worlds need the video VAE (not yet available); "
-                              "use a pixel-space config (data.space_to_depth > 0)")
-  from aapt_jax.data.worlds.atari import AtariWorld
-  return AtariWorld(config.data.game, size=config.data.frame_size,
-                    frame_skip=config.data.frame_skip)
+from aapt_jax.inference import export as export_lib
+from aapt_jax.inference.decoders import uses_vae
+from aapt_jax.inference.session import StreamingModel, StreamingSession
+from aapt_jax.models import build_generator, build_vae, init_params, init_vae_params
 
 
 def load_actions(spec: str, world, num_frames: int, seed: int) -> list[int]:
@@ -53,43 +45,77 @@ def load_actions(spec: str, world, num_frames: int, seed: int) -> list[int]:
   return out
 
 
+def _random_model(config, seed: int, steps: int) -> StreamingModel:
+  print("generate: no --checkpoint and no shipped export: an UNTRAINED model (random "
+        "weights) — the video shows the pipeline running, not a learned world")
+  params = nn.meta.unbox(init_params(build_generator(config), jax.random.key(seed)))["params"]
+  vae_params = (init_vae_params(build_vae(config), jax.random.key(seed + 1))["params"]
+                if uses_vae(config) else None)
+  return StreamingModel(config, params, vae_params, sampler_steps=steps or 1)
+
+
+def load_model(config, checkpoint: str | None, seed: int = 0, steps: int = 0) -> StreamingModel:
+  """The checkpoint's model; without one the shipped export, else `config` at random init."""
+  if checkpoint or export_lib.is_export(export_lib.SHIPPED_EXPORT):
+    model = StreamingModel.load(checkpoint or None, sampler_steps=steps)
+    print(f"generate: EMA generator from {model.source}")
+    return model
+  return _random_model(config, seed, steps)
+
+
+class _FrameStats:
+  """Running mean/std of the written pixels (no frame is kept)."""
+
+  def __init__(self):
+    self.n, self.total, self.squares = 0, 0.0, 0.0
+
+  def add(self, frame: np.ndarray) -> None:
+    x = frame.astype(np.float64)
+    self.n, self.total, self.squares = self.n + x.size, self.total + x.sum(), \
+        self.squares + np.square(x).sum()
+
+  def summary(self) -> dict:
+    mean = self.total / self.n
+    return dict(mean_pixel=round(float(mean), 1),
+                std_pixel=round(float(np.sqrt(max(self.squares / self.n - mean ** 2, 0.0))), 1))
+
+
 def generate_video(config, *, checkpoint=None, frames=48, actions="random", seed=0,
-                   out="sample.mp4", steps=0):
-  """Streams `frames` latent frames into an mp4; returns (path, stats dict)."""
+                   out="sample.mp4", steps=0, side_by_side=False):
+  """Streams `frames` latent frames into an mp4; returns (path, stats dict).
+
+  With `side_by_side`, each video frame is [generated | emulator] with the
+  emulator replaying the same actions (each held for one latent frame)."""
   if frames < 1:
     raise ValueError(f"--frames must be >= 1, got {frames}")
-  if checkpoint:
-    from aapt_jax.checkpointing import load_generator_params, resolve_step_dir
-    config, params = load_generator_params(checkpoint)  # the model it was trained as
-    print(f"generate: EMA generator from {resolve_step_dir(checkpoint)}")
-    model = build_generator(config)
-  else:
-    print("generate: no --checkpoint: an UNTRAINED model (random weights) — the video "
-          "shows the pipeline running, not a learned world")
-    model = build_generator(config)
-    params = nn.meta.unbox(init_params(model, jax.random.key(seed)))["params"]
-  world = _world(config)
-  if model.spec.num_actions and world.num_actions > model.spec.num_actions:
-    raise ValueError(f"{world.game} has {world.num_actions} actions but model.num_actions="
-                     f"{model.spec.num_actions}")
+  model = load_model(config, checkpoint, seed, steps)
+  world = model.world
+  if world is None:
+    raise ValueError(f"config field data.world={model.config.data.world!r}: video generation "
+                     "needs a world for the start frame and actions; only 'atari' exists so far")
   action_ids = load_actions(actions, world, frames, seed)
-  first = pipeline.pixels_to_latents(world.reset(seed), config.data.space_to_depth)
-  s = config.data.space_to_depth
-  if steps == 0:  # auto: a stage-1 model is a diffusion model and needs several steps
-    steps = 16 if config.stage == "diffusion" and checkpoint else 1
-  print(f"generate: {steps} forward(s) per latent frame"
-        + (" (1NFE)" if steps == 1 else " (Euler sampler for a diffusion-stage model)"))
-  step = make_step_fn(model, steps, config.diffusion.timestep_shift)
+  print(f"generate: {model.sampler_steps} forward(s) per latent frame"
+        + (" (1NFE)" if model.sampler_steps == 1 else " (Euler sampler for a diffusion-stage "
+                                                       "model)"))
+  session = StreamingSession(model, seed=seed)
+  k = model.frames_per_latent
+  h, w = model.frame_size
+  stats = _FrameStats()
+  first = real = world.reset(seed)  # the emulator's first frame starts both sides
   t0 = time.perf_counter()
-  stats = []
-  with VideoWriter(out, world.fps, (config.data.frame_size,) * 2) as writer:
-    bar = tqdm(generate_latents(model, params, first, action_ids, frames, seed, step),
-               total=frames, unit="frame", desc="generate")
-    for latent in bar:
-      frame = pipeline.latents_to_pixels(latent, s)
-      writer.write(frame)
-      stats.append((frame.mean(), frame.std()))
+  with VideoWriter(out, world.fps, (h, 2 * w if side_by_side else w)) as writer, \
+      tqdm(total=frames * k, unit="frame", desc="generate") as bar:
+    for i in range(frames):
+      video = session.start(first) if i == 0 else session.step(action_ids[i])
+      for frame in video:  # [H, W, 3]
+        stats.add(frame)
+        if side_by_side:
+          if i and not world.game_over():
+            real = world.step(action_ids[i])[0]
+          frame = np.concatenate([frame, real], axis=1)
+        writer.write(frame)
+        bar.update(1)
   seconds = time.perf_counter() - t0
-  return out, dict(frames=frames, steps_per_frame=steps, seconds=round(seconds, 2),
-                   frames_per_s=round(frames / seconds, 1), fps=world.fps,
-                   mean_pixel=round(float(np.mean([m for m, _ in stats])), 1))
+  return out, dict(frames=frames, video_frames=frames * k, steps_per_frame=model.sampler_steps,
+                   seconds=round(seconds, 2), frames_per_s=round(frames * k / seconds, 1),
+                   fps=world.fps, **stats.summary())
