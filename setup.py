@@ -21,7 +21,7 @@ setup(
         "ml-collections>=1.0.0",
         "numpy>=1.26",
         "tqdm>=4.66",
-        "safetensors>=0.4.3",
+        "safetensors>=0.8.0",
         "av>=12.0",
         "ale-py>=0.12",
         "array-record>=0.5",

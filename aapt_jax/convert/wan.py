@@ -1,6 +1,7 @@
 """Public Wan2.1 transformer weights -> aapt_jax params.
 
     config, params = load_transformer("Wan2.1-T2V-1.3B-Diffusers/transformer")
+    config, params = load_vae("Wan2.1-T2V-1.3B-Diffusers/vae")   # convert/wan_vae.py
 
 `path` is the folder holding `config.json` and the safetensors (one
 `diffusion_pytorch_model.safetensors` or shards with a
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from aapt_jax.config import load_config
 from aapt_jax.convert.safetensors_folder import SafetensorsFolder
+from aapt_jax.convert.wan_vae import load_vae  # noqa: F401  (DESIGN: convert.wan.load_vae)
 from aapt_jax.models import abstract_params
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
