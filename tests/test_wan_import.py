@@ -14,10 +14,11 @@ from safetensors.numpy import load_file, save_file
 
 from aapt_jax import checkpointing, load_config
 from aapt_jax.convert.adapt import adapt_to
-from aapt_jax.convert.wan import BASE_CONFIG, load_transformer
+from aapt_jax.convert.wan import BASE_CONFIG, expected_tensors, load_transformer, \
+    transformer_config
 from aapt_jax.convert.write import write_generator_checkpoint
 from aapt_jax.models import Conditioning, abstract_params, build_generator
-from helpers import ROOT
+from helpers import ROOT, config_path
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 DIFFUSERS_DIR = os.path.join(FIXTURES, "wan_transformer")
@@ -123,6 +124,23 @@ def test_sharded_and_bfloat16_checkpoints(tmp_path, imported):
     assert ours[k].dtype == np.float32
     rounded = ref[k].astype(ml_dtypes.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(ours[k], rounded, err_msg=k)
+
+
+def test_public_1_3b_layout_maps_tensor_for_tensor():
+  """Every tensor of diffusers' T2V-1.3B (names and shapes, made on the meta
+  device) is exactly what the loader expects from its config.json."""
+  with open(os.path.join(FIXTURES, "wan2_1_t2v_1_3b_tensors.json")) as f:
+    manifest = json.load(f)
+  shapes = {k: tuple(v) for k, v in manifest["tensors"].items()}
+  config, layout = transformer_config(manifest["config"], shapes)
+  assert layout == "WanTransformer3DModel"
+  assert expected_tensors(config) == shapes
+  assert sum(int(np.prod(s)) for s in shapes.values()) == 1_418_996_800
+  ours = load_config(config_path("wan2_1_1_3b.py:plain")).model
+  for field in ("dim", "num_heads", "num_layers", "ffn_dim", "freq_dim", "text_dim",
+                "latent_channels", "patch_size", "latent_size", "block_causal",
+                "frame_recycling", "cross_attn_norm", "qk_norm", "eps"):
+    assert config.model[field] == ours[field], field
 
 
 # ------------------------------------------------------- AAPT on Wan weights

@@ -154,8 +154,9 @@ def _need(cfg: dict, key: str, where: str):
   return cfg[key]
 
 
-def _model_fields(layout: str, cfg: dict, folder: SafetensorsFolder, where: str) -> dict:
-  """config.model fields of the checkpoint (plain-Wan mode)."""
+def _model_fields(layout: str, cfg: dict, shapes: dict, where: str) -> dict:
+  """config.model fields of the checkpoint (plain-Wan mode); `shapes` {name: shape}
+  of its tensors (as named in the file)."""
   if layout == DIFFUSERS:
     for field in ("image_dim", "added_kv_proj_dim"):
       if cfg.get(field) is not None:
@@ -177,10 +178,8 @@ def _model_fields(layout: str, cfg: dict, folder: SafetensorsFolder, where: str)
       raise ValueError(f"{where}: model_type={model_type!r}; only text-to-video ('t2v') Wan2.1 "
                        "checkpoints are supported")
     # Fields the public config.json leaves to WanModel's defaults are read off the tensors.
-    patch = folder.shape("patch_embedding.weight")[2:] if "patch_embedding.weight" in \
-        folder.names else (1, 2, 2)
-    text = folder.shape("text_embedding.0.weight")[1] if "text_embedding.0.weight" in \
-        folder.names else 4096
+    patch = shapes.get("patch_embedding.weight", (0, 0, 1, 2, 2))[2:]
+    text = shapes.get("text_embedding.0.weight", (0, 4096))[1]
     fields = dict(dim=_need(cfg, "dim", where), num_heads=_need(cfg, "num_heads", where),
                   num_layers=_need(cfg, "num_layers", where),
                   ffn_dim=_need(cfg, "ffn_dim", where), freq_dim=_need(cfg, "freq_dim", where),
@@ -189,7 +188,7 @@ def _model_fields(layout: str, cfg: dict, folder: SafetensorsFolder, where: str)
                   out_channels=cfg.get("out_dim", cfg["in_dim"]),
                   patch_size=cfg.get("patch_size", patch), eps=cfg.get("eps", 1e-6),
                   cross_attn_norm=cfg.get("cross_attn_norm",
-                                          "blocks.0.norm3.weight" in folder.names),
+                                          "blocks.0.norm3.weight" in shapes),
                   qk_norm=cfg.get("qk_norm", True))
   if int(fields["out_channels"]) != int(fields["latent_channels"]):
     raise ValueError(f"{where}: {fields['latent_channels']} input but {fields['out_channels']} "
@@ -206,6 +205,13 @@ def _model_fields(layout: str, cfg: dict, folder: SafetensorsFolder, where: str)
   return fields
 
 
+def transformer_config(cfg: dict, shapes: dict, where: str = "config.json"):
+  """(the full plain-Wan config, layout) of a checkpoint: `cfg` its config.json,
+  `shapes` {name: shape} of its tensors; ValueError for another family."""
+  layout = _layout(cfg, where)
+  return plain_wan_config(_model_fields(layout, cfg, shapes, where)), layout
+
+
 def plain_wan_config(model_fields: dict):
   """A full config (configs/base.py) of a Wan checkpoint in plain-Wan mode, float32."""
   overrides = {f"model.{k}": v for k, v in model_fields.items()}
@@ -216,9 +222,8 @@ def plain_wan_config(model_fields: dict):
   return load_config(BASE_CONFIG, overrides)
 
 
-def _layout(folder: SafetensorsFolder) -> str:
-  name = folder.config.get("_class_name")
-  where = os.path.join(folder.path, "config.json")
+def _layout(cfg: dict, where: str) -> str:
+  name = cfg.get("_class_name")
   if name in (DIFFUSERS, ORIGINAL):
     return name
   if name == "AutoencoderKLWan":
@@ -237,6 +242,22 @@ def _list(names, limit=10) -> str:
 # ----------------------------------------------------------------- load
 
 
+def _plan(config) -> dict:
+  """Our leaf path -> (stacked, diffusers names, layout, one tensor's shape)."""
+  plan = {}
+  for path, leaf in _flatten(abstract_params(config)).items():
+    stacked, names, layout = _leaf_sources(path, config.model.num_layers)
+    one = leaf.shape[1:] if stacked else leaf.shape
+    plan[path] = (stacked, names, layout, _to_source_shape(tuple(one), layout))
+  return plan
+
+
+def expected_tensors(config) -> dict[str, tuple[int, ...]]:
+  """{diffusers tensor name: shape} of a Wan checkpoint of `config`'s model."""
+  return {name: shape for _, names, _, shape in _plan(config).values() for name in names}
+
+
+
 def load_transformer(path: str, progress: bool = False) -> tuple[Any, dict]:
   """(config, params) of the Wan2.1 transformer in `path` (see the module doc).
 
@@ -246,16 +267,14 @@ def load_transformer(path: str, progress: bool = False) -> tuple[Any, dict]:
   With `progress`, shows a tqdm bar over the converted tensors.
   """
   folder = SafetensorsFolder(path)
-  layout = _layout(folder)
   where = os.path.join(folder.path, "config.json")
-  config = plain_wan_config(_model_fields(layout, folder.config, folder, where))
+  config, layout = transformer_config(folder.config, {n: folder.shape(n) for n in folder.names},
+                                      where)
   rename = original_to_diffusers if layout == ORIGINAL else (lambda n: n)
   present = {rename(n): n for n in folder.names}  # diffusers name -> name in the file
 
-  target = abstract_params(config)
-  leaves = _flatten(target)
-  sources = {path_: _leaf_sources(path_, config.model.num_layers) for path_ in leaves}
-  wanted = {n for _, names, _ in sources.values() for n in names}
+  plan = _plan(config)
+  wanted = {n for _, names, _, _ in plan.values() for n in names}
   missing, unknown = wanted - set(present), set(present) - wanted
   if missing or unknown:
     lines = [f"{folder.path} does not hold the tensors its config.json ({layout}) describes"]
@@ -267,11 +286,8 @@ def load_transformer(path: str, progress: bool = False) -> tuple[Any, dict]:
     raise ValueError("\n".join(lines))
 
   params: dict = {}
-  bar = tqdm(leaves.items(), desc="wan transformer", unit="tensor", disable=not progress)
-  for path_, leaf in bar:
-    stacked, names, kind = sources[path_]
-    one_layer = leaf.shape[1:] if stacked else leaf.shape
-    want = _to_source_shape(one_layer, kind)
+  bar = tqdm(plan.items(), desc="wan transformer", unit="tensor", disable=not progress)
+  for path_, (stacked, names, kind, want) in bar:
     arrays = []
     for name in names:
       got = folder.shape(present[name])
