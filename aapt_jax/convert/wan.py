@@ -257,7 +257,6 @@ def expected_tensors(config) -> dict[str, tuple[int, ...]]:
   return {name: shape for _, names, _, shape in _plan(config).values() for name in names}
 
 
-
 def load_transformer(path: str, progress: bool = False) -> tuple[Any, dict]:
   """(config, params) of the Wan2.1 transformer in `path` (see the module doc).
 
