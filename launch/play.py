@@ -32,6 +32,7 @@ FLAGS = flags.FLAGS
 def _check_port(host: str, port: int) -> None:
   """OSError with a one-line reason when host:port cannot be listened on."""
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp: TIME_WAIT is free
     try:
       s.bind((host, port))
     except OSError as e:

@@ -4,8 +4,15 @@ vanish mid-stream and too many sessions leave it serving."""
 import asyncio
 import base64
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 
 import numpy as np
+import portpicker
 import pytest
 import simplejpeg
 from aiohttp import WSMsgType
@@ -13,7 +20,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from aapt_jax.inference.server import PlayServer, decode_frame_message, encode_frame
 from aapt_jax.inference.session import StreamingSession
-from streaming_helpers import tiny_streaming_model
+from helpers import ROOT
+from streaming_helpers import tiny_streaming_model, write_tiny_export
 
 TIMEOUT = 60.0  # seconds; generous for a loaded 2-core CPU
 
@@ -207,3 +215,39 @@ def test_page_and_bad_options():
     PlayServer(tiny_streaming_model(), max_sessions=0)
   with pytest.raises(ValueError, match="fps"):
     PlayServer(tiny_streaming_model(), fps=-1)
+
+
+def _play(*flags, **kwargs):
+  return subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "play.py"), *flags],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          **kwargs)
+
+
+def test_play_command_serves_and_its_bad_input_is_one_line(tmp_path):
+  export = write_tiny_export(tmp_path / "export")
+  port = portpicker.pick_unused_port()
+  server = _play(f"--checkpoint={export}", f"--port={port}")
+  try:
+    for _ in range(600):  # loads, compiles, then listens
+      try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=1) as r:
+          assert json.load(r) == {"sessions": 0, "max_sessions": 4}
+          break
+      except OSError:
+        assert server.poll() is None, server.communicate()[1][-2000:]
+        time.sleep(0.2)
+    else:
+      raise AssertionError("play.py did not start serving")
+    # the port is taken now: a second server says so in one line, before loading anything
+    taken = _play(f"--checkpoint={export}", f"--port={port}")
+    _, err = taken.communicate(timeout=120)
+    assert taken.returncode == 2 and err.strip().count("\n") == 0
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+  finally:
+    server.send_signal(signal.SIGINT)
+    server.communicate(timeout=60)
+  other = _play(f"--checkpoint={export}", f"--port={port}",
+                f"--config={os.path.join(ROOT, 'configs', 'atari.py')}")
+  _, err = other.communicate(timeout=300)
+  assert other.returncode == 2 and err.strip().count("\n") == 0, err
+  assert "trained with a different config" in err and "model.dim" in err

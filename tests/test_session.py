@@ -241,3 +241,16 @@ def test_export_command_from_a_run_directory(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert bad.returncode == 2
   assert bad.stderr.strip().count("\n") == 0 and "not a directory" in bad.stderr
+
+
+def test_compute_dtype_comes_from_the_config():
+  """model.dtype=bfloat16: the step computes and caches in bf16 (close to, not
+  equal to, the float32 stream)."""
+  streams = {}
+  for dtype in ("float32", "bfloat16"):
+    model = tiny_streaming_model(TINY_ATARI + (("model.dtype", dtype),))
+    session = StreamingSession(model, seed=4)
+    streams[dtype] = np.concatenate([session.start()] + [session.step(a) for a in (1, 2, 3)])
+    assert session._state.cache.layers[0].ring_k.dtype == jnp.dtype(dtype)
+  diff = np.abs(streams["float32"].astype(int) - streams["bfloat16"].astype(int))
+  assert 0 < diff.mean() < 8, diff.mean()
