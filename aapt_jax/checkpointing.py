@@ -368,3 +368,50 @@ def load_generator_params(path: str, which: str = "ema_params"):
                                   .construct_restore_args({which: target}),
                                   partial_restore=True))
   return config, restored[which]
+
+
+def adapt_params(params, target) -> tuple[Any, list[str]]:
+  """`params` (a bare tree, e.g. a previous stage's or a converted checkpoint's)
+  fitted to `target` (a tree of arrays or ShapeDtypeStructs: this config's
+  params), for `init_from`. Returns (params as numpy, notes).
+
+  A leaf in both with the same shape is taken as is; a leaf whose shape is
+  smaller on exactly one axis is zero-padded on that axis (new input columns,
+  e.g. the recycled-frame channels of the patch embedding: zero columns leave
+  the output unchanged); a leaf `params` lacks is zeros (e.g. a new action
+  embedding or modulation: the model's output is unchanged at init). Any other
+  difference, and leaves `params` has but `target` lacks, raise a ValueError
+  that names them.
+  """
+  have = {_path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+  want = jax.tree_util.tree_leaves_with_path(target)
+  notes, bad, padded, zeros = [], [], [], []
+  out = []
+  for path, t in want:
+    name = _path_str(path)
+    shape = tuple(t.shape)
+    if name not in have:
+      zeros.append(name)
+      out.append(np.zeros(shape, t.dtype))
+      continue
+    v = np.asarray(have.pop(name))
+    if v.shape == shape:
+      out.append(v.astype(t.dtype))
+      continue
+    diff = [i for i, (a, b) in enumerate(zip(v.shape, shape)) if a != b]
+    if v.ndim != len(shape) or len(diff) != 1 or v.shape[diff[0]] > shape[diff[0]]:
+      bad.append(f"{name}: checkpoint {v.shape} vs model {shape}")
+      continue
+    widths = [(0, 0)] * v.ndim
+    widths[diff[0]] = (0, shape[diff[0]] - v.shape[diff[0]])
+    padded.append(f"{name} {v.shape}->{shape}")
+    out.append(np.pad(v, widths).astype(t.dtype))
+  if bad or have:
+    raise ValueError(
+        "the checkpoint's params do not fit this config's model (different model.* "
+        "fields?): " + "; ".join(bad + [f"{k}: not in the model" for k in sorted(have)]))
+  if padded:
+    notes.append(f"zero-padded {len(padded)}: " + ", ".join(padded))
+  if zeros:
+    notes.append(f"zero-initialised (not in the checkpoint) {len(zeros)}: " + ", ".join(zeros))
+  return jax.tree.unflatten(jax.tree.structure(target), out), notes

@@ -166,4 +166,10 @@ def get_config(arg=None):
   a.r1_sigma = 0.1                   # σ of their input perturbation (APT)
   a.gen_optim = _optim(name="rmsprop", learning_rate=3e-6, rms_decay=0.9)  # paper
   a.disc_optim = _optim(name="rmsprop", learning_rate=3e-6, rms_decay=0.9)
+
+  p = c.pipeline = ml_collections.ConfigDict()  # stage="pipeline": 1 -> 2 -> 3 -> sample
+  p.diffusion_steps = 0       # each stage's train.steps; 0 = train.steps
+  p.consistency_steps = 0
+  p.adversarial_steps = 0
+  p.sample_frames = 48        # latent frames of <workdir>/sample.mp4; 0 = none
   return c

@@ -38,7 +38,7 @@ def main(_):
                                          FLAGS.process_id))
   try:
     from aapt_jax import parallel
-    from aapt_jax.training.trainer import NonFiniteLossError, Trainer
+    from aapt_jax.training.trainer import NonFiniteLossError, train
     if explicit or d.initialize:
       if d.coordinator_address and (d.num_processes < 1 or not
                                     0 <= d.process_id < d.num_processes):
@@ -48,8 +48,10 @@ def main(_):
           coordinator_address=d.coordinator_address or None,
           num_processes=d.num_processes, process_id=d.process_id,
           heartbeat_timeout_s=d.heartbeat_timeout_s or None))
-    summary = Trainer(config, FLAGS.workdir).run()
-    if summary.get("checkpoint") and summary["stage"] == config.stage:
+    summaries = train(config, FLAGS.workdir)
+    if summaries[-1].get("video"):
+      print(f"sample video: {summaries[-1]['video']}")
+    if any(s.get("checkpoint") for s in summaries):
       print(f"next: python launch/generate.py --checkpoint={FLAGS.workdir} --frames=48 "
             "--out=sample.mp4")
   except NonFiniteLossError as e:

@@ -389,3 +389,38 @@ def test_consistency_stage_starts_from_the_diffusion_stage(tiny_data, tmp_path):
 def test_consistency_without_a_diffusion_checkpoint_is_a_clear_error(tiny_data, tmp_path):
   with pytest.raises(FileNotFoundError, match="run stage 'diffusion'"):
     Trainer(make_config(tiny_data, stage="consistency"), str(tmp_path / "empty")).run()
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_pipeline_runs_three_stages_each_from_the_one_before(tiny_data, tmp_path):
+  """stage=pipeline: diffusion -> consistency -> adversarial in one workdir.
+  Stage 3's generator starts from stage 2's EMA and trains; its
+  discriminator's backbone is stage 1's EMA (frozen here by a zero learning
+  rate, so it must still equal it after the steps) and its heads are new."""
+  from aapt_jax.training.trainer import train
+  workdir = str(tmp_path / "run")
+  config = make_config(
+      tiny_data, stage="pipeline", pipeline__diffusion_steps=2,
+      pipeline__consistency_steps=2, pipeline__adversarial_steps=2,
+      pipeline__sample_frames=0, consistency__num_steps=4,
+      adversarial__rollout_frames=6, adversarial__segment_frames=4,
+      adversarial__segment_overlap=1, adversarial__disc_optim__learning_rate=0.0,
+      adversarial__gen_optim__learning_rate=1e-3)
+  summaries = train(config, workdir)
+  assert [s["stage"] for s in summaries] == ["diffusion", "consistency", "adversarial"]
+  assert all(s["steps_run"] == 2 and np.isfinite(s["final_loss"]) for s in summaries)
+  assert checkpointing.resolve_step_dir(workdir).endswith(
+      os.path.join("adversarial", "checkpoints", "2"))
+  _, stage1 = checkpointing.load_generator_params(os.path.join(workdir, "diffusion"))
+  _, stage2 = checkpointing.load_generator_params(os.path.join(workdir, "consistency"))
+  _, gen = checkpointing.load_generator_params(workdir, which="gen_params")
+  _, disc = checkpointing.load_generator_params(workdir, which="disc_params")
+  for name, leaf in disc["backbone"].items():
+    for a, b in zip(jax.tree.leaves(leaf), jax.tree.leaves(stage1[name])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any(float(np.abs(np.asarray(a) - np.asarray(b)).max()) > 0
+             for a, b in zip(jax.tree.leaves(gen), jax.tree.leaves(stage2)))
+  # a rerun finds every stage done and trains nothing
+  again = train(config, workdir)
+  assert [s["steps_run"] for s in again] == [0, 0, 0]

@@ -232,6 +232,53 @@ def make_dataset(source: Any, *, clip_frames: int, batch_size: int, seed: int = 
   return ds.repeat(num_epochs)
 
 
+def make_adversarial_dataset(clip_source: Any, episode_source: Any, *, segment_frames: int,
+                             rollout_frames: int, batch_size: int, seed: int = 0,
+                             process_index: int | None = None,
+                             process_count: int | None = None, space_to_depth: int = 4,
+                             latent_stats: tuple[Any, Any] | None = None,
+                             text_len: int | None = None) -> grain.MapDataset:
+  """Stage 3's per-process batches: `make_dataset`'s real clips of
+  `segment_frames` (what each fake segment is paired with) plus, per row, a
+  rollout drawn from a long episode: ``rollout_first`` ``[B, h, w, C]`` (a real
+  start frame) and ``rollout_actions`` ``[B, L]`` (the recorded actions of the
+  `rollout_frames` frames from it; when the episodes have actions).
+
+  The episode and its window are drawn from the row's own seeded rng, so the
+  stream stays a pure function of `seed` and one grain iterator state.
+  """
+  if rollout_frames < 2:
+    raise ValueError(f"rollout_frames must be >= 2, got {rollout_frames}")
+  if isinstance(episode_source, (str, bytes)) or (
+      isinstance(episode_source, Sequence) and episode_source
+      and isinstance(episode_source[0], str)):
+    episode_source = records.RecordSource(episode_source)
+  if len(episode_source) == 0:
+    raise ValueError("the episode source (rollout start frames and actions) is empty")
+  clips = make_dataset(clip_source, clip_frames=segment_frames, batch_size=1, seed=seed,
+                       process_index=process_index, process_count=process_count,
+                       space_to_depth=space_to_depth, latent_stats=latent_stats,
+                       text_len=text_len, num_epochs=1)
+  clips = clips.map(lambda b: {k: v[0] for k, v in b.items()})  # unbatch
+
+  def add_rollout(row, rng):
+    j = int(rng.integers(len(episode_source)))
+    episode = episode_source[j]
+    window = crop_clip(episode, rng, rollout_frames, where=_where(episode, episode_source))
+    inputs = to_model_inputs({k: v[:1] if k in ("latents", "video") else v
+                              for k, v in window.items()},
+                             space_to_depth=space_to_depth, latent_stats=latent_stats)
+    out = {**row, "rollout_first": inputs["latents"][0]}
+    if "actions" in window:
+      out["rollout_actions"] = np.asarray(window["actions"], np.int32)
+    return out
+
+  ds = clips.random_map(add_rollout, seed=(int(seed) + 0x7F4A7C15) % 2**32)
+  if len(ds) < batch_size:
+    raise ValueError(f"{len(ds)} records per process < batch_size={batch_size}")
+  return ds.batch(batch_size, drop_remainder=True).repeat(None)
+
+
 def make_iterator(ds: grain.MapDataset, *, num_threads: int = 2,
                   prefetch_buffer_size: int = 4) -> grain.DatasetIterator:
   """A checkpointable iterator (`get_state()` / `set_state(state)`)."""

@@ -5,8 +5,8 @@ import optax
 
 
 def schedule(o, total_steps: int):
-  if o.learning_rate <= 0:
-    raise ValueError(f"optimizer learning_rate must be > 0, got {o.learning_rate}")
+  if o.learning_rate < 0:  # 0 freezes the network (e.g. a fixed discriminator)
+    raise ValueError(f"optimizer learning_rate must be >= 0, got {o.learning_rate}")
   if o.schedule == "constant":
     main = optax.constant_schedule(o.learning_rate)
   elif o.schedule == "cosine":

@@ -190,6 +190,8 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
       rolled, _ = ro.rollout_student_forcing(model, jax.lax.stop_gradient(state.gen_params),
                                              inputs, roll_cond)
       rolled = jax.lax.stop_gradient(rolled)
+      # D's forwards after the rollout (see the barrier before the G phase)
+      rolled, real, d_params = jax.lax.optimization_barrier((rolled, real, state.disc_params))
 
       def d_loss(dp):
         total, r1_total = 0.0, 0.0
@@ -209,30 +211,35 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
           r1_total = r1_total + r1 + r2
         return total + a.r1_weight * r1_total, (total, r1_total)
 
-      (d_total, (d_adv, d_r1)), d_grads = jax.value_and_grad(d_loss, has_aux=True)(
-          state.disc_params)
+      (d_total, (d_adv, d_r1)), d_grads = jax.value_and_grad(d_loss, has_aux=True)(d_params)
       d_ok = jnp.isfinite(d_total) & jnp.isfinite(optax.tree.norm(d_grads))
       d_updates, d_opt = disc_tx.update(d_grads, state.disc_opt, state.disc_params)
       disc_params = _masked(d_ok, optax.apply_updates(state.disc_params, d_updates),
                             state.disc_params)
       disc_opt = _masked(d_ok, d_opt, state.disc_opt)
 
-      # --- generator, against the updated discriminator
+      # --- generator, against the updated discriminator. The barrier orders
+      # the G phase after the whole D update: G's rollout does not depend on D,
+      # and left free to overlap, devices can start their collectives in
+      # different orders (a deadlock on CPU) and hold both phases' activations.
+      disc_params, gen_params = jax.lax.optimization_barrier((disc_params, state.gen_params))
+
       def g_loss(gp):
         segs = ro.segment_frames(model, gp, inputs, roll_cond, starts, seg,
                                  gradient=a.gradient, segment_gradient=a.segment_gradient)
+        segs, dp, reals = jax.lax.optimization_barrier((segs, disc_params, real))
         total = 0.0
         for s0, fake in zip(starts, segs):
           n = fake.shape[1]
           rc = real_cond.replace(actions=None if real_cond.actions is None
                                  else real_cond.actions[:, :n])
-          d_real = _judge(disc, disc_params, real[:, :n], t, rc, k_dn)
-          d_fake = _judge(disc, disc_params, fake, t, _segment_cond(r_actions, None, s0, s0 + n),
+          d_real = _judge(disc, dp, reals[:, :n], t, rc, k_dn)
+          d_fake = _judge(disc, dp, fake, t, _segment_cond(r_actions, None, s0, s0 + n),
                           k_dn)
           total = total + adv.generator_loss(d_real, d_fake)
         return total
 
-      g_total, g_grads = jax.value_and_grad(g_loss)(state.gen_params)
+      g_total, g_grads = jax.value_and_grad(g_loss)(gen_params)
       state, m = apply_update(state, g_grads, g_total, gen_tx, config.train.ema_decay)
       state = state.replace(rng=jax.random.key_data(rng), disc_params=disc_params,
                             disc_opt=disc_opt, skipped=state.skipped + (~d_ok).astype(jnp.int32))

@@ -40,6 +40,7 @@ import numpy as np
 from aapt_jax import checkpointing, parallel
 from aapt_jax.data import pipeline, records
 from aapt_jax.models import build_generator
+from aapt_jax.models.discriminator import build_discriminator, params_from_generator
 from aapt_jax.training import memory, optimizers, stages
 from aapt_jax.training import state as state_lib
 
@@ -53,17 +54,23 @@ AUTO_FRAMES_PER_EPISODE = 500
 
 @dataclasses.dataclass(frozen=True)
 class StageSpec:
-  make_step: Callable[..., Callable]   # (model, tx, config) -> step(state, batch)
+  make_step: Callable[..., Callable]   # (model, tx, config[, disc, disc_tx]) -> step(state, batch)
   optim: Callable[[Any], Any]          # config -> optimizer section
   previous: str | None = None          # the stage it starts from (config.init_from)
   teacher: bool = False                # keeps a frozen teacher (the previous stage's EMA)
+  adversarial: bool = False            # a discriminator (from stage 1) and rollout batches
 
 
 STAGES: dict[str, StageSpec] = {
     "diffusion": StageSpec(stages.make_diffusion_step, lambda c: c.diffusion.optim),
     "consistency": StageSpec(stages.make_consistency_step, lambda c: c.consistency.optim,
                              previous="diffusion", teacher=True),
+    "adversarial": StageSpec(
+        lambda model, tx, config, disc, disc_tx: stages.make_adversarial_step(
+            model, disc, tx, disc_tx, config),
+        lambda c: c.adversarial.gen_optim, previous="consistency", adversarial=True),
 }
+PIPELINE = ("diffusion", "consistency", "adversarial")
 KNOWN_STAGES = ("vae", "diffusion", "consistency", "adversarial", "pipeline")
 
 
@@ -108,6 +115,9 @@ def barrier(name: str, timeout_s: float = 1800.0) -> None:
 def check_config(config) -> StageSpec:
   """ValueError naming the field for a config the trainer cannot run."""
   stage = config.stage
+  if stage == "pipeline":
+    raise ValueError("stage='pipeline' runs several stages: use trainer.train(config, "
+                     "workdir) (launch/train.py does)")
   if stage not in STAGES:
     if stage in KNOWN_STAGES:
       raise ValueError(f"config field stage={stage!r} is not implemented yet; "
@@ -125,6 +135,22 @@ def check_config(config) -> StageSpec:
       raise ValueError(f"config field {field} must be an int, got {value!r}")
     if value < low:
       raise ValueError(f"config field {field} must be >= {low}, got {value}")
+  if STAGES[stage].adversarial:
+    a = config.adversarial
+    from aapt_jax.objectives.adversarial import segment_starts
+    try:
+      segment_starts(a.rollout_frames, a.segment_frames, a.segment_overlap)
+    except ValueError as e:
+      raise ValueError(f"config fields adversarial.rollout_frames/segment_frames/"
+                       f"segment_overlap: {e}") from None
+    if a.segment_frames > a.rollout_frames:
+      raise ValueError(f"config field adversarial.segment_frames={a.segment_frames} > "
+                       f"adversarial.rollout_frames={a.rollout_frames}")
+    for field, allowed in (("gradient", ("recompute", "scan")),
+                           ("segment_gradient", ("end_to_end", "truncated"))):
+      if a[field] not in allowed:
+        raise ValueError(f"config field adversarial.{field}={a[field]!r}: choose from "
+                         f"{', '.join(allowed)}")
   return STAGES[stage]
 
 
@@ -135,6 +161,16 @@ def _record_files(path: str) -> list[str]:
                                  for f in os.listdir(path)):
     return records.resolve_paths(os.path.join(path, "clips-*" + records.SUFFIX))
   return records.resolve_paths(path)
+
+
+def episode_files(config, clip_files: list[str]) -> list[str]:
+  """Where stage 3 draws rollout start frames and actions: the long episodes
+  (episodes-* next to the clips, as prepare_data writes them), else the clips."""
+  path = config.data.path
+  if os.path.isdir(path) and any(f.startswith("episodes-") and f.endswith(records.SUFFIX)
+                                 for f in os.listdir(path)):
+    return records.resolve_paths(os.path.join(path, "episodes-*" + records.SUFFIX))
+  return clip_files
 
 
 def prepare_world_data(config, out_dir: str) -> None:
@@ -191,8 +227,10 @@ def resolve_data(config, workdir: str) -> list[str]:
                             f"files (*{records.SUFFIX})") from None
 
 
-def check_example(example: dict, config, where: str) -> None:
-  """ValueError naming `where` and the field if a record does not fit the model."""
+def check_example(example: dict, config, where: str, min_frames: int | None = None,
+                  min_field: str = "train.clip_frames") -> None:
+  """ValueError naming `where` and the field if a record does not fit the model
+  (or is shorter than `min_frames`, default train.clip_frames, named `min_field`)."""
   m, d = config.model, config.data
   _, ph, pw = m.patch_size
   lh, lw = m.latent_size
@@ -227,9 +265,10 @@ def check_example(example: dict, config, where: str) -> None:
   if h % ph or w % pw:
     raise ValueError(f"{where}: field {field}: {h}x{w} is not divisible by the patch "
                      f"{(ph, pw)} (model.patch_size)")
-  if t < config.train.clip_frames:
-    raise ValueError(f"{where}: field {field}: {t} frames < train.clip_frames="
-                     f"{config.train.clip_frames}")
+  if min_frames is None:
+    min_frames = config.train.clip_frames
+  if t < min_frames:
+    raise ValueError(f"{where}: field {field}: {t} frames < {min_field}={min_frames}")
   if "actions" in example:
     a = example["actions"]
     if not m.num_actions:
@@ -245,7 +284,8 @@ def check_example(example: dict, config, where: str) -> None:
                        f"{m.control_dim}")
 
 
-def check_data(source: records.RecordSource, config) -> None:
+def check_data(source: records.RecordSource, config, min_frames: int | None = None,
+               min_field: str = "train.clip_frames") -> None:
   """Validates and checks the first and last record against the model."""
   n = len(source)
   if n == 0:
@@ -255,7 +295,7 @@ def check_data(source: records.RecordSource, config) -> None:
     where = f"{path}[{pos}]"
     example = source[i]
     records.validate_example(example, source=where)
-    check_example(example, config, where)
+    check_example(example, config, where, min_frames, min_field)
 
 
 # ----------------------------------------------------------------------------
@@ -354,7 +394,14 @@ class Trainer:
     cache_dir = enable_compilation_cache()
     files = resolve_data(config, self.workdir)
     source = records.RecordSource(files)
-    check_data(source, config)
+    episodes = None
+    if self.spec.adversarial:
+      a = config.adversarial
+      check_data(source, config, a.segment_frames, "adversarial.segment_frames")
+      episodes = records.RecordSource(episode_files(config, files))
+      check_data(episodes, config, a.rollout_frames, "adversarial.rollout_frames")
+    else:
+      check_data(source, config)
 
     # before anything is allocated: will the state fit the devices at hand?
     # (the message gives the memory per device and a config to use instead)
@@ -371,14 +418,28 @@ class Trainer:
 
     model = build_generator(config)
     tx = optimizers.make_optimizer(self.spec.optim(config), total)
-    boxed, _ = state_lib.abstract_state(model, tx, config.train.seed, teacher=self.spec.teacher)
+    disc = disc_tx = None
+    if self.spec.adversarial:
+      disc = build_discriminator(config)
+      disc_tx = optimizers.make_optimizer(config.adversarial.disc_optim, total)
+    roles = dict(teacher=self.spec.teacher, disc=disc, disc_tx=disc_tx)
+    boxed, _ = state_lib.abstract_state(model, tx, config.train.seed, **roles)
     shardings = state_lib.state_shardings(boxed, mesh)
     abstract = nn.meta.unbox(boxed)
     parallel.check_divisible(abstract.gen_params, shardings.gen_params)
+    if disc is not None:
+      parallel.check_divisible(abstract.disc_params, shardings.disc_params)
 
-    ds = pipeline.make_dataset(source, clip_frames=config.train.clip_frames,
-                               batch_size=per_process, seed=config.train.seed,
-                               space_to_depth=config.data.space_to_depth or 1)
+    s2d = config.data.space_to_depth or 1
+    if self.spec.adversarial:
+      ds = pipeline.make_adversarial_dataset(
+          source, episodes, segment_frames=config.adversarial.segment_frames,
+          rollout_frames=config.adversarial.rollout_frames, batch_size=per_process,
+          seed=config.train.seed, space_to_depth=s2d)
+    else:
+      ds = pipeline.make_dataset(source, clip_frames=config.train.clip_frames,
+                                 batch_size=per_process, seed=config.train.seed,
+                                 space_to_depth=s2d)
     iterator = pipeline.make_iterator(ds)
 
     ckpt = checkpointing.Checkpointer(self.checkpoint_dir, keep=config.checkpoint.keep)
@@ -397,9 +458,11 @@ class Trainer:
                   "starts afresh)"))
         else:
           state, _ = state_lib.create_train_state(model, tx, mesh, config.train.seed,
-                                                  teacher=self.spec.teacher)
+                                                  **roles)
           if self.spec.previous:
             state = self._init_from(state, shardings)
+          if self.spec.adversarial:
+            state = self._disc_init_from(state, shardings)
         start = int(jax.device_get(state.step))
         _log(f"{self.stage}: {total} steps, global batch {bsize} on mesh "
              f"{dict(mesh.shape)} ({jax.device_count()} devices, {jax.process_count()} "
@@ -417,7 +480,9 @@ class Trainer:
                   "final_loss": None, "seconds": 0.0, "seconds_per_step": None,
                   "checkpoint": ckpt.step_dir(start) if start in ckpt.all_steps() else None}
 
-        step_fn = jax.jit(self.spec.make_step(model, tx, config),
+        make = self.spec.make_step
+        step_fn = jax.jit(make(model, tx, config, disc, disc_tx) if disc is not None
+                          else make(model, tx, config),
                           in_shardings=(shardings, parallel.batch_sharding(mesh)),
                           out_shardings=(shardings, None), donate_argnums=0)
         writer = MetricWriter(self.stage_dir, enabled=is_main_process())
@@ -429,32 +494,51 @@ class Trainer:
       if writer is not None:
         writer.close()
 
-  def _init_from(self, state, shardings):
-    """Starts the generator (and the teacher) from the previous stage's EMA
-    params: `config.init_from`, else `<workdir>/<previous stage>`."""
-    source = self.config.init_from or os.path.join(self.workdir, self.spec.previous)
+  def _load_generator(self, source: str, previous: str, field: str, target):
+    """A checkpoint's EMA generator params fitted to `target` (zero-padded
+    input columns / zero new leaves, see checkpointing.adapt_params)."""
     try:
       _, params = checkpointing.load_generator_params(source)
     except FileNotFoundError as e:
       raise FileNotFoundError(
-          f"stage {self.stage!r} starts from a {self.spec.previous!r} checkpoint: {e}; run "
-          f"stage {self.spec.previous!r} in this --workdir first or set config.init_from"
-          ) from None
-    want = jax.tree.map(lambda a: (a.shape, a.dtype), state.gen_params)
-    got = jax.tree.map(lambda a: (a.shape, a.dtype), params)
-    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
-      raise ValueError(f"config.init_from={source!r}: its generator params do not match this "
-                       "config's model (different model.* fields?)")
+          f"stage {self.stage!r} starts from a {previous!r} checkpoint: {e}; run stage "
+          f"{previous!r} in this --workdir first or set config.{field}") from None
+    try:
+      params, notes = checkpointing.adapt_params(params, target)
+    except ValueError as e:
+      raise ValueError(f"config.{field}={source!r}: {e}") from None
+    where = checkpointing.resolve_step_dir(source)
+    for note in notes:
+      _log(f"{self.stage}: {field} {where}: {note}")
+    return params, where
+
+  def _init_from(self, state, shardings):
+    """Starts the generator (and the teacher) from the previous stage's EMA
+    params: `config.init_from`, else `<workdir>/<previous stage>`."""
+    source = self.config.init_from or os.path.join(self.workdir, self.spec.previous)
+    params, where = self._load_generator(source, self.spec.previous, "init_from",
+                                         state.gen_params)
 
     def placed():  # fresh device buffers per field (the state is donated)
-      return jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), params,
-                          shardings.gen_params)
+      return jax.tree.map(lambda a, s: jax.device_put(a, s), params, shardings.gen_params)
 
     state = state.replace(gen_params=placed(), ema_params=placed())
     if self.spec.teacher:
       state = state.replace(teacher_params=placed())
     _log(f"{self.stage}: generator{' and teacher' if self.spec.teacher else ''} from "
-         f"{checkpointing.resolve_step_dir(source)} (EMA params)")
+         f"{where} (EMA params)")
+    return state
+
+  def _disc_init_from(self, state, shardings):
+    """The discriminator's backbone from the stage-1 (diffusion) generator:
+    `config.disc_init_from`, else `<workdir>/diffusion`; its heads keep their init."""
+    source = self.config.disc_init_from or os.path.join(self.workdir, "diffusion")
+    params, where = self._load_generator(source, "diffusion", "disc_init_from",
+                                         state.gen_params)
+    disc_params = params_from_generator(jax.device_get(state.disc_params), params)
+    state = state.replace(disc_params=jax.tree.map(
+        lambda a, s: jax.device_put(np.asarray(a), s), disc_params, shardings.disc_params))
+    _log(f"{self.stage}: discriminator backbone from {where} (EMA params)")
     return state
 
   def _loop(self, state, step_fn, iterator, ckpt, guard, writer, mesh, start, total):
@@ -563,3 +647,45 @@ def format_summary(s: dict[str, Any]) -> str:
           f"{s['seconds']:.1f} s{per}; loss {s['first_loss']:.5f} (first) -> "
           f"{s['final_loss']:.5f} (final); {s.get('nonfinite_steps', 0)} non-finite "
           f"step(s) skipped" + (f"; checkpoint {s['checkpoint']}" if s["checkpoint"] else ""))
+
+
+def stage_config(config, stage: str):
+  """A copy of a pipeline config for one of its stages (its steps from
+  `pipeline.<stage>_steps`, 0 = train.steps)."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.stage = stage
+    steps = int(config.pipeline[f"{stage}_steps"])
+    if steps:
+      c.train.steps = steps
+  return c
+
+
+def train(config, workdir: str) -> list[dict[str, Any]]:
+  """Runs `config.stage`; `pipeline` runs diffusion -> consistency ->
+  adversarial in `workdir` (each resuming or skipping when already done,
+  each starting from the one before) and then writes `<workdir>/sample.mp4`.
+  Returns the stages' summaries."""
+  if config.stage != "pipeline":
+    return [Trainer(config, workdir).run()]
+  configs = [stage_config(config, s) for s in PIPELINE]
+  for c in configs:  # every stage's config is checked before the first one trains
+    check_config(c)
+  summaries = []
+  for c in configs:
+    _log(f"\npipeline: stage {c.stage} ({c.train.steps} steps)")
+    summaries.append(Trainer(c, workdir).run())
+    with config.unlocked():  # later stages reuse the data the first one resolved
+      config.data.path = c.data.path
+    for later in configs:
+      with later.unlocked():
+        later.data.path = c.data.path
+  if is_main_process() and config.pipeline.sample_frames:
+    from aapt_jax.inference.video import generate_video
+    out = os.path.join(os.path.abspath(workdir), "sample.mp4")
+    path, stats = generate_video(configs[-1], checkpoint=workdir,
+                                 frames=int(config.pipeline.sample_frames),
+                                 seed=config.train.seed, out=out)
+    _log(f"pipeline: sample video {path}: {stats}")
+    summaries.append({"stage": "sample", "video": path, **stats})
+  return summaries
