@@ -378,8 +378,10 @@ def adapt_params(params, target) -> tuple[Any, list[str]]:
   A leaf in both with the same shape is taken as is; a leaf whose shape is
   smaller on exactly one axis is zero-padded on that axis (new input columns,
   e.g. the recycled-frame channels of the patch embedding: zero columns leave
-  the output unchanged); a leaf `params` lacks is zeros (e.g. a new action
-  embedding or modulation: the model's output is unchanged at init). Any other
+  the output unchanged); a leaf `params` lacks keeps `target`'s value (its
+  fresh init; zeros for a ShapeDtypeStruct) -- zeros there could leave a new
+  two-layer branch with no gradient (convert/adapt.py zero-inits only the
+  output layers of Wan's missing AAPT branches). Any other
   difference, and leaves `params` has but `target` lacks, raise a ValueError
   that names them.
   """
@@ -392,7 +394,8 @@ def adapt_params(params, target) -> tuple[Any, list[str]]:
     shape = tuple(t.shape)
     if name not in have:
       zeros.append(name)
-      out.append(np.zeros(shape, t.dtype))
+      out.append(np.zeros(shape, t.dtype) if isinstance(t, jax.ShapeDtypeStruct)
+                 else np.asarray(jax.device_get(t)))
       continue
     v = np.asarray(have.pop(name))
     if v.shape == shape:
@@ -413,5 +416,5 @@ def adapt_params(params, target) -> tuple[Any, list[str]]:
   if padded:
     notes.append(f"zero-padded {len(padded)}: " + ", ".join(padded))
   if zeros:
-    notes.append(f"zero-initialised (not in the checkpoint) {len(zeros)}: " + ", ".join(zeros))
+    notes.append(f"freshly initialised (not in the checkpoint) {len(zeros)}: " + ", ".join(zeros))
   return jax.tree.unflatten(jax.tree.structure(target), out), notes

@@ -39,3 +39,25 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     checkpointing.resolve_step_dir(str(tmp_path / "nope"))
   with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
     checkpointing.resolve_step_dir(str(tmp_path))
+
+
+def test_adapt_params_pads_input_columns_keeps_new_leaves_and_names_misfits():
+  rng = np.random.default_rng(0)
+  old = {"patch": {"kernel": rng.standard_normal((4, 3)).astype(np.float32)},
+         "head": {"bias": rng.standard_normal((3,)).astype(np.float32)}}
+  target = {"patch": {"kernel": np.ones((6, 3), np.float32)},
+            "head": {"bias": np.ones((3,), np.float32)},
+            "action_embedding": {"embedding": np.full((5, 3), 7.0, np.float32)}}
+  new, notes = checkpointing.adapt_params(old, target)
+  np.testing.assert_array_equal(new["patch"]["kernel"][:4], old["patch"]["kernel"])
+  np.testing.assert_array_equal(new["patch"]["kernel"][4:], 0.0)   # new input columns
+  np.testing.assert_array_equal(new["head"]["bias"], old["head"]["bias"])
+  np.testing.assert_array_equal(new["action_embedding"]["embedding"], 7.0)  # fresh init kept
+  assert any("patch/kernel (4, 3)->(6, 3)" in n for n in notes)
+  assert any("action_embedding/embedding" in n for n in notes)
+  bad = {**old, "head": {"bias": np.zeros((4,), np.float32)}}      # larger than the model
+  with pytest.raises(ValueError, match=r"head/bias: checkpoint \(4,\) vs model \(3,\)"):
+    checkpointing.adapt_params(bad, target)
+  extra = {**old, "other": {"w": np.zeros((2,), np.float32)}}
+  with pytest.raises(ValueError, match="other/w: not in the model"):
+    checkpointing.adapt_params(extra, target)

@@ -70,3 +70,27 @@ def test_adversarial_step_updates_generator_and_discriminator(gradient):
   assert _changed(state.gen_params, new.gen_params)
   assert _changed(state.disc_params, new.disc_params)
   assert int(new.step) == 1
+
+
+def test_judging_all_clips_in_one_forward_equals_one_forward_each():
+  """Stage 3 judges every segment (real, fake, and their R1/R2-noised copies)
+  in one D forward, zero-padding partial segments at the end: each clip's
+  logits must equal judging it alone (D is block-causal)."""
+  from aapt_jax.models import Conditioning
+  from aapt_jax.models.discriminator import init_discriminator_params
+  config = load_config(config_path("tiny.py"), {"model.text_dim": 0, "model.control_dim": 0})
+  disc = build_discriminator(config)
+  params = jax.tree.map(lambda a: a + 0.05, init_discriminator_params(disc, jax.random.key(3)))
+  params = __import__("flax").linen.meta.unbox(params)["params"]
+  ks = jax.random.split(jax.random.key(4), 4)
+  clips = [jax.random.normal(ks[0], (B, 4, 4, 4, 4)), jax.random.normal(ks[1], (B, 3, 4, 4, 4))]
+  conds = [Conditioning(actions=jax.random.randint(ks[2], (B, 4), 0, 5)),
+           Conditioning(actions=None)]
+  t = jax.random.uniform(ks[3], (B,))
+  together = jax.jit(lambda p: stages._judge_all(disc, p, clips, conds, t, None, 4))(params)
+  for clip, cond, got in zip(clips, conds, together):
+    if cond.actions is None:
+      cond = cond.replace(actions=jnp.zeros(clip.shape[:2], jnp.int32))
+    alone = stages._judge(disc, params, clip, t, cond, None)
+    assert got.shape == clip.shape[:2]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(alone), atol=1e-5, rtol=1e-5)

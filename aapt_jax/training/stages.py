@@ -157,6 +157,37 @@ def _judge(disc, disc_params, frames, t, cond, noise_rng):
                     cond.replace(previous=jax.lax.stop_gradient(previous)), noise_rng=noise_rng)
 
 
+def _pad_frames(a, length):
+  """[B, n, ...] -> [B, length, ...], zeros after frame n."""
+  return jnp.pad(a, [(0, 0), (0, length - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+
+
+def _judge_all(disc, disc_params, clips, conds, t, noise_rng, length):
+  """D's logits [B, n_k] for clips [B, n_k, ...] (n_k <= length) in ONE forward.
+
+  Each clip is zero-padded at its end to `length` frames (D is block-causal,
+  so padding changes no logit of an earlier frame) and all are stacked on
+  the batch axis. One forward instead of one per clip: fewer, larger matmuls,
+  and no independent forwards whose collectives devices could start in
+  different orders (which deadlocks XLA's CPU runtime on a multi-device mesh).
+  """
+  frames = jnp.concatenate([_pad_frames(c, length) for c in clips], axis=0)
+
+  def field(name):
+    values = [getattr(c, name) for c in conds]
+    like = next((v for v in values if v is not None), None)
+    if like is None:
+      return None
+    return jnp.concatenate([
+        _pad_frames(jnp.zeros((clip.shape[0], clip.shape[1]) + like.shape[2:], like.dtype)
+                    if v is None else v, length) for v, clip in zip(values, clips)], axis=0)
+
+  cond = Conditioning(actions=field("actions"), controls=field("controls"))
+  logits = _judge(disc, disc_params, frames, jnp.tile(t, len(clips)), cond, noise_rng)
+  parts = jnp.split(logits, len(clips), axis=0)
+  return [p[:, :c.shape[1]] for p, c in zip(parts, clips)]
+
+
 def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
   """The stage-3 step: one D update on detached fakes (RpGAN + λ·(R1 + R2)),
   then one G update through the student-forcing rollout (RpGAN against the
@@ -191,24 +222,29 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
                                              inputs, roll_cond)
       rolled = jax.lax.stop_gradient(rolled)
       # D's forwards after the rollout (see the barrier before the G phase)
-      rolled, real, d_params = jax.lax.optimization_barrier((rolled, real, state.disc_params))
+      rolled, d_params = jax.lax.optimization_barrier((rolled, state.disc_params))
+
+      fakes = [rolled[:, s0:s0 + seg] for s0 in starts]
+      reals = [real[:, :f.shape[1]] for f in fakes]
+      real_conds = [real_cond.replace(actions=None if real_cond.actions is None
+                                      else real_cond.actions[:, :f.shape[1]]) for f in fakes]
+      fake_conds = [_segment_cond(r_actions, None, s0, s0 + f.shape[1])
+                    for s0, f in zip(starts, fakes)]
+      # approximate R1 / R2 inputs (objectives.adversarial.approx_r1's ε, σ)
+      noisy_reals = [x + a.r1_sigma * jax.random.normal(key, x.shape, x.dtype)
+                     for x, key in zip(reals, jax.random.split(k_r1, len(reals)))]
+      noisy_fakes = [x + a.r1_sigma * jax.random.normal(key, x.shape, x.dtype)
+                     for x, key in zip(fakes, jax.random.split(k_r2, len(fakes)))]
+      k = len(starts)
 
       def d_loss(dp):
-        total, r1_total = 0.0, 0.0
-        for s0 in starts:
-          fake = rolled[:, s0:s0 + seg]
-          n = fake.shape[1]
-          f_cond = _segment_cond(r_actions, None, s0, s0 + n)
-          rc = real_cond.replace(actions=None if real_cond.actions is None
-                                 else real_cond.actions[:, :n])
-          d_real = _judge(disc, dp, real[:, :n], t, rc, k_dn)
-          d_fake = _judge(disc, dp, fake, t, f_cond, k_dn)
-          total = total + adv.discriminator_loss(d_real, d_fake)
-          r1 = adv.approx_r1(lambda x: _judge(disc, dp, x, t, rc, k_dn), real[:, :n],
-                             a.r1_sigma, k_r1)
-          r2 = adv.approx_r1(lambda x: _judge(disc, dp, x, t, f_cond, k_dn), fake,
-                             a.r1_sigma, k_r2)
-          r1_total = r1_total + r1 + r2
+        logits = _judge_all(disc, dp, reals + fakes + noisy_reals + noisy_fakes,
+                            real_conds + fake_conds + real_conds + fake_conds, t, k_dn, seg)
+        d_real, d_fake = logits[:k], logits[k:2 * k]
+        d_real_noisy, d_fake_noisy = logits[2 * k:3 * k], logits[3 * k:]
+        total = sum(adv.discriminator_loss(r, f) for r, f in zip(d_real, d_fake))
+        r1_total = sum(jnp.mean(jnp.square(clean - noisy)) for clean, noisy in
+                       zip(d_real + d_fake, d_real_noisy + d_fake_noisy))
         return total + a.r1_weight * r1_total, (total, r1_total)
 
       (d_total, (d_adv, d_r1)), d_grads = jax.value_and_grad(d_loss, has_aux=True)(d_params)
@@ -227,17 +263,10 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
       def g_loss(gp):
         segs = ro.segment_frames(model, gp, inputs, roll_cond, starts, seg,
                                  gradient=a.gradient, segment_gradient=a.segment_gradient)
-        segs, dp, reals = jax.lax.optimization_barrier((segs, disc_params, real))
-        total = 0.0
-        for s0, fake in zip(starts, segs):
-          n = fake.shape[1]
-          rc = real_cond.replace(actions=None if real_cond.actions is None
-                                 else real_cond.actions[:, :n])
-          d_real = _judge(disc, dp, reals[:, :n], t, rc, k_dn)
-          d_fake = _judge(disc, dp, fake, t, _segment_cond(r_actions, None, s0, s0 + n),
-                          k_dn)
-          total = total + adv.generator_loss(d_real, d_fake)
-        return total
+        segs, dp, judged_reals = jax.lax.optimization_barrier((segs, disc_params, reals))
+        logits = _judge_all(disc, dp, judged_reals + segs, real_conds + fake_conds, t, k_dn,
+                            seg)
+        return sum(adv.generator_loss(r, f) for r, f in zip(logits[:k], logits[k:]))
 
       g_total, g_grads = jax.value_and_grad(g_loss)(gen_params)
       state, m = apply_update(state, g_grads, g_total, gen_tx, config.train.ema_decay)

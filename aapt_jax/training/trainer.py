@@ -459,7 +459,7 @@ class Trainer:
         else:
           state, _ = state_lib.create_train_state(model, tx, mesh, config.train.seed,
                                                   **roles)
-          if self.spec.previous:
+          if self.spec.previous or config.init_from:  # stage 1 too: e.g. converted Wan weights
             state = self._init_from(state, shardings)
           if self.spec.adversarial:
             state = self._disc_init_from(state, shardings)
@@ -516,8 +516,8 @@ class Trainer:
     """Starts the generator (and the teacher) from the previous stage's EMA
     params: `config.init_from`, else `<workdir>/<previous stage>`."""
     source = self.config.init_from or os.path.join(self.workdir, self.spec.previous)
-    params, where = self._load_generator(source, self.spec.previous, "init_from",
-                                         state.gen_params)
+    params, where = self._load_generator(source, self.spec.previous or "init_from",
+                                         "init_from", state.gen_params)
 
     def placed():  # fresh device buffers per field (the state is donated)
       return jax.tree.map(lambda a, s: jax.device_put(a, s), params, shardings.gen_params)
