@@ -36,4 +36,17 @@ def get_config(arg=None):
   # Measured on Pong, stage-1 loss at step 60: 0.99 at lr 3e-4, 0.61 at 1e-3
   # (no non-finite steps; gradient norms 0.1-0.3, under the clip).
   c.diffusion.optim.learning_rate = 1e-3
+  # Stages 2 and 3, sized for this CPU (the paper: 32 teacher steps, shift 24;
+  # RMSProp for G and D; 10 s segments overlapping by 1 s).
+  c.consistency.optim.learning_rate = 1e-4
+  c.adversarial.rollout_frames = 12       # = train.clip_frames; longer costs linearly
+  c.adversarial.segment_frames = 8
+  c.adversarial.segment_overlap = 4       # segments [0, 8) and [4, 12)
+  c.adversarial.gen_optim.learning_rate = 1e-5
+  c.adversarial.disc_optim.learning_rate = 1e-5
+  # stage=pipeline: 1 -> 2 -> 3, then a sample 10x the training clip length
+  c.pipeline.diffusion_steps = 300
+  c.pipeline.consistency_steps = 100
+  c.pipeline.adversarial_steps = 50
+  c.pipeline.sample_frames = 120
   return c

@@ -288,3 +288,34 @@ def test_per_process_batch_size():
   assert pipeline.per_process_batch_size(32, 4) == 8
   with pytest.raises(ValueError, match="not divisible"):
     pipeline.per_process_batch_size(30, 4)
+
+
+def test_adversarial_batches_pair_real_segments_with_episode_rollouts():
+  """Stage 3's batches: real clips of S frames, and per row a rollout start
+  frame and the L recorded actions that follow it in one episode."""
+  from aapt_jax.data.pipeline import make_adversarial_dataset
+  S, L = 3, 5
+  clips = [{"latents": np.full((6, 2, 2, 4), 100 + i, np.float32),
+            "actions": np.arange(6, dtype=np.int32)} for i in range(4)]
+  # episode e, frame f: latents all equal 1000 e + f, action (e + f) % 7
+  episodes = [{"latents": (1000 * e + np.arange(20, dtype=np.float32))[:, None, None, None]
+               * np.ones((1, 2, 2, 4), np.float32),
+               "actions": ((e + np.arange(20)) % 7).astype(np.int32)} for e in range(3)]
+  ds = make_adversarial_dataset(clips, episodes, segment_frames=S, rollout_frames=L,
+                                batch_size=2, seed=0, process_index=0, process_count=1)
+  seen = set()
+  for batch in (ds[i] for i in range(6)):
+    assert batch["latents"].shape == (2, S, 2, 2, 4)
+    assert batch["rollout_first"].shape == (2, 2, 2, 4)
+    assert batch["rollout_actions"].shape == (2, L)
+    assert set(np.unique(batch["latents"])) <= {100.0, 101.0, 102.0, 103.0}
+    for first, actions in zip(batch["rollout_first"], batch["rollout_actions"]):
+      code = int(first[0, 0, 0])
+      e, f = divmod(code, 1000)
+      assert np.all(first == code) and f + L <= 20
+      np.testing.assert_array_equal(actions, (e + f + np.arange(L)) % 7)
+      seen.add(code)
+  assert len(seen) > 3  # windows really vary
+  again = make_adversarial_dataset(clips, episodes, segment_frames=S, rollout_frames=L,
+                                   batch_size=2, seed=0, process_index=0, process_count=1)
+  np.testing.assert_array_equal(again[3]["rollout_first"], ds[3]["rollout_first"])
