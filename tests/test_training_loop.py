@@ -437,3 +437,41 @@ def test_pipeline_runs_three_stages_each_from_the_one_before(tiny_data, tmp_path
   # a rerun finds every stage done and trains nothing
   out = run()
   assert out.count("nothing to do") == 3, out[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_stage1_from_converted_wan_weights_starts_at_their_loss(tiny_data, tmp_path):
+  """convert_weights (the diffusers fixture) -> --config.init_from: stage 1
+  starts from exactly the converted params (a zero learning rate keeps them),
+  and its first loss equals the flow-matching loss computed directly from them
+  on the same first batch and noise."""
+  import jax.numpy as jnp
+  from aapt_jax.data import pipeline
+  from aapt_jax.training import stages
+  out = tmp_path / "converted"
+  conv = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", "convert_weights.py"), "--from=diffusers",
+       f"--src={os.path.join(ROOT, 'tests', 'fixtures', 'wan_transformer')}", f"--out={out}",
+       f"--config={config_path('tiny.py')}", "--config.model.text_dim=32",
+       "--config.model.num_layers=2"], capture_output=True, text=True, cwd=ROOT)
+  assert conv.returncode == 0, conv.stderr
+  _, converted = checkpointing.load_generator_params(str(out))
+  config = make_config(tiny_data, train__steps=1, init_from=str(out), model__text_dim=32,
+                       diffusion__optim__learning_rate=0.0)
+  summary = Trainer(config, str(tmp_path / "run")).run()
+  _, trained = checkpointing.load_generator_params(str(tmp_path / "run"), which="gen_params")
+  for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(converted)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  ds = pipeline.make_dataset(tiny_data + "/clips.array_record",
+                             clip_frames=config.train.clip_frames,
+                             batch_size=config.train.batch_size, seed=config.train.seed,
+                             process_index=0, process_count=1,
+                             space_to_depth=config.data.space_to_depth or 1)
+  batch = {k: jnp.asarray(v) for k, v in next(pipeline.make_iterator(ds)).items()}
+  # the step's noise: TrainState.rng is the second of three keys from the seed
+  state_rng = jax.random.split(jax.random.key(config.train.seed), 3)[1]
+  _, k = jax.random.split(state_rng)
+  loss = stages.diffusion_loss(build_generator(config), converted, batch, k, config)
+  np.testing.assert_allclose(summary["first_loss"], float(loss), rtol=1e-5)
