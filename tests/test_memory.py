@@ -1,4 +1,5 @@
 """Memory estimates before allocation (training/memory.py)."""
+import re
 import time
 
 import jax
@@ -54,8 +55,9 @@ def test_8b_on_these_devices_raises_with_need_and_alternative():
   assert "GiB per device" in msg
   assert "use configs/atari.py" in msg
   assert "80 GiB accelerators (H100), at least " in msg
-  avail, _ = memory.device_memory()
-  assert f"each cpu device here has {avail / 2**30:.1f} GiB" in msg
+  avail, _ = memory.device_memory()  # MemAvailable moves while other jobs run: +-20 %
+  named = float(re.search(r"each cpu device here has ([0-9.]+) GiB", msg).group(1))
+  assert abs(named - avail / 2**30) <= 0.2 * avail / 2**30 + 0.05, (named, avail)
   # The figure it names is at least the real per-device size of the state:
   # ~8.2e9 params x 16 bytes (params, Adam mu/nu, EMA) over the 32-way
   # (fsdp=8 x tensor=4) split of the config's mesh.
