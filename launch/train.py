@@ -51,7 +51,7 @@ def main(_):
     summaries = train(config, FLAGS.workdir)
     if summaries[-1].get("video"):
       print(f"sample video: {summaries[-1]['video']}")
-    if any(s.get("checkpoint") for s in summaries):
+    if config.stage != "vae" and any(s.get("checkpoint") for s in summaries):
       print(f"next: python launch/generate.py --checkpoint={FLAGS.workdir} --frames=48 "
             "--out=sample.mp4")
   except NonFiniteLossError as e:

@@ -130,13 +130,18 @@ def crop_clip(example: Mapping[str, Any], rng: np.random.Generator,
 
 def to_model_inputs(example: Mapping[str, Any], *, space_to_depth: int = 4,
                     latent_stats: tuple[Any, Any] | None = None,
-                    text_len: int | None = None) -> dict[str, np.ndarray]:
+                    text_len: int | None = None, pixels: bool = False) -> dict[str, np.ndarray]:
   """A cropped example -> the arrays of one batch row (see module docstring).
 
   `latent_stats` = (mean, std) per channel normalises stored VAE latents
   (pixel-space latents are already in [-1, 1] and are not normalised).
   `text_len` pads/truncates `text_embedding` to L tokens and adds `text_mask`.
+  `pixels` keeps the uint8 ``video`` [T, H, W, 3] as is (the VAE's input).
   """
+  if pixels:
+    if "video" not in example:
+      raise ValueError("the records hold no 'video' field: the VAE trains on pixels")
+    return {"video": np.asarray(example["video"], np.uint8)}
   if "latents" in example:
     latents = np.asarray(example["latents"], np.float32)
     if latent_stats is not None:
@@ -189,7 +194,7 @@ def make_dataset(source: Any, *, clip_frames: int, batch_size: int, seed: int = 
                  shuffle: bool = True, num_epochs: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  space_to_depth: int = 4, latent_stats: tuple[Any, Any] | None = None,
-                 text_len: int | None = None) -> grain.MapDataset:
+                 text_len: int | None = None, pixels: bool = False) -> grain.MapDataset:
   """The training dataset of per-process batches (see module docstring).
 
   Args:
@@ -200,6 +205,7 @@ def make_dataset(source: Any, *, clip_frames: int, batch_size: int, seed: int = 
     seed: seeds the shuffle and the crops.
     num_epochs: None repeats forever.
     process_index, process_count: default `jax.process_index()/count()`.
+    pixels: batches of uint8 ``video`` [B, T, H, W, 3] (stage "vae").
   """
   if clip_frames < 1 or batch_size < 1:
     raise ValueError(f"clip_frames ({clip_frames}) and batch_size ({batch_size}) "
@@ -225,7 +231,7 @@ def make_dataset(source: Any, *, clip_frames: int, batch_size: int, seed: int = 
   ds = ds.random_map(crop, seed=(seed + 0x9E3779B9) % 2**32)
   ds = ds.map(lambda ex: to_model_inputs(ex, space_to_depth=space_to_depth,
                                          latent_stats=latent_stats,
-                                         text_len=text_len))
+                                         text_len=text_len, pixels=pixels))
   if len(ds) < batch_size:
     raise ValueError(f"{len(ds)} records per process < batch_size={batch_size}")
   ds = ds.batch(batch_size, drop_remainder=True)

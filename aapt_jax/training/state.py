@@ -25,10 +25,16 @@ class TrainState:
   teacher_params: Any = None  # frozen teacher (stage 2 only)
 
 
+def _init_model(model, rng):
+  """The bare params of the trained model: the generator, or (stage "vae") the VAE."""
+  from aapt_jax.models.vae import VAE, init_params as init_vae_params
+  return (init_vae_params if isinstance(model, VAE) else init_params)(model, rng)["params"]
+
+
 def _init_fn(model, tx, disc=None, disc_tx=None, teacher=False):
   def init(rng):
     k_params, k_state, k_disc = jax.random.split(rng, 3)
-    params = init_params(model, k_params)["params"]  # boxed with logical names
+    params = _init_model(model, k_params)  # boxed with logical names (generator)
     state = TrainState(step=jnp.zeros((), jnp.int32), gen_params=params, gen_opt=tx.init(params),
                        ema_params=params, rng=jax.random.key_data(k_state),
                        skipped=jnp.zeros((), jnp.int32))

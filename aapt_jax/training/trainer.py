@@ -39,7 +39,7 @@ import numpy as np
 
 from aapt_jax import checkpointing, parallel
 from aapt_jax.data import pipeline, records
-from aapt_jax.models import build_generator
+from aapt_jax.models import build_generator, build_vae
 from aapt_jax.models.discriminator import build_discriminator, params_from_generator
 from aapt_jax.training import memory, optimizers, stages
 from aapt_jax.training import state as state_lib
@@ -59,9 +59,16 @@ class StageSpec:
   previous: str | None = None          # the stage it starts from (config.init_from)
   teacher: bool = False                # keeps a frozen teacher (the previous stage's EMA)
   adversarial: bool = False            # a discriminator (from stage 1) and rollout batches
+  vae: bool = False                    # trains the video VAE on pixel clips
+
+
+def _make_vae_step(model, tx, config):
+  from aapt_jax.training.vae_stage import make_vae_step
+  return make_vae_step(model, tx, config)
 
 
 STAGES: dict[str, StageSpec] = {
+    "vae": StageSpec(_make_vae_step, lambda c: c.vae.optim, vae=True),
     "diffusion": StageSpec(stages.make_diffusion_step, lambda c: c.diffusion.optim),
     "consistency": StageSpec(stages.make_consistency_step, lambda c: c.consistency.optim,
                              previous="diffusion", teacher=True),
@@ -135,6 +142,13 @@ def check_config(config) -> StageSpec:
       raise ValueError(f"config field {field} must be an int, got {value!r}")
     if value < low:
       raise ValueError(f"config field {field} must be >= {low}, got {value}")
+  if STAGES[stage].vae:
+    from aapt_jax.models.vae import VAESpec
+    r = VAESpec.from_config(config).temporal_factor
+    if (config.train.clip_frames - 1) % r:
+      raise ValueError(f"config field train.clip_frames={config.train.clip_frames}: stage "
+                       f"'vae' trains on clips of 1 + k*{r} video frames (vae temporal "
+                       f"factor {r}), e.g. {1 + r * max(1, config.train.clip_frames // r)}")
   if STAGES[stage].adversarial:
     a = config.adversarial
     from aapt_jax.objectives.adversarial import segment_starts
@@ -284,6 +298,21 @@ def check_example(example: dict, config, where: str, min_frames: int | None = No
                        f"{m.control_dim}")
 
 
+def check_vae_example(example: dict, config, where: str) -> None:
+  """ValueError naming `where` and the field if a record cannot train the VAE."""
+  from aapt_jax.models.vae import VAESpec
+  if "video" not in example:
+    raise ValueError(f"{where}: no 'video' field: stage 'vae' trains on pixel clips")
+  v = example["video"]
+  size = VAESpec.from_config(config).frame_size
+  if v.ndim != 4 or v.shape[-1] != 3 or tuple(v.shape[1:3]) != tuple(size):
+    raise ValueError(f"{where}: field 'video': shape {v.shape}, expected [T, {size[0]}, "
+                     f"{size[1]}, 3] (model.latent_size x the VAE's spatial factor)")
+  if v.shape[0] < config.train.clip_frames:
+    raise ValueError(f"{where}: field 'video': {v.shape[0]} frames < train.clip_frames="
+                     f"{config.train.clip_frames}")
+
+
 def check_data(source: records.RecordSource, config, min_frames: int | None = None,
                min_field: str = "train.clip_frames") -> None:
   """Validates and checks the first and last record against the model."""
@@ -295,7 +324,10 @@ def check_data(source: records.RecordSource, config, min_frames: int | None = No
     where = f"{path}[{pos}]"
     example = source[i]
     records.validate_example(example, source=where)
-    check_example(example, config, where, min_frames, min_field)
+    if STAGES.get(config.stage) and STAGES[config.stage].vae:
+      check_vae_example(example, config, where)
+    else:
+      check_example(example, config, where, min_frames, min_field)
 
 
 # ----------------------------------------------------------------------------
@@ -366,7 +398,7 @@ class MetricWriter:
 
 def data_fingerprint(batch: dict[str, np.ndarray]) -> float:
   """A cheap host-side checksum of a batch (for tests of the data order)."""
-  x = batch["latents"]
+  x = batch["latents"] if "latents" in batch else batch["video"]
   w = np.arange(1, x.shape[0] + 1, dtype=np.float64).reshape(-1, *([1] * (x.ndim - 1)))
   return float(np.sum(x.astype(np.float64) * w))
 
@@ -405,7 +437,8 @@ class Trainer:
 
     # before anything is allocated: will the state fit the devices at hand?
     # (the message gives the memory per device and a config to use instead)
-    memory.check_fits(config)
+    if not self.spec.vae:  # the estimate models the DiT's train state
+      memory.check_fits(config)
     mesh = parallel.make_mesh(config.mesh)
     bsize = int(config.train.batch_size)
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -416,7 +449,7 @@ class Trainer:
     per_process = pipeline.per_process_batch_size(bsize)
     total = int(config.train.steps)
 
-    model = build_generator(config)
+    model = build_vae(config) if self.spec.vae else build_generator(config)
     tx = optimizers.make_optimizer(self.spec.optim(config), total)
     disc = disc_tx = None
     if self.spec.adversarial:
@@ -439,7 +472,7 @@ class Trainer:
     else:
       ds = pipeline.make_dataset(source, clip_frames=config.train.clip_frames,
                                  batch_size=per_process, seed=config.train.seed,
-                                 space_to_depth=s2d)
+                                 space_to_depth=s2d, pixels=self.spec.vae)
     iterator = pipeline.make_iterator(ds)
 
     ckpt = checkpointing.Checkpointer(self.checkpoint_dir, keep=config.checkpoint.keep)
