@@ -17,13 +17,22 @@ def discriminator_loss(real_logits, fake_logits):
   return jnp.mean(jax.nn.softplus(fake_logits - real_logits))
 
 
+def perturb(x, sigma: float, rng):
+  """x + σ·ε, ε ~ N(0, I): the input of approximate R1/R2's second D call."""
+  return x + sigma * jax.random.normal(rng, x.shape, x.dtype)
+
+
+def r1_penalty(clean_logits, perturbed_logits):
+  """mean (D(x) - D(perturb(x)))², from the two calls' logits (before λ)."""
+  return jnp.mean(jnp.square(clean_logits - perturbed_logits))
+
+
 def approx_r1(disc_fn, x, sigma: float, rng):
   """Approximate R1 (on reals) / R2 (on fakes): mean (D(x) - D(x + σ·ε))², ε ~ N(0, I).
 
   Before the λ weight. `disc_fn` may return any shape.
   """
-  eps = jax.random.normal(rng, x.shape, x.dtype)
-  return jnp.mean(jnp.square(disc_fn(x) - disc_fn(x + sigma * eps)))
+  return r1_penalty(disc_fn(x), disc_fn(perturb(x, sigma, rng)))
 
 
 def segment_starts(length: int, segment: int, overlap: int) -> list[int]:

@@ -230,10 +230,10 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
                                       else real_cond.actions[:, :f.shape[1]]) for f in fakes]
       fake_conds = [_segment_cond(r_actions, None, s0, s0 + f.shape[1])
                     for s0, f in zip(starts, fakes)]
-      # approximate R1 / R2 inputs (objectives.adversarial.approx_r1's ε, σ)
-      noisy_reals = [x + a.r1_sigma * jax.random.normal(key, x.shape, x.dtype)
+      # approximate R1 / R2 inputs (objectives.adversarial.approx_r1, in one D forward)
+      noisy_reals = [adv.perturb(x, a.r1_sigma, key)
                      for x, key in zip(reals, jax.random.split(k_r1, len(reals)))]
-      noisy_fakes = [x + a.r1_sigma * jax.random.normal(key, x.shape, x.dtype)
+      noisy_fakes = [adv.perturb(x, a.r1_sigma, key)
                      for x, key in zip(fakes, jax.random.split(k_r2, len(fakes)))]
       k = len(starts)
 
@@ -243,7 +243,7 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
         d_real, d_fake = logits[:k], logits[k:2 * k]
         d_real_noisy, d_fake_noisy = logits[2 * k:3 * k], logits[3 * k:]
         total = sum(adv.discriminator_loss(r, f) for r, f in zip(d_real, d_fake))
-        r1_total = sum(jnp.mean(jnp.square(clean - noisy)) for clean, noisy in
+        r1_total = sum(adv.r1_penalty(clean, noisy) for clean, noisy in
                        zip(d_real + d_fake, d_real_noisy + d_fake_noisy))
         return total + a.r1_weight * r1_total, (total, r1_total)
 

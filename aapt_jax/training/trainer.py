@@ -708,9 +708,7 @@ def train(config, workdir: str) -> list[dict[str, Any]]:
   for c in configs:
     _log(f"\npipeline: stage {c.stage} ({c.train.steps} steps)")
     summaries.append(Trainer(c, workdir).run())
-    with config.unlocked():  # later stages reuse the data the first one resolved
-      config.data.path = c.data.path
-    for later in configs:
+    for later in configs:  # later stages reuse the data the first one resolved
       with later.unlocked():
         later.data.path = c.data.path
   if is_main_process() and config.pipeline.sample_frames:
