@@ -23,6 +23,12 @@ def get_config(arg=None):
   m.window_frames = 8
   m.num_actions = 18          # ALE's full action set; a game uses a subset
   m.control_dim = 0
+  # The head predicts the clean frame: each token carries 2x2x48 = 192 noise
+  # values plus 192 recycled ones into dim 192, and predicting the velocity
+  # eps - x0 means carrying that noise through to cancel it. Measured on Pong
+  # after 60 stage-1 steps, x0 MSE of the one-step frame: 0.632 (velocity)
+  # vs 0.052 (x0); copying the previous frame scores 0.0008.
+  m.prediction = "x0"
   c.data.world = "atari"
   c.data.game = "Pong"
   c.data.frame_size = 64

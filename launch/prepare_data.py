@@ -7,7 +7,10 @@ writes DIR/clips-*.array_record, DIR/episodes-*.array_record and
 DIR/metadata.json (see aapt_jax/data/prepare.py).
 """
 import argparse
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:

@@ -190,3 +190,25 @@ def test_text_mask_and_text_none():
   np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), atol=1e-6)
   c = call(params, latents, timesteps, cond.replace(text=None, text_mask=None))
   assert c.shape == a.shape and bool(jnp.all(jnp.isfinite(c)))
+
+
+def test_x0_prediction_is_the_head_turned_into_a_velocity(rollout):
+  """model.prediction="x0": the same params' head output (what the velocity
+  model returns) is read as x0, so x_t - max(t, x0_min_t) * v gives it back,
+  the one-step frame eps - v(eps, 1) is it, and step == full call still."""
+  _, x0_model, _ = tiny((("model.prediction", "x0"),))
+  call, step = compiled(x0_model)
+  params, latents, cond = rollout["params"], rollout["latents"][:, :5], rollout["cond"]
+  cond5 = cond.replace(previous=cond.previous[:, :5], actions=cond.actions[:, :5],
+                       controls=cond.controls[:, :5])
+  # t in {0 (sink), below the clamp, above it, 1}
+  t = jnp.array([[0.0, 0.01, 0.3, 0.7, 1.0]] * B)
+  head = rollout["call"](params, latents, t, cond5)  # velocity model = the raw head
+  v = call(params, latents, t, cond5)
+  t_used = jnp.maximum(t, x0_model.spec.x0_min_t)[:, :, None, None, None]
+  np.testing.assert_allclose(np.asarray(latents - t_used * v), np.asarray(head), atol=1e-4)
+  assert not np.allclose(np.asarray(v), np.asarray(head), atol=1e-2)
+  np.testing.assert_allclose(np.asarray(latents[:, 4] - v[:, 4]), np.asarray(head[:, 4]),
+                             atol=1e-5)
+  stepped, _ = step_all(step, params, x0_model.init_cache(B), latents, t, cond5)
+  np.testing.assert_allclose(np.asarray(stepped), np.asarray(v), atol=1e-3, rtol=1e-4)

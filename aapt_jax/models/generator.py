@@ -6,6 +6,8 @@ Frames and blocks: block i is made from latent frame i; block 0 is the sink
 (the first frame, clean, t = 0). Block i >= 1 takes concat(noisy x_i at t_i,
 recycled x_{i-1}) on channels. Velocity parameterisation:
 x_t = (1 - t) x_0 + t eps, v = eps - x_0; the one-step frame is eps - v(eps, 1).
+The head predicts v directly (Wan) or x0 (`model.prediction = "x0"`), which
+is turned into v here so every caller sees a velocity.
 """
 from __future__ import annotations
 
@@ -38,6 +40,16 @@ class Conditioning:
 
 def _shape_error(what, expected, got):
   return ValueError(f"{what}: expected shape {expected}, got {tuple(got)}")
+
+
+def velocity_from_x0(x_t, t, x0, min_t):
+  """v = (x_t - x0) / max(t, min_t): x_t [B, T, h, w, C], t [B, T].
+
+  Exact for t >= min_t (x_t - t v = x0), so the one-step frame eps - v(eps, 1)
+  is the predicted x0 itself.
+  """
+  t = jnp.maximum(t.astype(jnp.float32), min_t)[:, :, None, None, None]
+  return (x_t.astype(jnp.float32) - x0) / t
 
 
 class Generator(nn.Module):
@@ -162,7 +174,10 @@ class Generator(nn.Module):
     counter = 0 if cache is None else cache.counter
     x, new_layers, _ = self.transformer(tokens, mod, text, cond.text_mask, grid, layers_kv,
                                         counter, commit)
-    return self._head(x, temb, (h, w)), new_layers
+    out = self._head(x, temb, (h, w))  # [B, T, h, w, C] f32
+    if s.prediction == "x0":
+      out = velocity_from_x0(latents, timesteps, out, s.x0_min_t)
+    return out, new_layers
 
   def features(self, latents, timesteps, cond: Conditioning | None = None):
     """The backbone's block outputs [L, B, T', P, D] (no velocity head): what

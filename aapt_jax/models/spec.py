@@ -7,6 +7,7 @@ from typing import Any
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+PREDICTIONS = ("velocity", "x0")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
@@ -35,6 +36,8 @@ class ModelSpec:
   scan_layers: bool
   remat: str
   attention_backend: str
+  prediction: str = "velocity"
+  x0_min_t: float = 0.05
 
   @property
   def head_dim(self) -> int:
@@ -60,9 +63,11 @@ class ModelSpec:
   @classmethod
   def from_config(cls, model_config) -> "ModelSpec":
     """Builds and validates; every error names the config field and the fix."""
-    fields = {f.name for f in dataclasses.fields(cls)}
     values = {}
-    for name in fields:
+    for f in dataclasses.fields(cls):
+      name = f.name
+      if name not in model_config and f.default is not dataclasses.MISSING:
+        continue  # added after older checkpoints were written: their default
       if name not in model_config:
         raise ValueError(f"config field model.{name} is missing (see configs/base.py)")
       values[name] = model_config[name]
@@ -100,5 +105,8 @@ class ModelSpec:
     need(self.param_dtype in _DTYPES, "param_dtype",
          f"must be one of {sorted(_DTYPES)}, got {self.param_dtype!r}")
     need(self.remat in REMAT_POLICIES, "remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    need(self.prediction in PREDICTIONS, "prediction",
+         f"must be one of {PREDICTIONS}, got {self.prediction!r}")
+    need(0.0 < self.x0_min_t <= 1.0, "x0_min_t", f"must be in (0, 1], got {self.x0_min_t}")
     need(self.attention_backend in ("xla",), "attention_backend",
          f"only 'xla' is implemented, got {self.attention_backend!r}")
