@@ -54,6 +54,8 @@ def main(_):
     if config.stage != "vae" and any(s.get("checkpoint") for s in summaries):
       print(f"next: python launch/generate.py --checkpoint={FLAGS.workdir} --frames=48 "
             "--out=sample.mp4")
+      print(f"play: python launch/play.py --checkpoint={FLAGS.workdir}  (then open the "
+            "printed address in a browser)")
   except NonFiniteLossError as e:
     fail("train", e, code=1)
   except (ValueError, OSError) as e:  # FileNotFoundError is an OSError

@@ -6,6 +6,7 @@ import numpy as np
 
 from aapt_jax.data.video_io import read_video
 from aapt_jax.data.worlds.atari import AtariWorld
+from aapt_jax.inference.quality import change, psnr, roughness
 from aapt_jax.inference.video import generate_video
 from streaming_helpers import TINY_ATARI, write_tiny_export
 
@@ -38,6 +39,13 @@ def test_generate_writes_the_requested_frames_side_by_side(tmp_path):
   assert _close(video[:, :, 16:], real) < 8  # the right half: the emulator, same actions
   assert _close(video[0, :, :16], real[0]) < 8  # the stream starts from the real frame
   assert _close(video[1:, :, :16], real[1:]) > 20  # then it is the (untrained) model's
+  # the quality numbers compare the generated frames with that same replay
+  np.testing.assert_allclose(stats["real_roughness"],
+                             np.mean([roughness(f) for f in real[1:]]), atol=1e-3)
+  np.testing.assert_allclose(stats["real_change"],
+                             np.mean([change(b, a) for a, b in zip(real, real[1:])]), atol=1e-3)
+  early = np.mean([psnr(g, r) for g, r in zip(video[1:5, :, :16], real[1:5])])  # clip 5
+  assert abs(stats["psnr_early"] - early) < 3  # H.264 moves noise-like frames ~2 dB
 
 
 def test_generate_in_vae_latents_writes_r_frames_per_latent_frame(tmp_path):

@@ -1,7 +1,8 @@
 """Generating a video of the embedded world: start frame, actions, a
 StreamingSession one latent frame at a time, frames streamed into an mp4
 (constant memory however many frames), optionally side by side with the real
-emulator playing the same actions."""
+emulator playing the same actions. The stats include PSNR/SSIM against
+that replay and noise/frozen-image statistics (inference/quality.py)."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ from tqdm import tqdm
 from aapt_jax.data.video_io import VideoWriter
 from aapt_jax.inference import export as export_lib
 from aapt_jax.inference.decoders import uses_vae
+from aapt_jax.inference.quality import VideoQuality
 from aapt_jax.inference.session import StreamingModel, StreamingSession
 from aapt_jax.models import build_generator, build_vae, init_params, init_vae_params
 
@@ -84,8 +86,9 @@ def generate_video(config, *, checkpoint=None, frames=48, actions="random", seed
                    out="sample.mp4", steps=0, side_by_side=False):
   """Streams `frames` latent frames into an mp4; returns (path, stats dict).
 
-  With `side_by_side`, each video frame is [generated | emulator] with the
-  emulator replaying the same actions (each held for one latent frame)."""
+  The emulator replays the same actions (each held for one latent frame) for
+  the quality numbers; with `side_by_side` each video frame is
+  [generated | emulator]."""
   if frames < 1:
     raise ValueError(f"--frames must be >= 1, got {frames}")
   model = load_model(config, checkpoint, seed, steps)
@@ -101,6 +104,8 @@ def generate_video(config, *, checkpoint=None, frames=48, actions="random", seed
   k = model.frames_per_latent
   h, w = model.frame_size
   stats = _FrameStats()
+  # PSNR/SSIM early = within the training clip length, late = beyond it
+  quality = VideoQuality(split=int(model.config.train.clip_frames) * k)
   first = real = world.reset(seed)  # the emulator's first frame starts both sides
   t0 = time.perf_counter()
   with VideoWriter(out, world.fps, (h, 2 * w if side_by_side else w)) as writer, \
@@ -109,13 +114,12 @@ def generate_video(config, *, checkpoint=None, frames=48, actions="random", seed
       video = session.start(first) if i == 0 else session.step(action_ids[i])
       for frame in video:  # [H, W, 3]
         stats.add(frame)
-        if side_by_side:
-          if i and not world.game_over():
-            real = world.step(action_ids[i])[0]
-          frame = np.concatenate([frame, real], axis=1)
-        writer.write(frame)
+        if i and not world.game_over():
+          real = world.step(action_ids[i])[0]
+        quality.add(frame, real)
+        writer.write(np.concatenate([frame, real], axis=1) if side_by_side else frame)
         bar.update(1)
   seconds = time.perf_counter() - t0
   return out, dict(frames=frames, video_frames=frames * k, steps_per_frame=model.sampler_steps,
                    seconds=round(seconds, 2), frames_per_s=round(frames * k / seconds, 1),
-                   fps=world.fps, **stats.summary())
+                   fps=world.fps, **stats.summary(), **quality.summary())

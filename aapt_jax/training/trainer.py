@@ -717,6 +717,9 @@ def train(config, workdir: str) -> list[dict[str, Any]]:
     path, stats = generate_video(configs[-1], checkpoint=workdir,
                                  frames=int(config.pipeline.sample_frames),
                                  seed=config.train.seed, out=out)
-    _log(f"pipeline: sample video {path}: {stats}")
+    from aapt_jax.inference.quality import describe
+    _log(f"pipeline: sample video {path}: {stats['video_frames']} frames at "
+         f"{stats['frames_per_s']} frames/s (mean pixel {stats['mean_pixel']}, "
+         f"std {stats['std_pixel']})\n{describe(stats)}")
     summaries.append({"stage": "sample", "video": path, **stats})
   return summaries
