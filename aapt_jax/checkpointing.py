@@ -27,6 +27,7 @@ multi-process runs; the trainer then saves and exits 0.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -56,6 +57,17 @@ def _type_handlers():
       (jax.Array, th.ArrayHandler(
           use_replica_parallel=True,
           min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES)))
+
+
+class _QuietMetadataWarning(logging.Filter):
+  """Orbax warns on every read of a step whose item lacks its own metadata
+  file (the manager keeps it a level up): noise in a user's terminal."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Metadata file does not exist")
+
+
+logging.getLogger("absl").addFilter(_QuietMetadataWarning())
 
 
 def stage_dir(workdir: str, stage: str) -> str:
@@ -313,7 +325,7 @@ class PreemptionGuard:
 # ----------------------------------------------------------------------------
 # Loading a trained generator (generate, play, export).
 
-STAGE_ORDER = ("diffusion", "consistency", "adversarial")
+STAGE_ORDER = ("vae", "diffusion", "consistency", "adversarial")
 
 
 def resolve_step_dir(path: str) -> str:

@@ -129,6 +129,9 @@ def get_config(arg=None):
                               # (diffusers' spelling); the decoder mirrors it
   v.dropout = 0.0             # must be 0.0 (as Wan)
   v.dtype = "float32"         # compute dtype: float32 | bfloat16
+  v.checkpoint = ""           # the stage-"vae" run/step directory whose encoder made
+                              # this config's latent records (prepare_data
+                              # --vae_checkpoint) and whose decoder streams its frames
   # Per-channel statistics of the raw latents (Wan2.1's): the DiT sees
   # (latents - mean) / std (models/vae.py normalize_latents).
   v.latents_mean = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,

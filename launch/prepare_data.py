@@ -4,7 +4,10 @@
       --frames_per_episode=1000 --clip_frames=16 --size=64 --out=data/pong
 
 writes DIR/clips-*.array_record, DIR/episodes-*.array_record and
-DIR/metadata.json (see aapt_jax/data/prepare.py).
+DIR/metadata.json (see aapt_jax/data/prepare.py). With --vae_checkpoint=RUN
+(a stage-"vae" run) the pixel records go to DIR/pixels and DIR gets the same
+records in that VAE's latents (aapt_jax/data/encode.py), the form a
+VAE-latent config trains on.
 """
 import argparse
 import os
@@ -31,6 +34,8 @@ def main(argv=None) -> int:
   p.add_argument("--overwrite", action="store_true",
                  help="delete records already in --out")
   p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("--vae_checkpoint", default="",
+                 help="a stage-'vae' run: also write the records in its latents")
   args = p.parse_args(argv)
 
   try:
@@ -38,8 +43,12 @@ def main(argv=None) -> int:
     if args.world not in prepare.WORLDS:
       raise ValueError(f"--world={args.world!r} is not supported; choose from "
                        f"{', '.join(prepare.WORLDS)}")
+    pixels_dir = os.path.join(args.out, "pixels") if args.vae_checkpoint else args.out
+    if args.vae_checkpoint:
+      from aapt_jax.data.encode import load_vae
+      load_vae(args.vae_checkpoint)  # a bad checkpoint fails before any recording
     summary = prepare.prepare_atari(
-        args.out, game=args.game, episodes=args.episodes,
+        pixels_dir, game=args.game, episodes=args.episodes,
         frames_per_episode=args.frames_per_episode or None,
         clip_frames=args.clip_frames, clip_stride=args.clip_stride or None,
         size=args.size, frame_skip=args.frame_skip, seed=args.seed,
@@ -52,7 +61,17 @@ def main(argv=None) -> int:
     print("prepare_data: interrupted; the output directory is incomplete",
           file=sys.stderr)
     return 130
-  print(prepare.format_summary(summary, args.out))
+  print(prepare.format_summary(summary, pixels_dir))
+  if args.vae_checkpoint:
+    from aapt_jax.data import encode
+    try:
+      latent_summary = encode.encode_records(pixels_dir, args.out,
+                                             vae_checkpoint=args.vae_checkpoint,
+                                             overwrite=args.overwrite)
+    except (ValueError, OSError) as e:
+      print(f"prepare_data: error: {e}", file=sys.stderr)
+      return 2
+    print(encode.format_summary(latent_summary, args.out))
   return 0
 
 

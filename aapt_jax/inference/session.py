@@ -119,10 +119,28 @@ def load_checkpoint(checkpoint: str | None):
   from aapt_jax.checkpointing import load_generator_params, resolve_step_dir
   step_dir = resolve_step_dir(path)
   config, params = load_generator_params(step_dir)
-  if uses_vae(config):
-    raise ValueError(f"checkpoint {step_dir} works in VAE latents; load it through an "
-                     "export that holds the VAE (launch/export.py)")
-  return config, params, None, None, step_dir
+  vae_params = load_run_vae(config, step_dir) if uses_vae(config) else None
+  return config, params, vae_params, None, step_dir
+
+
+def load_run_vae(config, where: str):
+  """The VAE params a VAE-latent run decodes with: `vae.checkpoint`'s, checked
+  to be the VAE the run's config describes."""
+  path = config.vae.get("checkpoint", "")
+  if not path:
+    raise ValueError(f"checkpoint {where} works in VAE latents but its config names no "
+                     "vae.checkpoint (the stage-'vae' run whose encoder made its latents)")
+  from aapt_jax.data.encode import load_vae
+  from aapt_jax.checkpointing import config_diff, config_to_dict
+  vae_config, _, vae_params = load_vae(path)
+  fields = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample")
+  pick = lambda c: {"vae": {k: config_to_dict(c)["vae"][k] for k in fields},
+                    "model": {"latent_size": config_to_dict(c)["model"]["latent_size"]}}
+  diff = config_diff(pick(vae_config), pick(config), sections=("vae", "model"))
+  if diff:
+    raise ValueError(f"vae.checkpoint={path} is another VAE than the one {where} was "
+                     f"trained with: {'; '.join(diff)}")
+  return vae_params
 
 
 @dataclasses.dataclass

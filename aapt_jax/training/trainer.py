@@ -261,8 +261,8 @@ def check_example(example: dict, config, where: str, min_frames: int | None = No
       raise ValueError(f"{where}: field 'video': shape {v.shape}, expected [T, H, W, 3]")
     if s < 1:
       raise ValueError(f"{where}: field 'video': records hold pixels but "
-                       "data.space_to_depth=0 (latents from a VAE); encode the video "
-                       "or set data.space_to_depth")
+                       "data.space_to_depth=0 (latents from a VAE); encode them with "
+                       "launch/prepare_data.py --vae_checkpoint=RUN or set data.space_to_depth")
     if v.shape[1] % s or v.shape[2] % s:
       raise ValueError(f"{where}: field 'video': frame size {v.shape[1]}x{v.shape[2]} "
                        f"is not divisible by data.space_to_depth={s}")
@@ -464,15 +464,18 @@ class Trainer:
       parallel.check_divisible(abstract.disc_params, shardings.disc_params)
 
     s2d = config.data.space_to_depth or 1
+    # stored VAE latents are raw: the DiT sees them normalised, as the decoder expects
+    stats = None if config.data.space_to_depth or self.spec.vae else (
+        tuple(config.vae.latents_mean), tuple(config.vae.latents_std))
     if self.spec.adversarial:
       ds = pipeline.make_adversarial_dataset(
           source, episodes, segment_frames=config.adversarial.segment_frames,
           rollout_frames=config.adversarial.rollout_frames, batch_size=per_process,
-          seed=config.train.seed, space_to_depth=s2d)
+          seed=config.train.seed, space_to_depth=s2d, latent_stats=stats)
     else:
       ds = pipeline.make_dataset(source, clip_frames=config.train.clip_frames,
                                  batch_size=per_process, seed=config.train.seed,
-                                 space_to_depth=s2d, pixels=self.spec.vae)
+                                 space_to_depth=s2d, pixels=self.spec.vae, latent_stats=stats)
     iterator = pipeline.make_iterator(ds)
 
     ckpt = checkpointing.Checkpointer(self.checkpoint_dir, keep=config.checkpoint.keep)

@@ -1,0 +1,177 @@
+"""Pixel records -> VAE-latent records: what a VAE-latent DiT trains on.
+
+    encode_records("data/pong_pixels", "data/pong", vae_checkpoint="runs/vae")
+
+reads the ``clips-*`` and ``episodes-*`` of a prepared pixel dataset
+(data/prepare.py) and writes the same files under `out_dir` with ``latents``
+(float32 ``[T', h, w, z]``, the encoder's raw mean: the trainer normalises
+them with ``vae.latents_mean/latents_std``) in place of ``video``, plus
+``temporal_factor`` r and ``actions`` per latent frame, and a metadata.json
+that adds the VAE checkpoint and the latents' measured per-channel mean and
+std (the values to put in ``vae.latents_mean/latents_std``).
+
+* A record of T video frames keeps its first 1 + k*r frames (k as large as
+  fits): the encoder needs T = 1 + k*r, and a frame is never silently
+  resampled. Latent frame 0 is video frame 0; latent frame j >= 1 covers
+  video frames 1 + r(j-1) .. rj.
+* Actions per latent frame: latent frame j >= 1 takes the action of its first
+  video frame, actions[1 + r(j-1)] -- what generation does, holding one
+  action for a latent frame's r video frames.
+* The encoder is causal, so an episode is encoded padded at the end to a
+  length bucket (one compile per bucket, not per episode length) and the
+  padding's latents dropped: exactly the unpadded encoding.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from aapt_jax.data import records
+from aapt_jax.data.prepare import check_output_dir
+
+EPISODE_BUCKET = 128  # latent frames: episodes are padded to a multiple of this
+
+
+def load_vae(path: str):
+  """(config, VAE module, params) of a stage-"vae" checkpoint (its EMA params)."""
+  from aapt_jax.checkpointing import load_generator_params
+  from aapt_jax.models import build_vae
+  stage_dir = os.path.join(path, "vae")  # a run directory that also holds DiT stages
+  config, params = load_generator_params(stage_dir if os.path.isdir(stage_dir) else path)
+  if config.get("stage") != "vae":
+    raise ValueError(f"{path} is not a VAE checkpoint (its stage is {config.get('stage')!r}; "
+                     "train one with --config.stage=vae, e.g. configs/atari_vae.py)")
+  return config, build_vae(config), params
+
+
+def latent_actions(actions: np.ndarray, r: int) -> np.ndarray:
+  """Actions per video frame [T] (T = 1 + k*r) -> per latent frame [1 + k]."""
+  return np.concatenate([actions[:1], actions[1::r]]).astype(np.int32)
+
+
+def _trimmed(num_frames: int, r: int) -> int:
+  return 1 + (num_frames - 1) // r * r
+
+
+class _ChannelStats:
+  def __init__(self):
+    self.n, self.s, self.ss = 0, 0.0, 0.0
+
+  def add(self, latents: np.ndarray) -> None:
+    x = latents.reshape(-1, latents.shape[-1]).astype(np.float64)
+    self.n, self.s, self.ss = self.n + len(x), self.s + x.sum(0), self.ss + np.square(x).sum(0)
+
+  def result(self) -> tuple[list[float], list[float]]:
+    mean = self.s / max(self.n, 1)
+    std = np.sqrt(np.maximum(self.ss / max(self.n, 1) - mean ** 2, 1e-12))
+    return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]
+
+
+def encode_records(src_dir: str, out_dir: str, *, vae_checkpoint: str, batch_size: int = 8,
+                   overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+  """Encodes a pixel dataset's clips and episodes; returns the summary (also
+  written to `out_dir`/metadata.json)."""
+  src_meta_path = os.path.join(src_dir, "metadata.json")
+  if not os.path.isfile(src_meta_path):
+    raise FileNotFoundError(f"{src_dir} is not a prepared dataset (no metadata.json); make one "
+                            "with launch/prepare_data.py")
+  with open(src_meta_path) as f:
+    src_meta = json.load(f)
+  config, vae, params = load_vae(vae_checkpoint)
+  r, frame_size = vae.spec.temporal_factor, tuple(vae.spec.frame_size)
+  if tuple(src_meta.get("size", frame_size)) != frame_size:
+    raise ValueError(f"{src_dir} holds {tuple(src_meta['size'])} frames but the VAE of "
+                     f"{vae_checkpoint} encodes {frame_size} frames")
+  if os.path.abspath(src_dir) == os.path.abspath(out_dir):
+    raise ValueError("the latent records need another directory than the pixel ones")
+  check_output_dir(out_dir, overwrite)
+
+  @jax.jit
+  def encode(p, video):  # uint8 [B, 1 + k*r, H, W, 3] -> raw mean latents [B, 1 + k, h, w, z]
+    mean, _ = vae.apply({"params": p}, video.astype(jnp.float32) / 127.5 - 1.0, method="encode")
+    return mean
+
+  stats = _ChannelStats()
+  counts = {"clips": 0, "clip_latent_frames": 0, "episodes": 0, "episode_latent_frames": 0}
+  skipped: list[str] = []
+  out_files = {}
+
+  def to_latent_record(example, latents):
+    out = {k: v for k, v in example.items() if k not in ("video", "actions", "controls")}
+    out.update(latents=np.asarray(latents, np.float32), temporal_factor=r)
+    if "actions" in example:
+      out["actions"] = latent_actions(example["actions"][:_trimmed(len(example["video"]), r)], r)
+    return out
+
+  for kind in ("clips", "episodes"):
+    paths = records.resolve_paths(os.path.join(src_dir, f"{kind}-*{records.SUFFIX}"))
+    source = records.RecordSource(paths)
+    bar = tqdm(total=len(source), unit=kind[:-1], disable=not progress, desc=f"encode {kind}")
+    with records.RecordWriter(os.path.join(out_dir, kind), len(paths)) as writer:
+      pending: list[dict] = []
+
+      def flush():
+        video = np.stack([e["video"][:_trimmed(len(e["video"]), r)] for e in pending])
+        n = len(pending)
+        if n < batch_size:  # one compiled shape for clips
+          video = np.concatenate([video, np.repeat(video[-1:], batch_size - n, 0)])
+        latents = np.asarray(encode(params, jnp.asarray(video)))[:n]
+        for e, lat in zip(pending, latents):
+          writer.write(to_latent_record(e, lat), source=f"clip {e.get('episode')}:{e.get('start')}")
+          stats.add(lat)
+        counts["clips"] += n
+        counts["clip_latent_frames"] += n * latents.shape[1]
+        pending.clear()
+
+      for i in range(len(source)):
+        example = source[i]
+        if "video" not in example or len(example["video"]) < 1 + r:
+          skipped.append(f"{kind}[{i}]: fewer than 1 + r = {1 + r} video frames")
+        elif kind == "clips":
+          if pending and len(example["video"]) != len(pending[0]["video"]):
+            flush()
+          pending.append(example)
+          if len(pending) == batch_size:
+            flush()
+        else:
+          video = example["video"][:_trimmed(len(example["video"]), r)]
+          t = 1 + (len(video) - 1) // r
+          bucket = -(-t // EPISODE_BUCKET) * EPISODE_BUCKET
+          padded = np.concatenate([video, np.repeat(video[-1:], (bucket - t) * r, 0)])
+          latents = np.asarray(encode(params, jnp.asarray(padded[None])))[0, :t]
+          writer.write(to_latent_record(example, latents), source=f"{kind}[{i}]")
+          counts["episodes"] += 1
+          counts["episode_latent_frames"] += t
+        bar.update(1)
+      if pending:
+        flush()
+      out_files[kind] = [os.path.basename(p) for p in writer.paths]
+    bar.close()
+
+  mean, std = stats.result()
+  summary = dict(src_meta, record_kind="latents", pixel_source=os.path.abspath(src_dir),
+                 vae_checkpoint=os.path.abspath(vae_checkpoint), temporal_factor=r,
+                 latent_size=list(vae.spec.latent_size), z_dim=vae.spec.z_dim,
+                 latents_mean=mean, latents_std=std, counts=counts, files=out_files,
+                 skipped=skipped)
+  with open(os.path.join(out_dir, "metadata.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def format_summary(summary: dict[str, Any], out_dir: str) -> str:
+  c = summary["counts"]
+  return (f"encoded {c['clips']} clips ({c['clip_latent_frames']} latent frames) and "
+          f"{c['episodes']} episodes ({c['episode_latent_frames']} latent frames) with the VAE "
+          f"of {summary['vae_checkpoint']} (r = {summary['temporal_factor']}) into {out_dir}; "
+          f"skipped {len(summary['skipped'])}.\n"
+          f"train on them with --config.data.path={out_dir} "
+          f"--config.vae.checkpoint={summary['vae_checkpoint']} and the measured latent "
+          f"statistics:\n  --config.vae.latents_mean=\"{tuple(summary['latents_mean'])}\" "
+          f"--config.vae.latents_std=\"{tuple(summary['latents_std'])}\"")
