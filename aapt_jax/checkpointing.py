@@ -26,6 +26,7 @@ multi-process runs; the trainer then saves and exits 0.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -382,51 +383,73 @@ def load_generator_params(path: str, which: str = "ema_params"):
   return config, restored[which]
 
 
+@dataclasses.dataclass
+class LeafFit:
+  """How the leaves of a params tree fit a target tree (`fit_leaves`); keys
+  are "a/b/c" paths."""
+  values: dict[str, np.ndarray]   # target leaves found: as is, or zero-padded
+  padded: list[str]               # "path (old)->(new)", subset of values
+  missing: list[str]              # target leaves the params lack
+  extra: list[str]                # params leaves the target lacks
+  bad: list[tuple[str, tuple, tuple]]  # misfits: (path, checkpoint shape, target shape)
+
+
+def fit_leaves(params, target, can_pad=lambda name, axis: True) -> LeafFit:
+  """Matches `params`' leaves to `target`'s (arrays or ShapeDtypeStructs) by
+  path: equal shapes are taken as is (cast to the target dtype); a leaf
+  smaller on exactly one axis is zero-padded there when `can_pad(name, axis)`
+  (new input columns: zeros leave the output unchanged); the rest is sorted
+  into missing, extra and bad for the caller's policy."""
+  have = {_path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+  fit = LeafFit({}, [], [], [], [])
+  for path, t in jax.tree_util.tree_leaves_with_path(target):
+    name, shape = _path_str(path), tuple(t.shape)
+    if name not in have:
+      fit.missing.append(name)
+      continue
+    v = np.asarray(have.pop(name))
+    diff = [i for i, (a, b) in enumerate(zip(v.shape, shape)) if a != b]
+    if v.shape == shape:
+      fit.values[name] = v.astype(t.dtype)
+    elif (v.ndim == len(shape) and len(diff) == 1 and v.shape[diff[0]] < shape[diff[0]]
+          and can_pad(name, diff[0])):
+      widths = [(0, 0)] * v.ndim
+      widths[diff[0]] = (0, shape[diff[0]] - v.shape[diff[0]])
+      fit.values[name] = np.pad(v, widths).astype(t.dtype)
+      fit.padded.append(f"{name} {v.shape}->{shape}")
+    else:
+      fit.bad.append((name, v.shape, shape))
+  fit.extra = sorted(have)
+  return fit
+
+
 def adapt_params(params, target) -> tuple[Any, list[str]]:
   """`params` (a bare tree, e.g. a previous stage's or a converted checkpoint's)
   fitted to `target` (a tree of arrays or ShapeDtypeStructs: this config's
   params), for `init_from`. Returns (params as numpy, notes).
 
-  A leaf in both with the same shape is taken as is; a leaf whose shape is
-  smaller on exactly one axis is zero-padded on that axis (new input columns,
-  e.g. the recycled-frame channels of the patch embedding: zero columns leave
-  the output unchanged); a leaf `params` lacks keeps `target`'s value (its
-  fresh init; zeros for a ShapeDtypeStruct) -- zeros there could leave a new
-  two-layer branch with no gradient (convert/adapt.py zero-inits only the
-  output layers of Wan's missing AAPT branches). Any other
-  difference, and leaves `params` has but `target` lacks, raise a ValueError
-  that names them.
+  `fit_leaves` with padding on any axis; a leaf `params` lacks keeps
+  `target`'s value (its fresh init; zeros for a ShapeDtypeStruct) -- zeros
+  there could leave a new two-layer branch with no gradient (convert/adapt.py
+  zero-inits only the output layers of Wan's missing AAPT branches). Misfits,
+  and leaves `params` has but `target` lacks, raise a ValueError naming them.
   """
-  have = {_path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
-  want = jax.tree_util.tree_leaves_with_path(target)
-  notes, bad, padded, zeros = [], [], [], []
-  out = []
-  for path, t in want:
-    name = _path_str(path)
-    shape = tuple(t.shape)
-    if name not in have:
-      zeros.append(name)
-      out.append(np.zeros(shape, t.dtype) if isinstance(t, jax.ShapeDtypeStruct)
-                 else np.asarray(jax.device_get(t)))
-      continue
-    v = np.asarray(have.pop(name))
-    if v.shape == shape:
-      out.append(v.astype(t.dtype))
-      continue
-    diff = [i for i, (a, b) in enumerate(zip(v.shape, shape)) if a != b]
-    if v.ndim != len(shape) or len(diff) != 1 or v.shape[diff[0]] > shape[diff[0]]:
-      bad.append(f"{name}: checkpoint {v.shape} vs model {shape}")
-      continue
-    widths = [(0, 0)] * v.ndim
-    widths[diff[0]] = (0, shape[diff[0]] - v.shape[diff[0]])
-    padded.append(f"{name} {v.shape}->{shape}")
-    out.append(np.pad(v, widths).astype(t.dtype))
-  if bad or have:
+  fit = fit_leaves(params, target)
+  if fit.bad or fit.extra:
     raise ValueError(
         "the checkpoint's params do not fit this config's model (different model.* "
-        "fields?): " + "; ".join(bad + [f"{k}: not in the model" for k in sorted(have)]))
-  if padded:
-    notes.append(f"zero-padded {len(padded)}: " + ", ".join(padded))
-  if zeros:
-    notes.append(f"freshly initialised (not in the checkpoint) {len(zeros)}: " + ", ".join(zeros))
+        "fields?): " + "; ".join([f"{n}: checkpoint {a} vs model {b}" for n, a, b in fit.bad]
+                                 + [f"{k}: not in the model" for k in fit.extra]))
+  out = []
+  for path, t in jax.tree_util.tree_leaves_with_path(target):
+    name = _path_str(path)
+    out.append(fit.values[name] if name in fit.values else
+               np.zeros(t.shape, t.dtype) if isinstance(t, jax.ShapeDtypeStruct)
+               else np.asarray(jax.device_get(t)))
+  notes = []
+  if fit.padded:
+    notes.append(f"zero-padded {len(fit.padded)}: " + ", ".join(fit.padded))
+  if fit.missing:
+    notes.append(f"freshly initialised (not in the checkpoint) {len(fit.missing)}: "
+                 + ", ".join(fit.missing))
   return jax.tree.unflatten(jax.tree.structure(target), out), notes

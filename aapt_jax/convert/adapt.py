@@ -23,9 +23,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from aapt_jax.checkpointing import fit_leaves
 from aapt_jax.models import abstract_params, build_generator, init_params
 
-PATCH_KERNEL = ("patch_embedding", "kernel")  # [pt, ph, pw, C_in, D]
+PATCH_KERNEL = "patch_embedding/kernel"  # [pt, ph, pw, C_in, D]
 ZERO_INIT = ("action_embedding", "control_out")  # top-level modules: zeros
 RANDOM_INIT = ("control_in",)                    # top-level modules: the model's init
 # model.* fields that change the function without changing any shape
@@ -57,15 +58,6 @@ class AdaptReport:
     return "\n".join(lines)
 
 
-def _flat(tree) -> dict[tuple[str, ...], object]:
-  return {tuple(k.key for k in path): leaf
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _name(path) -> str:
-  return "/".join(path)
-
-
 def _check_same_function(source_config, target_config) -> None:
   differ = [f"model.{f}: checkpoint {source_config.model[f]!r}, target {target_config.model[f]!r}"
             for f in FUNCTION_FIELDS if source_config.model[f] != target_config.model[f]]
@@ -74,67 +66,63 @@ def _check_same_function(source_config, target_config) -> None:
                      "model: " + "; ".join(differ))
 
 
-def _model_init(config, paths):
-  """The model's own init of `paths` only (jit drops the rest of the init)."""
+def _model_init(config, names):
+  """The model's own init of the leaves `names` only (jit drops the rest of the init)."""
   model = build_generator(config)
 
   def init(rng):
-    params = _flat(nn.meta.unbox(init_params(model, rng))["params"])
-    return [params[p] for p in paths]
+    params = nn.meta.unbox(init_params(model, rng))["params"]
+    flat = {"/".join(k.key for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    return [flat[n] for n in names]
 
   values = jax.jit(init)(jax.random.key(int(config.train.seed)))
-  return {p: np.asarray(v, np.float32) for p, v in zip(paths, values)}
+  return {n: np.asarray(v, np.float32) for n, v in zip(names, values)}
 
 
 def adapt_to(params_plain, target_config, source_config=None):
   """(params, AdaptReport): `params_plain` fitted to `target_config`'s generator.
 
+  `checkpointing.fit_leaves` with this policy: only the patch embedding's
+  input-channel axis may be zero-padded; of the missing leaves, ZERO_INIT
+  modules start at zeros and RANDOM_INIT ones at the model's init, any other
+  is an error; leaves the target lacks are reported as ignored.
   `source_config` (the checkpoint's config, as `load_transformer` returns it)
   also checks the fields that change the function without changing a shape
   (eps, RoPE theta, q/k norm, cross-attention norm, freq_dim).
   """
   if source_config is not None:
     _check_same_function(source_config, target_config)
-  have = {p: np.asarray(v) for p, v in _flat(params_plain).items()}
-  want = _flat(abstract_params(target_config))
-  report = AdaptReport()
-  out, bad, to_init = {}, [], []
-  for path, spec in want.items():
-    shape = tuple(spec.shape)
-    if path not in have:
-      if path[0] in ZERO_INIT:
-        out[path] = np.zeros(shape, np.float32)
-        report.zeros.append(_name(path))
-      elif path[0] in RANDOM_INIT:
-        to_init.append(path)
-        report.random.append(_name(path))
-      else:
-        bad.append(f"{_name(path)}: needed by the target config {shape}, not in the checkpoint")
-      continue
-    value = have[path]
-    if value.shape == shape:
-      out[path] = value.astype(np.float32)
-    elif (path == PATCH_KERNEL and value.ndim == 5 and value.shape[:3] == shape[:3]
-          and value.shape[4] == shape[4] and value.shape[3] < shape[3]):
-      widths = [(0, 0)] * 3 + [(0, shape[3] - value.shape[3]), (0, 0)]
-      out[path] = np.pad(value.astype(np.float32), widths)
-      report.padded.append(f"{_name(path)} {value.shape}->{shape}")
+  want = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32),
+                      abstract_params(target_config))
+  fit = fit_leaves(params_plain, want,
+                   can_pad=lambda name, axis: (name, axis) == (PATCH_KERNEL, 3))
+  shapes = {"/".join(k.key for k in p): tuple(s.shape)
+            for p, s in jax.tree_util.tree_leaves_with_path(want)}
+  report = AdaptReport(padded=list(fit.padded), ignored=list(fit.extra))
+  bad = [f"{n}: checkpoint {a}, target config {b}" for n, a, b in fit.bad]
+  values = dict(fit.values)
+  for name in fit.missing:
+    top = name.split("/")[0]
+    if top in ZERO_INIT:
+      values[name] = np.zeros(shapes[name], np.float32)
+      report.zeros.append(name)
+    elif top in RANDOM_INIT:
+      report.random.append(name)
     else:
-      bad.append(f"{_name(path)}: checkpoint {value.shape}, target config {shape}")
-      continue
-    report.loaded.append(_name(path))
+      bad.append(f"{name}: needed by the target config {shapes[name]}, not in the checkpoint")
   if bad:
     raise ValueError(f"the checkpoint's params do not fit the target config "
                      f"({len(bad)}): " + "; ".join(bad))
-  out.update(_model_init(target_config, to_init) if to_init else {})
-  report.ignored = sorted(_name(p) for p in have if p not in want)
-  size = lambda names: sum(math.prod(want[tuple(n.split("/"))].shape) for n in names)
+  values.update(_model_init(target_config, report.random) if report.random else {})
+  report.loaded = [n for n in shapes if n in fit.values]
+  size = lambda names: sum(math.prod(shapes[n]) for n in names)
   report.counts = {"loaded": size(report.loaded), "zeros": size(report.zeros),
                    "random": size(report.random)}
   params: dict = {}
-  for path in want:  # the target's order
+  for name in shapes:  # the target's order
     node = params
-    for key in path[:-1]:
+    *parents, leaf = name.split("/")
+    for key in parents:
       node = node.setdefault(key, {})
-    node[path[-1]] = out[path]
+    node[leaf] = values[name]
   return params, report
