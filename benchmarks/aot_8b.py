@@ -26,8 +26,9 @@ host without TPUs; they are harmless here. A TPU compile of this step takes
 7-13 min on 2 shared CPU cores (a CPU compile ~1-2 min), so only
 TPU_SETTINGS are compiled for TPU by default.
 
-Only stage 1 is compiled: the adversarial stage's long end-to-end rollouts
-need sequence sharding (a `context` mesh axis, not built yet; DESIGN.md §7).
+Setting `s3` compiles the stage-3 step instead (`make_adversarial_step`:
+student-forcing rollout, discriminator, R1/R2, G and D updates) with the
+config's adversarial defaults; it is not in the default list (a long compile).
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ from aapt_jax import load_config, parallel  # noqa: E402
 from aapt_jax.models import build_generator  # noqa: E402
 from aapt_jax.training import memory  # noqa: E402
 from aapt_jax.training.optimizers import make_optimizer  # noqa: E402
-from aapt_jax.training.stages import make_diffusion_step  # noqa: E402
+from aapt_jax.models.discriminator import build_discriminator  # noqa: E402
+from aapt_jax.training.stages import make_adversarial_step, make_diffusion_step  # noqa: E402
 from aapt_jax.training.state import abstract_state, state_shardings  # noqa: E402
 
 GiB = 2**30
@@ -95,8 +97,15 @@ SETTINGS = {
              "the default mesh, remat keeping matmul outputs (attention scores too)"),
     "b2": (256, {"train.batch_size": 128}, "the default mesh, batch 128: 2 samples/device"),
     "32dev": (32, {}, "the defaults on only 32 devices: data=1, 8 samples/device"),
+    # stage 3: params shard over fsdp x tensor only, so 64 devices with batch 16
+    # hold per device exactly what the default 256 devices with batch 64 hold
+    "s3": (64, {"stage": "adversarial", "train.batch_size": 16},
+           "STAGE 3 with configs/aapt_8b.py's adversarial defaults (16-frame rollout, "
+           "8-frame segments, recompute, end to end, remat full), data=2 x fsdp=8 x tensor=4, "
+           "1 sample/device (per device = the default 256-device mesh's)"),
 }
-DEFAULT_SETTINGS = tuple(SETTINGS)
+# stage 3 compiles for ~15-25 min here (2 shared CPU cores): only on request
+DEFAULT_SETTINGS = tuple(n for n in SETTINGS if n != "s3")
 # A compile for a TPU topology takes 7-13 min here (2 shared CPU cores), five
 # to ten times a CPU compile: by default only these settings are also compiled for
 # TPU (`--tpu-settings` picks others).
@@ -144,6 +153,38 @@ def compile_step(config, mesh, text_len, dump=""):
       f.write(compiled.as_text())
   state_bytes = parallel.per_device_bytes(abstract, shardings)
   return compiled, secs, state_bytes
+
+
+def compile_stage3(config, mesh):
+  """AOT-compile the stage-3 step (`make_adversarial_step`: student-forcing
+  rollout, discriminator, R1/R2, G and D updates); returns (compiled,
+  seconds, state bytes)."""
+  model, disc = build_generator(config), build_discriminator(config)
+  gen_tx = make_optimizer(config.adversarial.gen_optim, config.train.steps)
+  disc_tx = make_optimizer(config.adversarial.disc_optim, config.train.steps)
+  boxed, _ = abstract_state(model, gen_tx, int(config.train.seed), disc=disc, disc_tx=disc_tx)
+  shardings = state_shardings(boxed, mesh)
+  abstract = nn.meta.unbox(boxed)
+  state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  a, spec = config.adversarial, model.spec
+  b = int(config.train.batch_size)
+  sh = parallel.batch_sharding(mesh)
+  h, w = spec.latent_size
+  frame = (h, w, spec.latent_channels)
+  batch = {"latents": jax.ShapeDtypeStruct((b, a.segment_frames) + frame, jnp.float32,
+                                           sharding=sh),
+           "rollout_first": jax.ShapeDtypeStruct((b,) + frame, jnp.float32, sharding=sh)}
+  if spec.num_actions:
+    batch["actions"] = jax.ShapeDtypeStruct((b, a.segment_frames), jnp.int32, sharding=sh)
+    batch["rollout_actions"] = jax.ShapeDtypeStruct((b, a.rollout_frames), jnp.int32,
+                                                    sharding=sh)
+  step = make_adversarial_step(model, disc, gen_tx, disc_tx, config)
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(step, in_shardings=(shardings, sh), out_shardings=(shardings, None),
+                       donate_argnums=0).lower(state_in, batch).compile()
+  return compiled, time.perf_counter() - t0, parallel.per_device_bytes(abstract, shardings)
 
 
 def mem_row(compiled):
@@ -235,8 +276,8 @@ def main():
   base_path = os.path.join(ROOT, "configs/aapt_8b.py")
   dev = jax.devices()[0]
   print(f"device: {len(jax.devices())} fake {dev.platform} devices ({dev.device_kind}), "
-        f"jax {jax.__version__}; configs/aapt_8b.py, stage 1 (diffusion), text {args.text_len} "
-        f"tokens, AdamW + EMA, fp32 params, bf16 compute")
+        f"jax {jax.__version__}; configs/aapt_8b.py, stage 1 (diffusion; AdamW + EMA) unless "
+        f"the setting says stage 3, text {args.text_len} tokens, fp32 params, bf16 compute")
 
   why_not = "--tpu=off" if args.tpu == "off" else tpu_status()
   tpu_names = args.tpu_settings.split(",") if args.tpu_settings else TPU_SETTINGS
@@ -261,7 +302,9 @@ def main():
       mesh = make()
       shape = dict(mesh.shape)
       try:
-        compiled, secs, state_bytes = compile_step(config, mesh, args.text_len, args.dump)
+        compiled, secs, state_bytes = (
+            compile_stage3(config, mesh) if config.stage == "adversarial" else
+            compile_step(config, mesh, args.text_len, args.dump))
       except Exception as e:  # noqa: BLE001 (report and go on with the next setting)
         print(f"{name} [{target}]: compile failed: {type(e).__name__}: {str(e)[:300]}")
         continue
@@ -306,8 +349,8 @@ def main():
       print(f"  {r['name']}: {r['note']}")
   if why_not is not None:
     print(f"TPU v5p compile: not done: {why_not}")
-  print("Only stage 1 is compiled: end-to-end rollouts at 8B need the sequence sharded "
-        "(a `context` mesh axis, not built yet).")
+  print("Setting s3 (stage 3: G and D with RMSProp, EMA, the rollout and D's judging) is "
+        "compiled only when named (--settings s3 --devices 64): it takes ~15-25 min here.")
   for r in rows:
     if r["name"] != "default" or not r["mem"]:
       continue

@@ -58,7 +58,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from aot_8b import compile_step, cpu_mesh, fmt_gib, mem_row  # noqa: E402
+from aot_8b import compile_stage3, compile_step, cpu_mesh, fmt_gib, mem_row  # noqa: E402
 from common import device_line  # noqa: E402
 from aapt_jax import load_config, parallel  # noqa: E402
 from aapt_jax.models import Conditioning, abstract_params, build_generator  # noqa: E402
@@ -81,32 +81,6 @@ SETTINGS = {
                   "train.clip_frames": 21},
                  "fsdp=8, 21 latent frames (Wan's 81-frame clips)"),
 }
-
-def compile_stage3(config, mesh):
-  """AOT-compile the stage-3 step; returns (compiled, seconds, state bytes)."""
-  model, disc = build_generator(config), build_discriminator(config)
-  gen_tx = make_optimizer(config.adversarial.gen_optim, config.train.steps)
-  disc_tx = make_optimizer(config.adversarial.disc_optim, config.train.steps)
-  boxed, _ = abstract_state(model, gen_tx, int(config.train.seed), disc=disc, disc_tx=disc_tx)
-  shardings = state_shardings(boxed, mesh)
-  abstract = nn.meta.unbox(boxed)
-  state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-  a, spec = config.adversarial, model.spec
-  b = int(config.train.batch_size)
-  sh = parallel.batch_sharding(mesh)
-  h, w = spec.latent_size
-  frame = (h, w, spec.latent_channels)
-  batch = {"latents": jax.ShapeDtypeStruct((b, a.segment_frames) + frame, jnp.float32,
-                                           sharding=sh),
-           "rollout_first": jax.ShapeDtypeStruct((b,) + frame, jnp.float32, sharding=sh)}
-  step = make_adversarial_step(model, disc, gen_tx, disc_tx, config)
-  t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
-    compiled = jax.jit(step, in_shardings=(shardings, sh), out_shardings=(shardings, None),
-                       donate_argnums=0).lower(state_in, batch).compile()
-  return compiled, time.perf_counter() - t0, parallel.per_device_bytes(abstract, shardings)
-
 
 def step_flops(path, text_len):
   """FLOPs of one streaming `Generator.step` (batch 1, full cache) of the config

@@ -19,9 +19,9 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
 
 from aapt_jax.inference.server import PlayServer, decode_frame_message, encode_frame
-from aapt_jax.inference.session import StreamingSession
+from aapt_jax.inference.session import StreamingModel, StreamingSession
 from helpers import ROOT
-from streaming_helpers import tiny_streaming_model, write_tiny_export
+from streaming_helpers import tiny_streaming_model, tiny_world, write_tiny_export
 
 TIMEOUT = 60.0  # seconds; generous for a loaded 2-core CPU
 
@@ -106,6 +106,7 @@ def test_malformed_messages_get_an_error_and_the_stream_goes_on():
          ('{"type": "start", "seed": "x"}', "'seed'"),
          ('{"type": "start", "image": "data:image/jpeg;base64,AAAA"}', "not a readable JPEG"),
          ('{"type": "start", "image": 7}', "data URL"),
+         ('{"type": "controls", "controls": [1.0]}', "takes actions, not control vectors"),
          (b"\x00\x01", "binary messages")]
   image = np.zeros((32, 32, 3), np.uint8)
   image[:, 16:] = 255  # left black, right white
@@ -135,6 +136,59 @@ def test_malformed_messages_get_an_error_and_the_stream_goes_on():
   first = _serve(test)
   assert first.shape == (16, 16, 3)  # resized to the model's frames
   assert first[:, :7].max() < 40 and first[:, 9:].min() > 215
+
+
+# A world steered by 3-d control vectors only (no actions, no emulator): the
+# page's sliders and keys send {"type": "controls"} messages.
+TINY_CONTROLS = (("stage", "consistency"), ("model.latent_channels", 48), ("model.text_dim", 0),
+                 ("model.control_dim", 3), ("model.num_actions", 0), ("data.world", ""),
+                 ("data.frame_size", 16), ("data.space_to_depth", 4))
+
+
+def test_control_vectors_steer_the_stream_and_bad_ones_are_named():
+  config, params = tiny_world(TINY_CONTROLS)
+  start = np.full((16, 16, 3), 90, np.uint8)
+  model = StreamingModel(config, params, start_frame=start)
+  server = PlayServer(model, fps=240.0)
+  vector = [0.5, -1.0, 0.25]
+
+  async def test(client):
+    ws = await client.ws_connect("/ws")
+    _, (hello,) = await _receive(ws, texts=1)
+    assert hello["control_dim"] == 3 and hello["num_actions"] == 0
+    frames, _ = await _receive(ws, frames=2)
+    for message, error in (({"type": "controls", "controls": [1, 2]}, "list of 3 finite"),
+                           ({"type": "controls", "controls": [1, "x", 2]}, "list of 3 finite"),
+                           ({"type": "action", "action": 1}, "control vectors, not action")):
+      await ws.send_json(message)
+      while True:
+        _, texts = await _receive(ws, texts=1)
+        if texts[0]["type"] == "error":
+          break
+      assert error in texts[0]["message"]
+    await ws.send_json({"type": "controls", "controls": vector, "seq": 1})
+    while True:
+      more, _ = await _receive(ws, frames=1)
+      frames += more
+      if decode_frame_message(more[0])[1] == 1 and len(frames) >= 6:
+        break
+    await ws.close()
+    return hello["session"], frames
+
+  async def main():
+    async with TestClient(TestServer(server.app())) as client:
+      return await asyncio.wait_for(test(client), TIMEOUT)
+
+  session_id, frames = asyncio.run(main())
+  headers = [decode_frame_message(f)[:3] for f in frames]
+  assert headers[0][2] == -1 and {act for _, _, act in headers[1:]} == {-2}
+  by_hand = StreamingSession(model, seed=session_id)
+  expected = [encode_frame(by_hand.start()[0], 0, 0, -1, 90)]
+  for n, ack, _ in headers[1:]:
+    expected.append(encode_frame(by_hand.step(vector if ack == 1 else [0.0, 0.0, 0.0])[0],
+                                 n, ack, -2, 90))
+  assert frames == expected
+  assert any(a == 1 for _, a, _ in headers) and any(a == 0 for _, a, _ in headers[1:])
 
 
 def test_start_from_a_seed_and_reset():

@@ -92,11 +92,13 @@ def test_session_equals_generator_step_and_decode_by_hand(overrides, steps):
   first = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
   text = np.asarray(jax.random.normal(jax.random.key(3), (4, 12)))
   zeros, vec = np.zeros(3, np.float32), np.array([0.5, -1.0, 2.0], np.float32)
-  inputs = [(1, zeros), (4, zeros), (-1, vec), (0, zeros), (2, zeros), (-1, -vec), (3, zeros)]
+  inputs = [(1, zeros), (4, zeros), (-1, vec), (0, zeros), (2, zeros), (-1, -vec), (3, zeros),
+            (2, vec)]  # the last: an action AND a vector, as the tuple (action, vector)
   session = StreamingSession(streaming, seed=5)
   start = session.start(first, text=text)
   assert start.shape == (k, 8, 8, 3)
-  steps_out = [session.step(a if a >= 0 else c) for a, c in inputs]
+  as_given = lambda a, c: (a, c) if a >= 0 and np.any(c) else a if a >= 0 else c
+  steps_out = [session.step(as_given(a, c)) for a, c in inputs]
   assert all(f.shape == (k, 8, 8, 3) and f.dtype == np.uint8 for f in steps_out)
   # latent 0 decodes to one frame (shown k times); each later latent to k frames
   np.testing.assert_array_equal(start, np.broadcast_to(start[-1:], start.shape))

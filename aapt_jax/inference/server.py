@@ -7,6 +7,8 @@ WebSocket protocol. Client -> server, JSON text messages:
 
   {"type": "action", "action": "LEFT" | 3, "seq": 17}  hold an action (name or id)
                                                        from the next frame on
+  {"type": "controls", "controls": [0.5, -1.0], "seq": 18}  hold a control vector
+                                                       (model.control_dim floats)
   {"type": "start"}                                    restart from the stored start frame
   {"type": "start", "seed": 5}                         ... from the world's frame for seed 5
   {"type": "start", "image": "data:image/jpeg;base64,..."}  ... from an image
@@ -14,8 +16,9 @@ WebSocket protocol. Client -> server, JSON text messages:
 
 Server -> client: a JSON `hello` (action names, fps, frame size, limits), JSON
 `error` messages for bad input (the stream goes on), and binary frames:
-header `<IIi` (video frame number, seq of the last action message applied,
-the action id it shows; -1 = none) followed by the JPEG. A connection over
+header `<IIi` (video frame number, seq of the last action or controls
+message applied, the action id it shows; -1 = none, -2 = a control vector)
+followed by the JPEG. A connection over
 `max_sessions` gets a JSON `full` message and a close (code 1013), not a hang.
 
 Every model call (and JPEG encode) runs on one worker thread, so the event
@@ -28,6 +31,7 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import math
 import json
 import logging
 import os
@@ -43,6 +47,7 @@ from aapt_jax.inference.session import StreamingModel, StreamingSession
 log = logging.getLogger("aapt_jax.play")
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 FRAME_HEADER = struct.Struct("<IIi")   # frame number, acknowledged seq, action id
+CONTROLS_SHOWN = -2                    # the header's action field for a control-vector frame
 MAX_MESSAGE_BYTES = 4 << 20            # an uploaded first frame fits easily
 DEFAULT_FPS = 24.0                     # for worlds without a frame rate of their own
 
@@ -61,10 +66,11 @@ def decode_frame_message(data: bytes) -> tuple[int, int, int, np.ndarray]:
 
 class _Controls:
   """What a connection's reader hands its stream loop (both on the event
-  loop): the held action and a pending start/reset, applied at the next frame."""
+  loop): the held action and control vector, and a pending start/reset,
+  applied at the next frame."""
 
   def __init__(self, action: int):
-    self.action, self.seq, self.command = action, 0, None
+    self.action, self.vector, self.seq, self.command = action, None, 0, None
 
 
 class PlayServer:
@@ -155,6 +161,23 @@ class PlayServer:
       raise ValueError(f"'image' is not a readable JPEG: {e}") from None
     return resize_area(image, self.model.frame_size)
 
+  def _control_vector(self, value) -> list[float]:
+    n = self.model.control_dim
+    if not n:
+      raise ValueError("this world takes actions, not control vectors")
+    if (not isinstance(value, list) or len(value) != n or
+        not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in value)):
+      raise ValueError(f"'controls' must be a list of {n} finite numbers, got {value!r:.80}")
+    return [float(v) for v in value]
+
+  @staticmethod
+  def _seq(msg, controls: _Controls) -> int:
+    seq = msg.get("seq", controls.seq)
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 2 ** 32:
+      raise ValueError(f"'seq' must be an integer in [0, 2^32), got {seq!r}")
+    return seq
+
   async def _parse(self, text: str, controls: _Controls) -> None:
     """Applies one client message to `controls`; ValueError names what is wrong."""
     try:
@@ -166,10 +189,10 @@ class PlayServer:
     kind = msg["type"]
     if kind == "action":
       action = self._action_id(msg.get("action"))
-      seq = msg.get("seq", controls.seq)
-      if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 2 ** 32:
-        raise ValueError(f"'seq' must be an integer in [0, 2^32), got {seq!r}")
-      controls.action, controls.seq = action, seq
+      controls.action, controls.seq = action, self._seq(msg, controls)
+    elif kind == "controls":
+      vector = self._control_vector(msg.get("controls"))
+      controls.vector, controls.seq = vector, self._seq(msg, controls)
     elif kind == "start":
       seed, image = msg.get("seed"), msg.get("image")
       if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
@@ -185,7 +208,7 @@ class PlayServer:
     elif kind == "reset":
       controls.command = ("reset", None)
     else:
-      raise ValueError(f"unknown message type {kind!r}: use action, start or reset")
+      raise ValueError(f"unknown message type {kind!r}: use action, controls, start or reset")
 
   def _default_start(self, seed=None) -> np.ndarray:
     if seed is None and self.model.start_frame is None and self.model.world is None:
@@ -193,10 +216,18 @@ class PlayServer:
     return self.model.default_start_frame(seed)
 
   # --------------------------------------------------------------- stream
-  def _advance(self, session: StreamingSession, command, action: int, seq: int, number: int):
+  def _advance(self, session: StreamingSession, command, action: int, vector, seq: int,
+               number: int):
     """On the worker thread: one model call -> the binary frame messages."""
     if command is None:
-      frames = session.step(action if action >= 0 else None)
+      action = action if action >= 0 else None
+      if self.model.control_dim:  # the vector (zeros until one is sent), with the action if any
+        vector = vector if vector is not None else [0.0] * self.model.control_dim
+        frames = session.step((action, vector) if self.model.num_actions else vector)
+        action = CONTROLS_SHOWN if action is None else action
+      else:
+        frames = session.step(action)
+        action = -1 if action is None else action
     elif command[0] == "start":
       frames, action = session.start(command[1]), -1
     else:
@@ -216,7 +247,8 @@ class PlayServer:
           await asyncio.sleep(period)
           continue
         messages = await loop.run_in_executor(self._worker, self._advance, session, command,
-                                              controls.action, controls.seq, number)
+                                              controls.action, controls.vector, controls.seq,
+                                              number)
         for message in messages:
           now = time.perf_counter()
           due = max(due + period, now - period)  # never run ahead, never build up a debt

@@ -273,6 +273,15 @@ class StreamingSession:
     structure per model (-1 / zeros when not given), so one compile serves all."""
     spec = self.model.model.spec
     action, vector = -1, None
+    if isinstance(controls, tuple):  # (action id or None, control vector or None): both kinds
+      if len(controls) != 2:
+        raise ValueError(f"controls as a tuple must be (action, vector), got {controls!r}")
+      a, v = controls
+      actions, _ = self._control_inputs(a) if a is not None else (None, None)
+      _, vectors = self._control_inputs(v) if v is not None else (None, None)
+      base_actions, base_vectors = self._control_inputs(None)
+      return (base_actions if actions is None else actions,
+              base_vectors if vectors is None else vectors)
     if isinstance(controls, (int, np.integer)) and not isinstance(controls, bool):
       if not self.num_actions:
         raise ValueError("this model takes control vectors, not action ids "
@@ -333,8 +342,9 @@ class StreamingSession:
 
   def step(self, controls=None) -> np.ndarray:
     """The next latent frame's video frames, uint8 [k, H, W, 3] (host numpy),
-    showing the effect of `controls`: an action id (int) or a control vector
-    (None = no action). An invalid action raises ValueError."""
+    showing the effect of `controls`: an action id (int), a control vector, or
+    (for a model taking both) the tuple (action id, vector); None = no action.
+    An invalid action raises ValueError."""
     if self._state is None:
       raise ValueError("call start() before step()")
     return self._run(self._control_inputs(controls), self._text)
