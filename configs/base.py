@@ -66,11 +66,13 @@ def get_config(arg=None):
   m.remat = "none"            # jax.checkpoint policy per block: none | full |
                               # dots_saveable | dots_with_no_batch_dims_saveable
   m.attention_backend = "xla"  # xla (the only one on CPU)
-  # What the output head predicts: "velocity" (Wan, flow matching's v = eps - x0)
-  # or "x0" (the clean frame, turned into v = (x_t - x0) / max(t, x0_min_t) so
-  # every objective and sampler still sees a velocity). x0 suits a narrow model
-  # with wide tokens: predicting v means carrying the input noise through the
-  # whole residual stream to cancel it (Li & He 2025, "Back to Basics").
+  # What the output head predicts: "velocity" (Wan, flow matching's v = eps - x0),
+  # "x0" (the clean frame), or "frame_delta" (x0 - x_{i-1}: the change from the
+  # recycled frame, added back in the generator). x0 becomes v = (x_t - x0) /
+  # max(t, x0_min_t), so every objective and sampler still sees a velocity. x0
+  # suits a narrow model with wide tokens: predicting v means carrying the input
+  # noise through the whole residual stream to cancel it (Li & He 2025, "Back to
+  # Basics"); frame_delta also spares it carrying the previous frame through.
   m.prediction = "velocity"
   m.x0_min_t = 0.05           # clamp of t in the x0 -> velocity conversion
 

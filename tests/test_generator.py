@@ -192,11 +192,13 @@ def test_text_mask_and_text_none():
   assert c.shape == a.shape and bool(jnp.all(jnp.isfinite(c)))
 
 
-def test_x0_prediction_is_the_head_turned_into_a_velocity(rollout):
+@pytest.mark.parametrize("prediction", ["x0", "frame_delta"])
+def test_x0_prediction_is_the_head_turned_into_a_velocity(rollout, prediction):
   """model.prediction="x0": the same params' head output (what the velocity
-  model returns) is read as x0, so x_t - max(t, x0_min_t) * v gives it back,
-  the one-step frame eps - v(eps, 1) is it, and step == full call still."""
-  _, x0_model, _ = tiny((("model.prediction", "x0"),))
+  model returns) is read as x0 ("frame_delta": as x0 minus the recycled
+  frame), so x_t - max(t, x0_min_t) * v gives it back, the one-step frame
+  eps - v(eps, 1) is it, and step == full call still."""
+  _, x0_model, _ = tiny((("model.prediction", prediction),))
   call, step = compiled(x0_model)
   params, latents, cond = rollout["params"], rollout["latents"][:, :5], rollout["cond"]
   cond5 = cond.replace(previous=cond.previous[:, :5], actions=cond.actions[:, :5],
@@ -204,6 +206,8 @@ def test_x0_prediction_is_the_head_turned_into_a_velocity(rollout):
   # t in {0 (sink), below the clamp, above it, 1}
   t = jnp.array([[0.0, 0.01, 0.3, 0.7, 1.0]] * B)
   head = rollout["call"](params, latents, t, cond5)  # velocity model = the raw head
+  if prediction == "frame_delta":
+    head = head + cond5.previous
   v = call(params, latents, t, cond5)
   t_used = jnp.maximum(t, x0_model.spec.x0_min_t)[:, :, None, None, None]
   np.testing.assert_allclose(np.asarray(latents - t_used * v), np.asarray(head), atol=1e-4)

@@ -6,8 +6,9 @@ Frames and blocks: block i is made from latent frame i; block 0 is the sink
 (the first frame, clean, t = 0). Block i >= 1 takes concat(noisy x_i at t_i,
 recycled x_{i-1}) on channels. Velocity parameterisation:
 x_t = (1 - t) x_0 + t eps, v = eps - x_0; the one-step frame is eps - v(eps, 1).
-The head predicts v directly (Wan) or x0 (`model.prediction = "x0"`), which
-is turned into v here so every caller sees a velocity.
+The head predicts v directly (Wan), x0 (`model.prediction = "x0"`), or the
+change x0 - x_{i-1} from the recycled frame ("frame_delta"); x0 is turned
+into v here so every caller sees a velocity.
 """
 from __future__ import annotations
 
@@ -175,7 +176,10 @@ class Generator(nn.Module):
     x, new_layers, _ = self.transformer(tokens, mod, text, cond.text_mask, grid, layers_kv,
                                         counter, commit)
     out = self._head(x, temb, (h, w))  # [B, T, h, w, C] f32
-    if s.prediction == "x0":
+    if s.prediction == "frame_delta":  # x0 = the recycled frame + the predicted change
+      previous = cond.previous if cond.previous is not None else jnp.zeros_like(out)
+      out = out + previous.astype(jnp.float32)
+    if s.prediction in ("x0", "frame_delta"):
       out = velocity_from_x0(latents, timesteps, out, s.x0_min_t)
     return out, new_layers
 

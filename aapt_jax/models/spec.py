@@ -7,7 +7,7 @@ from typing import Any
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-PREDICTIONS = ("velocity", "x0")
+PREDICTIONS = ("velocity", "x0", "frame_delta")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
@@ -107,6 +107,9 @@ class ModelSpec:
     need(self.remat in REMAT_POLICIES, "remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
     need(self.prediction in PREDICTIONS, "prediction",
          f"must be one of {PREDICTIONS}, got {self.prediction!r}")
+    need(self.prediction != "frame_delta" or self.frame_recycling, "prediction",
+         "'frame_delta' predicts the change from the recycled frame: it needs "
+         "model.frame_recycling=True")
     need(0.0 < self.x0_min_t <= 1.0, "x0_min_t", f"must be in (0, 1], got {self.x0_min_t}")
     need(self.attention_backend in ("xla",), "attention_backend",
          f"only 'xla' is implemented, got {self.attention_backend!r}")

@@ -5,7 +5,10 @@ Conventions (the records and the model rely on them):
 * Sticky actions are OFF (``repeat_action_probability=0``; ALE's default 0.25
   would silently repeat the previous action and we would record the wrong
   one), so the recorded action is the action actually executed.
-* ``frames[0]`` is the screen right after reset; ``frames[i]`` (i >= 1) is the
+* ``frames[0]`` is the screen one ``frame_skip`` of NOOP after reset (some
+  games, Pong among them, show a power-on screen of another colour for the
+  very first emulator frame, which no later frame resembles: a start frame
+  no model should have to leave); ``frames[i]`` (i >= 1) is the
   screen after holding ``actions[i]`` for ``frame_skip`` emulator frames, so
   ``actions[i]`` is the action whose effect frame i shows. ``actions[0]`` is
   NOOP (nothing produced the first frame).
@@ -197,6 +200,8 @@ class AtariWorld:
     if self.difficulty is not None:
       ale.setDifficulty(int(self.difficulty))
     ale.reset_game()
+    for _ in range(self.frame_skip):  # past the power-on screen (module docstring)
+      ale.act(ale_py.Action.NOOP)
     self._ale = ale
     return self.observe()
 
