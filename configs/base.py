@@ -107,6 +107,8 @@ def get_config(arg=None):
   d.frame_skip = 4            # emulator frames per recorded frame
   d.space_to_depth = 4        # pixel-space model: frames -> latents by s x s
                               # space-to-depth (0 = latents come from a VAE)
+  d.record_episodes = 8       # with data.world set and data.path empty, the trainer
+  d.record_frames = 500       # records this many episodes of at most this many frames
 
   # --------------------------------------------- stage 2: consistency distillation
   cs = c.consistency = ml_collections.ConfigDict()

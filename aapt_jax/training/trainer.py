@@ -48,8 +48,6 @@ DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "aapt_jax", "jax")
 
 # A dataset prepared automatically for `data.world` (small: a first run on
 # one CPU; prepare more with launch/prepare_data.py and set data.path).
-AUTO_EPISODES = 8
-AUTO_FRAMES_PER_EPISODE = 500
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,13 +196,14 @@ def prepare_world_data(config, out_dir: str) -> None:
   done = os.path.exists(os.path.join(out_dir, "metadata.json"))
   if is_main_process() and not done:
     clip = 2 * config.train.clip_frames
-    _log(f"data.path is empty: recording {AUTO_EPISODES} episodes x "
-         f"{AUTO_FRAMES_PER_EPISODE} frames of {world}/{config.data.game} at "
+    episodes, frames = int(config.data.record_episodes), int(config.data.record_frames)
+    _log(f"data.path is empty: recording {episodes} episodes x "
+         f"{frames} frames of {world}/{config.data.game} at "
          f"{config.data.frame_size}x{config.data.frame_size} into {out_dir} "
          f"(clips of {clip} frames); set data.path to use other data")
     summary = prepare.prepare_atari(
-        out_dir, game=config.data.game, episodes=AUTO_EPISODES,
-        frames_per_episode=AUTO_FRAMES_PER_EPISODE, clip_frames=clip,
+        out_dir, game=config.data.game, episodes=episodes,
+        frames_per_episode=frames, clip_frames=clip,
         clip_stride=config.train.clip_frames, size=config.data.frame_size,
         frame_skip=config.data.frame_skip, seed=config.train.seed,
         overwrite=True, progress=True)
