@@ -439,6 +439,26 @@ def test_pipeline_runs_three_stages_each_from_the_one_before(tiny_data, tmp_path
   assert out.count("nothing to do") == 3, out[-3000:]
 
 
+def test_a_preempted_pipeline_stage_ends_the_run(tiny_data, tmp_path, monkeypatch):
+  """SIGTERM during a pipeline stage saves that stage and stops the run: the
+  next stage must not start from a half-trained one (a rerun resumes)."""
+  from aapt_jax.training import trainer as trainer_lib
+  ran = []
+
+  class FakeTrainer:
+    def __init__(self, config, workdir):
+      self.stage = config.stage
+
+    def run(self):
+      ran.append(self.stage)
+      return {"stage": self.stage, "preempted": self.stage == "consistency"}
+
+  monkeypatch.setattr(trainer_lib, "Trainer", FakeTrainer)
+  config = make_config(tiny_data, stage="pipeline", pipeline__sample_frames=0)
+  summaries = trainer_lib.train(config, str(tmp_path))
+  assert ran == ["diffusion", "consistency"] and summaries[-1]["preempted"]
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_stage1_from_converted_wan_weights_starts_at_their_loss(tiny_data, tmp_path):

@@ -710,6 +710,9 @@ def train(config, workdir: str) -> list[dict[str, Any]]:
   for c in configs:
     _log(f"\npipeline: stage {c.stage} ({c.train.steps} steps)")
     summaries.append(Trainer(c, workdir).run())
+    if summaries[-1]["preempted"]:  # SIGTERM ends the run; a rerun resumes this stage
+      _log(f"pipeline: stopped during stage {c.stage}; rerun the same command to resume")
+      return summaries
     for later in configs:  # later stages reuse the data the first one resolved
       with later.unlocked():
         later.data.path = c.data.path
