@@ -118,6 +118,11 @@ def _path_str(path) -> str:
   return "/".join(parts)
 
 
+def named_leaves(tree) -> dict[str, Any]:
+  """{"a/b/c": leaf} in the tree's leaf order."""
+  return {_path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def _leaf_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
   """{path: (shape, dtype)} of the array leaves of a state or its metadata."""
   out = {}
@@ -400,10 +405,10 @@ def fit_leaves(params, target, can_pad=lambda name, axis: True) -> LeafFit:
   smaller on exactly one axis is zero-padded there when `can_pad(name, axis)`
   (new input columns: zeros leave the output unchanged); the rest is sorted
   into missing, extra and bad for the caller's policy."""
-  have = {_path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+  have = named_leaves(params)
   fit = LeafFit({}, [], [], [], [])
-  for path, t in jax.tree_util.tree_leaves_with_path(target):
-    name, shape = _path_str(path), tuple(t.shape)
+  for name, t in named_leaves(target).items():
+    shape = tuple(t.shape)
     if name not in have:
       fit.missing.append(name)
       continue
@@ -440,12 +445,9 @@ def adapt_params(params, target) -> tuple[Any, list[str]]:
         "the checkpoint's params do not fit this config's model (different model.* "
         "fields?): " + "; ".join([f"{n}: checkpoint {a} vs model {b}" for n, a, b in fit.bad]
                                  + [f"{k}: not in the model" for k in fit.extra]))
-  out = []
-  for path, t in jax.tree_util.tree_leaves_with_path(target):
-    name = _path_str(path)
-    out.append(fit.values[name] if name in fit.values else
-               np.zeros(t.shape, t.dtype) if isinstance(t, jax.ShapeDtypeStruct)
-               else np.asarray(jax.device_get(t)))
+  out = [fit.values[name] if name in fit.values else
+         np.zeros(t.shape, t.dtype) if isinstance(t, jax.ShapeDtypeStruct)
+         else np.asarray(jax.device_get(t)) for name, t in named_leaves(target).items()]
   notes = []
   if fit.padded:
     notes.append(f"zero-padded {len(fit.padded)}: " + ", ".join(fit.padded))

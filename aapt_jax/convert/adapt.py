@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from aapt_jax.checkpointing import fit_leaves
+from aapt_jax.checkpointing import fit_leaves, named_leaves
 from aapt_jax.models import abstract_params, build_generator, init_params
 
 PATCH_KERNEL = "patch_embedding/kernel"  # [pt, ph, pw, C_in, D]
@@ -71,8 +71,7 @@ def _model_init(config, names):
   model = build_generator(config)
 
   def init(rng):
-    params = nn.meta.unbox(init_params(model, rng))["params"]
-    flat = {"/".join(k.key for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    flat = named_leaves(nn.meta.unbox(init_params(model, rng))["params"])
     return [flat[n] for n in names]
 
   values = jax.jit(init)(jax.random.key(int(config.train.seed)))
@@ -96,8 +95,7 @@ def adapt_to(params_plain, target_config, source_config=None):
                       abstract_params(target_config))
   fit = fit_leaves(params_plain, want,
                    can_pad=lambda name, axis: (name, axis) == (PATCH_KERNEL, 3))
-  shapes = {"/".join(k.key for k in p): tuple(s.shape)
-            for p, s in jax.tree_util.tree_leaves_with_path(want)}
+  shapes = {name: tuple(s.shape) for name, s in named_leaves(want).items()}
   report = AdaptReport(padded=list(fit.padded), ignored=list(fit.extra))
   bad = [f"{n}: checkpoint {a}, target config {b}" for n, a, b in fit.bad]
   values = dict(fit.values)
@@ -118,11 +116,5 @@ def adapt_to(params_plain, target_config, source_config=None):
   size = lambda names: sum(math.prod(shapes[n]) for n in names)
   report.counts = {"loaded": size(report.loaded), "zeros": size(report.zeros),
                    "random": size(report.random)}
-  params: dict = {}
-  for name in shapes:  # the target's order
-    node = params
-    *parents, leaf = name.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = values[name]
+  params = jax.tree.unflatten(jax.tree.structure(want), [values[n] for n in shapes])
   return params, report

@@ -272,33 +272,31 @@ class StreamingSession:
     """(actions int32 [1, 1] or None, controls float32 [1, 1, A] or None): fixed
     structure per model (-1 / zeros when not given), so one compile serves all."""
     spec = self.model.model.spec
-    action, vector = -1, None
     if isinstance(controls, tuple):  # (action id or None, control vector or None): both kinds
       if len(controls) != 2:
         raise ValueError(f"controls as a tuple must be (action, vector), got {controls!r}")
-      a, v = controls
-      actions, _ = self._control_inputs(a) if a is not None else (None, None)
-      _, vectors = self._control_inputs(v) if v is not None else (None, None)
-      base_actions, base_vectors = self._control_inputs(None)
-      return (base_actions if actions is None else actions,
-              base_vectors if vectors is None else vectors)
-    if isinstance(controls, (int, np.integer)) and not isinstance(controls, bool):
-      if not self.num_actions:
-        raise ValueError("this model takes control vectors, not action ids "
-                         f"(model.control_dim={self.control_dim})")
-      if not 0 <= int(controls) < self.num_actions:
-        names = f" ({', '.join(self.action_names)})" if self.action_names else ""
-        raise ValueError(f"invalid action {int(controls)}: valid ids are "
-                         f"0..{self.num_actions - 1}{names}")
-      action = int(controls)
-    elif controls is not None:
-      vector = np.asarray(controls, np.float32)
-      if not self.control_dim:
-        raise ValueError(f"invalid action {controls!r}: this model takes an action id "
-                         f"0..{self.num_actions - 1}")
-      if vector.shape != (self.control_dim,) or not np.all(np.isfinite(vector)):
-        raise ValueError(f"control vector must be {self.control_dim} finite floats, got "
-                         f"shape {vector.shape}")
+      given = [c for c in controls if c is not None]
+    else:
+      given = [] if controls is None else [controls]
+    action, vector = -1, None
+    for c in given:
+      if isinstance(c, (int, np.integer)) and not isinstance(c, bool):
+        if not self.num_actions:
+          raise ValueError("this model takes control vectors, not action ids "
+                           f"(model.control_dim={self.control_dim})")
+        if not 0 <= int(c) < self.num_actions:
+          names = f" ({', '.join(self.action_names)})" if self.action_names else ""
+          raise ValueError(f"invalid action {int(c)}: valid ids are "
+                           f"0..{self.num_actions - 1}{names}")
+        action = int(c)
+      else:
+        vector = np.asarray(c, np.float32)
+        if not self.control_dim:
+          raise ValueError(f"invalid action {c!r}: this model takes an action id "
+                           f"0..{self.num_actions - 1}")
+        if vector.shape != (self.control_dim,) or not np.all(np.isfinite(vector)):
+          raise ValueError(f"control vector must be {self.control_dim} finite floats, got "
+                           f"shape {vector.shape}")
     actions = jnp.full((1, 1), action, jnp.int32) if spec.num_actions else None
     if spec.control_dim:
       vector = np.zeros(self.control_dim, np.float32) if vector is None else vector
