@@ -20,6 +20,11 @@ parameter would be silently replicated, so a test walks the tree):
     patch_out   the output head's pt·ph·pw·C
     layers      the stacked layer axis of the scanned blocks
     logit       the discriminator head's single output
+    vae_t, vae_h, vae_w, vae_in, vae_out
+                a VAE conv kernel [kt, kh, kw, C_in, C_out]; C_out (and its
+                bias) is sharded over "fsdp"
+    vae_norm    a VAE RMS norm's per-channel scale
+    rgb         the VAE decoder head's 3 output channels
   activations
     batch       samples ("data" and "fsdp")
     frames      latent frames
@@ -59,6 +64,13 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("patch_out", None),
     ("layers", None),
     ("logit", None),
+    ("vae_t", None),
+    ("vae_h", None),
+    ("vae_w", None),
+    ("vae_in", None),
+    ("vae_out", "fsdp"),
+    ("vae_norm", None),
+    ("rgb", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
 )

@@ -47,7 +47,7 @@ def load_model(name):
     return StreamingModel.load(None), "shipped export"
   config = load_config(os.path.join(ROOT, CONFIGS[name]), {"stage": "adversarial"})
   params = nn.meta.unbox(init_params(build_generator(config), jax.random.key(0)))["params"]
-  vae = (init_vae_params(build_vae(config), jax.random.key(1))["params"]
+  vae = (nn.meta.unbox(init_vae_params(build_vae(config), jax.random.key(1)))["params"]
          if not config.data.space_to_depth else None)
   return StreamingModel(config, params, vae), "random init (no shipped export)"
 

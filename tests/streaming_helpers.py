@@ -29,7 +29,7 @@ def tiny_world(overrides=TINY_ATARI, seed=0):
 def tiny_vae_params(overrides, seed=1):
   """The bare params of a randomly initialised VAE of the config (a VAE-latent world)."""
   config, _ = tiny_world(overrides)
-  return init_vae_params(build_vae(config), jax.random.key(seed))["params"]
+  return nn.meta.unbox(init_vae_params(build_vae(config), jax.random.key(seed)))["params"]
 
 
 @functools.lru_cache(maxsize=None)

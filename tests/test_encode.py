@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +34,7 @@ def _config(**overrides):
 def _save_vae(directory, stage="vae", seed=0, **overrides):
   """A stage checkpoint holding a randomly initialised VAE (what stage 'vae' saves)."""
   config = _config(stage=stage, **overrides)
-  params = init_vae_params(build_vae(config), jax.random.key(seed))["params"]
+  params = nn.meta.unbox(init_vae_params(build_vae(config), jax.random.key(seed)))["params"]
   state = TrainState(step=jnp.zeros((), jnp.int32), gen_params=params, gen_opt=(),
                      ema_params=params, rng=jax.random.key_data(jax.random.key(0)),
                      skipped=jnp.zeros((), jnp.int32))

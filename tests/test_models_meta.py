@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import pytest
 
 from aapt_jax import load_config
-from aapt_jax.models import Conditioning, abstract_params, build_generator, init_params
+from aapt_jax.models import (Conditioning, abstract_params, build_generator, build_vae,
+                             init_params, init_vae_params)
 from aapt_jax.parallel import LOGICAL_AXIS_NAMES
 from helpers import compiled, config_path, tiny
 
@@ -34,10 +35,15 @@ def test_wan_1_3b_parameter_count():
   assert aapt["patch_embedding"]["kernel"].shape == (1, 2, 2, 32, 1536)
 
 
-@pytest.mark.parametrize("name", ["tiny.py", "atari.py", "aapt_8b.py", "wan2_1_1_3b.py"])
+@pytest.mark.parametrize("name", ["tiny.py", "atari.py", "aapt_8b.py", "wan2_1_1_3b.py",
+                                  "vae:atari_vae.py", "vae:wan2_1_1_3b.py"])
 def test_every_parameter_has_logical_axis_names(name):
-  model = build_generator(load_config(config_path(name)))
-  boxed = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))["params"]
+  if name.startswith("vae:"):  # the video VAE (stage "vae" shards it like the DiT)
+    vae = build_vae(load_config(config_path(name[4:])))
+    boxed = jax.eval_shape(lambda: init_vae_params(vae, jax.random.key(0)))["params"]
+  else:
+    model = build_generator(load_config(config_path(name)))
+    boxed = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))["params"]
   leaves = jax.tree.leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves
   for path, leaf in leaves:

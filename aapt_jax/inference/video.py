@@ -51,8 +51,10 @@ def _random_model(config, seed: int, steps: int) -> StreamingModel:
   print("generate: no --checkpoint and no shipped export: an UNTRAINED model (random "
         "weights) — the video shows the pipeline running, not a learned world")
   params = nn.meta.unbox(init_params(build_generator(config), jax.random.key(seed)))["params"]
-  vae_params = (init_vae_params(build_vae(config), jax.random.key(seed + 1))["params"]
-                if uses_vae(config) else None)
+  vae_params = None
+  if uses_vae(config):
+    vae_params = nn.meta.unbox(init_vae_params(build_vae(config), jax.random.key(seed + 1)))
+    vae_params = vae_params["params"]
   return StreamingModel(config, params, vae_params, sampler_steps=steps or 1)
 
 

@@ -19,7 +19,7 @@ def abstract_params(config, kind: str = "generator"):
     raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
   if kind == "vae":
     vae = build_vae(config)
-    return jax.eval_shape(lambda: init_vae_params(vae, jax.random.key(0)))["params"]
+    return nn.meta.unbox(jax.eval_shape(lambda: init_vae_params(vae, jax.random.key(0))))["params"]
   if kind == "discriminator":
     from aapt_jax.models.discriminator import build_discriminator, init_discriminator_params
     disc = build_discriminator(config)

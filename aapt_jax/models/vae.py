@@ -20,8 +20,10 @@ Temporal factor r = 2^(temporal downsamples), spatial factor s =
 
 The latents are raw; `normalize_latents` / `denormalize_latents` apply the
 per-channel `latents_mean/std` (what the data pipeline and the DiT see).
-All parameters live in the `params` collection, unboxed (no logical axis
-names): the VAE is small and replicated on every device.
+All parameters live in the `params` collection with logical axis names
+(vae_layers.py; parallel.py's rules): stage "vae" shards conv output
+channels over the mesh's "fsdp" axis like the DiT's width. `init_params`
+returns them boxed; `nn.meta.unbox` gives the bare arrays.
 """
 from __future__ import annotations
 
@@ -208,7 +210,7 @@ class Decoder3d(nn.Module):
                       name=name, **kw)
       x, new[name] = block(x, sub(cache, name), first)
     x = nn.silu(RMSNorm(name="norm_out", **kw)(x))
-    x, new["conv_out"] = CausalConv3d(3, name="conv_out", **kw)(x, sub(cache, "conv_out"), first)
+    x, new["conv_out"] = CausalConv3d(3, name="conv_out", out_axis="rgb", **kw)(x, sub(cache, "conv_out"), first)
     return x, new
 
 

@@ -33,6 +33,16 @@ CACHE_FRAMES = 2  # frames of history a temporal kernel of 3 reads (Wan's CACHE_
 # torch's default conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
 conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
+# Logical axis names of the VAE's params (parallel.py's rules table): a conv
+# kernel is [kt, kh, kw, C_in, C_out] ("vae_t", "vae_h", "vae_w", "vae_in",
+# "vae_out"); C_out is what FSDP shards. The decoder's RGB head names its 3
+# output channels "rgb" (replicated: no mesh axis divides 3).
+OUT = "vae_out"
+
+
+def named(init, *names):
+  return nn.with_logical_partitioning(init, names)
+
 
 def sub(cache, name):
   """A child's cache (None stays None: the start of a clip)."""
@@ -57,13 +67,16 @@ class CausalConv3d(nn.Module):
   kernel_size: tuple[int, int, int] = (3, 3, 3)
   time_stride: int = 1
   causal: bool = True
+  out_axis: str = OUT
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, cache=None, first=None):
     kt, kh, kw = self.kernel_size
-    kernel = self.param("kernel", conv_init, (kt, kh, kw, x.shape[-1], self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    kernel = self.param("kernel", named(conv_init, "vae_t", "vae_h", "vae_w", "vae_in",
+                                        self.out_axis),
+                        (kt, kh, kw, x.shape[-1], self.features))
+    bias = self.param("bias", named(nn.initializers.zeros, self.out_axis), (self.features,))
     new_cache = None
     if self.causal and kt > 1:
       x = keep_last_frame_only(x, first)
@@ -89,8 +102,9 @@ class Conv2d(nn.Module):
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
-    kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    kernel = self.param("kernel", named(conv_init, "vae_h", "vae_w", "vae_in", OUT),
+                        (k, k, x.shape[-1], self.features))
+    bias = self.param("bias", named(nn.initializers.zeros, OUT), (self.features,))
     b, t = x.shape[:2]
     y = jax.lax.conv_general_dilated(
         x.reshape((b * t,) + x.shape[2:]).astype(self.dtype), kernel.astype(self.dtype),
@@ -106,7 +120,7 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    gamma = self.param("gamma", nn.initializers.ones, (c,))
+    gamma = self.param("gamma", named(nn.initializers.ones, "vae_norm"), (c,))
     x32 = x.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
     y = x32 / jnp.maximum(norm, 1e-12) * (c ** 0.5) * gamma
