@@ -357,18 +357,23 @@ def resolve_step_dir(path: str) -> str:
   return os.path.join(path, str(steps[-1]))
 
 
+def read_checkpoint_config(step_dir: str) -> ml_collections.ConfigDict:
+  """The config a step directory was saved with."""
+  config_file = os.path.join(step_dir, CONFIG, "metadata")
+  try:
+    with open(config_file) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"checkpoint {step_dir} has no readable config ({config_file}): {e}") \
+        from None
+
+
 def load_generator_params(path: str, which: str = "ema_params"):
   """(config, params) of the generator in a checkpoint: the config it was saved
   with (a ConfigDict) and its bare `which` tree ("ema_params" — what inference
   uses — or "gen_params") on the first local device."""
   step_dir = resolve_step_dir(path)
-  config_file = os.path.join(step_dir, CONFIG, "metadata")
-  try:
-    with open(config_file) as f:
-      config = ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise ValueError(f"checkpoint {step_dir} has no readable config ({config_file}): {e}") \
-        from None
+  config = read_checkpoint_config(step_dir)
   checkpointer = ocp.PyTreeCheckpointer()
   try:
     meta = checkpointer.metadata(os.path.join(step_dir, STATE)).item_metadata

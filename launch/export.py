@@ -7,7 +7,13 @@ config and a start frame; no optimizer state, no discriminator.
 directory, or another export. The export loads with
 `StreamingSession.load(DIR)`, `launch/generate.py --checkpoint=DIR` and
 `launch/play.py --checkpoint=DIR`.
+
+A stage-"vae" run exports as a VAE export (float32 VAE params + config, what
+`--vae_checkpoint` and `vae.checkpoint` name; assets/atari_vae is one):
+
+  python launch/export.py --checkpoint=runs/atari_vae --out=assets/atari_vae
 """
+import json
 import os
 import sys
 
@@ -25,6 +31,26 @@ flags.DEFINE_integer("seed", 0, "Emulator seed of the stored start frame.")
 FLAGS = flags.FLAGS
 
 
+def _is_vae_run(checkpoint: str) -> bool:
+  """True for a stage-"vae" run/stage/step directory or VAE export."""
+  from aapt_jax.checkpointing import read_checkpoint_config, resolve_step_dir
+  from aapt_jax.inference.export import EXPORT_FILE, is_export
+  if is_export(checkpoint):
+    with open(os.path.join(checkpoint, EXPORT_FILE)) as f:
+      return json.load(f).get("stage") == "vae"
+  return read_checkpoint_config(resolve_step_dir(checkpoint)).get("stage") == "vae"
+
+
+def _export_vae(checkpoint: str) -> None:
+  from aapt_jax.data.encode import load_vae
+  from aapt_jax.inference.export import write_vae_export
+  config, _, params = load_vae(checkpoint)
+  meta = write_vae_export(FLAGS.out, config, params, source=os.path.abspath(checkpoint))
+  print(f"export: VAE {os.path.abspath(checkpoint)} -> {os.path.abspath(FLAGS.out)} "
+        f"({meta['vae_params']:,} params, float32, {meta['bytes'] / 2**20:.1f} MiB)")
+  print(f"encode data with it: python launch/prepare_data.py --vae_checkpoint={FLAGS.out} ...")
+
+
 def main(_):
   logging.set_verbosity(logging.WARNING)
   from aapt_jax.cli import fail
@@ -34,6 +60,8 @@ def main(_):
   if not checkpoint or not FLAGS.out:
     fail("export", ValueError("give --checkpoint=DIR (or --workdir=RUN) and --out=DIR"))
   try:
+    if _is_vae_run(checkpoint):
+      return _export_vae(checkpoint)
     model = StreamingModel.load(checkpoint)
     if FLAGS.config is not None:
       model.check_config(FLAGS.config)

@@ -131,3 +131,33 @@ def test_bad_inputs_are_named(encoded, tmp_path):
   assert out.returncode == 2 and "is not a VAE checkpoint" in out.stderr
   assert len(out.stderr.strip().splitlines()) == 1
   assert not (tmp_path / "cli" / "pixels").exists()
+
+
+def test_a_vae_run_exports_and_the_export_stands_in_for_it(encoded, tmp_path):
+  """launch/export.py of a stage-"vae" run writes a float32 VAE export that
+  load_vae, vae.checkpoint and encode_records read as the run itself; the
+  generator readers name it instead of failing deep inside."""
+  from aapt_jax.inference import export as export_lib
+  from aapt_jax.inference.session import StreamingModel
+  tmp, params = encoded["tmp"], encoded["params"]
+  out = subprocess.run([sys.executable, f"{ROOT}/launch/export.py",
+                        f"--checkpoint={tmp / 'vae_run'}", f"--out={tmp_path / 'vae_export'}"],
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert "export: VAE" in out.stdout and "float32" in out.stdout
+  config, _, loaded = encode.load_vae(str(tmp_path / "vae_export"))
+  assert config.stage == "vae"
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # float32: not rounded
+  run_config = _config(stage="diffusion", **{"vae.checkpoint": str(tmp_path / "vae_export")})
+  assert jax.tree.structure(load_run_vae(run_config, "run")) == jax.tree.structure(params)
+  encode.encode_records(str(tmp / "pixels"), str(tmp_path / "latents"),
+                        vae_checkpoint=str(tmp_path / "vae_export"), progress=False)
+  for kind in ("clips", "episodes"):
+    a = records.RecordSource(records.resolve_paths(str(tmp / "latents" / f"{kind}-*")))
+    b = records.RecordSource(records.resolve_paths(str(tmp_path / "latents" / f"{kind}-*")))
+    np.testing.assert_allclose(a[0]["latents"], b[0]["latents"], atol=2e-5)  # other batching
+  with pytest.raises(ValueError, match="is a VAE export"):
+    export_lib.read_export(str(tmp_path / "vae_export"))
+  with pytest.raises(ValueError, match=r"is a VAE \(stage 'vae'\), not a world model"):
+    StreamingModel.load(str(tmp / "vae_run"))

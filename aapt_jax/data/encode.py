@@ -39,9 +39,14 @@ EPISODE_BUCKET = 128  # latent frames: episodes are padded to a multiple of this
 
 
 def load_vae(path: str):
-  """(config, VAE module, params) of a stage-"vae" checkpoint (its EMA params)."""
+  """(config, VAE module, params) of a stage-"vae" checkpoint (its EMA params)
+  or of a VAE export (launch/export.py of such a run; assets/atari_vae)."""
   from aapt_jax.checkpointing import load_generator_params
+  from aapt_jax.inference import export as export_lib
   from aapt_jax.models import build_vae
+  if export_lib.is_export(path):
+    config, params = export_lib.read_vae_export(path)
+    return config, build_vae(config), params
   stage_dir = os.path.join(path, "vae")  # a run directory that also holds DiT stages
   config, params = load_generator_params(stage_dir if os.path.isdir(stage_dir) else path)
   if config.get("stage") != "vae":

@@ -8,6 +8,11 @@ An export directory holds::
     vae.msgpack        the video VAE's params, bfloat16 (only for VAE-latent configs)
     start_frame.npy    uint8 [H, W, 3]: the stream's default first frame (optional)
 
+A VAE export (`write_vae_export`, of a stage-"vae" run; stage "vae" in
+export.json) holds only config.json and vae.msgpack, in float32: it is what
+`vae.checkpoint` and `prepare_data --vae_checkpoint` name, and the
+reconstructions it makes are not rounded to bf16.
+
 No optimizer state, no discriminator. `read_export` checks every array against
 the tree the config builds, so a corrupt export or one whose config.json does
 not describe its params fails with the arrays that differ.
@@ -93,6 +98,24 @@ def write_export(out: str, config, params, *, start_frame: np.ndarray | None = N
   return meta
 
 
+def write_vae_export(out: str, config, vae_params, *, source: str = "") -> dict:
+  """Writes a VAE export (float32) of a stage-"vae" config's params to `out`;
+  returns export.json's contents."""
+  check_params(vae_params, abstract_params(config, "vae"), "the VAE params")
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, CONFIG_FILE), "w") as f:
+    json.dump(config_to_dict(config), f, indent=1)
+  with open(os.path.join(out, VAE_FILE), "wb") as f:
+    f.write(flax.serialization.msgpack_serialize(
+        jax.tree.map(lambda x: np.asarray(x, np.float32), vae_params)))
+  meta = dict(format=FORMAT, source=source, stage="vae", dtype="float32",
+              vae_params=int(sum(np.size(x) for x in jax.tree.leaves(vae_params))), vae=True)
+  with open(os.path.join(out, EXPORT_FILE), "w") as f:
+    json.dump(meta, f, indent=1)
+  meta["bytes"] = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
+  return meta
+
+
 def _read_tree(path: str, what: str):
   try:
     with open(path, "rb") as f:
@@ -101,11 +124,7 @@ def _read_tree(path: str, what: str):
     raise ValueError(f"export file {path} ({what}) is unreadable: {e}") from None
 
 
-def read_export(path: str):
-  """(config, generator params, vae params or None, start frame or None, meta)
-  of the export in `path`; params are float32 numpy trees, checked against the
-  config's model."""
-  path = os.path.abspath(path)
+def _read_meta(path: str):
   try:
     with open(os.path.join(path, EXPORT_FILE)) as f:
       meta = json.load(f)
@@ -116,7 +135,40 @@ def read_export(path: str):
   if meta.get("format") != FORMAT:
     raise ValueError(f"export {path} has format {meta.get('format')!r}; this version "
                      f"reads {FORMAT!r}")
-  to32 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+  return config, meta
+
+
+def _to32(tree):
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+
+
+def read_vae_export(path: str):
+  """(config, float32 VAE params) of the VAE export in `path`, checked against
+  the VAE its config describes."""
+  path = os.path.abspath(path)
+  config, meta = _read_meta(path)
+  if meta.get("stage") != "vae":
+    raise ValueError(f"export {path} is a generator export (stage {meta.get('stage')!r}), "
+                     "not a VAE export")
+  params = _to32(_read_tree(os.path.join(path, VAE_FILE), "vae"))
+  try:
+    expected = abstract_params(config, "vae")
+  except ValueError as e:
+    raise ValueError(f"export {path}: its config.json is invalid: {e}") from None
+  check_params(params, expected, f"VAE export {path}")
+  return config, params
+
+
+def read_export(path: str):
+  """(config, generator params, vae params or None, start frame or None, meta)
+  of the export in `path`; params are float32 numpy trees, checked against the
+  config's model."""
+  path = os.path.abspath(path)
+  config, meta = _read_meta(path)
+  if meta.get("stage") == "vae":
+    raise ValueError(f"export {path} is a VAE export (no generator): name it as a run's "
+                     "vae.checkpoint or prepare_data's --vae_checkpoint")
+  to32 = _to32
   params = to32(_read_tree(os.path.join(path, GENERATOR_FILE), "generator"))
   try:
     expected = abstract_params(config)

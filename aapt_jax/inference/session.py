@@ -119,6 +119,9 @@ def load_checkpoint(checkpoint: str | None):
   from aapt_jax.checkpointing import load_generator_params, resolve_step_dir
   step_dir = resolve_step_dir(path)
   config, params = load_generator_params(step_dir)
+  if config.get("stage") == "vae":
+    raise ValueError(f"checkpoint {step_dir} is a VAE (stage 'vae'), not a world model: "
+                     "train a generator on its latents (its vae.checkpoint) and play that")
   vae_params = load_run_vae(config, step_dir) if uses_vae(config) else None
   return config, params, vae_params, None, step_dir
 
