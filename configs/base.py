@@ -144,10 +144,13 @@ def get_config(arg=None):
                    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
   # Stage "vae" (training/vae_stage.py): loss = sum of weight x term, each
   # term a mean over its elements (objectives/vae.py): |x - x'|, (x - x')^2,
-  # |grad x - grad x'| of neighbouring pixels, KL to N(0, I) per latent element.
+  # |grad x - grad x'| of neighbouring pixels, the squared error of each
+  # frame's worst `hard_fraction` of pixels, KL to N(0, I) per latent element.
   v.l1_weight = 1.0
   v.l2_weight = 0.0
   v.grad_weight = 0.0
+  v.hard_weight = 0.0
+  v.hard_fraction = 0.02
   v.kl_weight = 1e-6
   v.optim = _optim(name="adamw", learning_rate=1e-4)
 

@@ -12,7 +12,8 @@ from aapt_jax.training.state import TrainState
 from aapt_jax.training.vae_stage import make_vae_step
 from helpers import config_path
 
-WEIGHTS = {"l1_weight": 1.0, "l2_weight": 2.0, "grad_weight": 3.0, "kl_weight": 4.0}
+WEIGHTS = {"l1_weight": 1.0, "l2_weight": 2.0, "grad_weight": 3.0, "hard_weight": 5.0,
+           "hard_fraction": 0.5, "kl_weight": 4.0}
 
 
 def test_loss_terms_by_hand():
@@ -20,10 +21,22 @@ def test_loss_terms_by_hand():
   recon = jnp.full_like(video, 0.5)
   mean, logvar = jnp.ones((1, 1, 1, 1, 2)), jnp.zeros((1, 1, 1, 1, 2))
   loss, terms = obj.vae_loss(video, recon, mean, logvar, WEIGHTS)
-  # l1 0.5, l2 0.25, no gradients in a constant image, KL 0.5 (1 + 1 - 1 - 0)
-  assert np.allclose([terms["l1"], terms["l2"], terms["grad"], terms["kl"]],
-                     [0.5, 0.25, 0.0, 0.5])
-  assert np.isclose(loss, 0.5 + 2 * 0.25 + 3 * 0.0 + 4 * 0.5)
+  # l1 0.5, l2 0.25, no gradients in a constant image, every pixel's RGB
+  # squared error 3 x 0.25, KL 0.5 (1 + 1 - 1 - 0)
+  assert np.allclose([terms["l1"], terms["l2"], terms["grad"], terms["hard"], terms["kl"]],
+                     [0.5, 0.25, 0.0, 0.75, 0.5])
+  assert np.isclose(loss, 0.5 + 2 * 0.25 + 3 * 0.0 + 5 * 0.75 + 4 * 0.5)
+
+
+def test_hard_pixel_term_by_hand():
+  """The mean of each frame's worst pixels: one wrong pixel of 8 (a 'ball')
+  is 1/8 of the mean error but all of the worst 1/8."""
+  video = jnp.zeros((1, 2, 2, 4, 3))
+  recon = video.at[0, 0, 1, 2].set(1.0).at[0, 1, 0, 0, 0].set(0.5)
+  # frame 0: RGB sum 3 at one pixel; frame 1: 0.25 at one pixel
+  assert np.isclose(obj.hard_pixel_l2(video, recon, 1 / 8), (3.0 + 0.25) / 2)
+  assert np.isclose(obj.hard_pixel_l2(video, recon, 2 / 8), (3.0 / 2 + 0.25 / 2) / 2)
+  assert np.isclose(obj.hard_pixel_l2(video, recon, 1e-6), (3.0 + 0.25) / 2)  # at least 1 pixel
 
 
 def test_gradient_term_by_hand():

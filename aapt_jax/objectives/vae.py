@@ -1,6 +1,6 @@
-"""The video VAE's training objective: reconstruction (L1, L2 and an image
-gradient term) plus a KL term, each a mean over its own elements, weighted
-by `config.vae.*_weight`."""
+"""The video VAE's training objective: reconstruction (L1, L2, an image
+gradient term and a hard-pixel term) plus a KL term, each a mean over its
+own elements, weighted by `config.vae.*_weight`."""
 from __future__ import annotations
 
 import jax
@@ -33,14 +33,26 @@ def image_gradient_l1(video, recon):
                 jnp.mean(jnp.abs(dx(video) - dx(recon))))
 
 
+def hard_pixel_l2(video, recon, fraction: float):
+  """Mean squared error (RGB summed) of each frame's worst `fraction` of
+  pixels, averaged over frames [B, T, H, W, C]: small objects (Pong's ball
+  and paddles, under 1% of a frame) that a mean over the frame ignores."""
+  err = jnp.sum(jnp.square(video - recon), axis=-1)            # [B, T, H, W]
+  err = err.reshape(err.shape[:2] + (-1,))                      # [B, T, H*W]
+  k = max(1, int(round(fraction * err.shape[-1])))
+  return jnp.mean(jax.lax.top_k(err, k)[0])
+
+
 def vae_loss(video, recon, mean, logvar, weights):
   """(loss, terms) for video/recon [B, T, H, W, 3] and the posterior [B, T', h, w, C].
 
-  weights: a mapping with l1_weight, l2_weight, grad_weight, kl_weight.
+  weights: a mapping with l1_weight, l2_weight, grad_weight, hard_weight,
+  hard_fraction and kl_weight.
   """
   terms = {"l1": jnp.mean(jnp.abs(video - recon)),
            "l2": jnp.mean(jnp.square(video - recon)),
            "grad": image_gradient_l1(video, recon),
+           "hard": hard_pixel_l2(video, recon, weights["hard_fraction"]),
            "kl": kl_to_standard_normal(mean, logvar)}
   loss = sum(weights[f"{name}_weight"] * value for name, value in terms.items())
   return loss, terms
