@@ -168,8 +168,7 @@ def read_export(path: str):
   if meta.get("stage") == "vae":
     raise ValueError(f"export {path} is a VAE export (no generator): name it as a run's "
                      "vae.checkpoint or prepare_data's --vae_checkpoint")
-  to32 = _to32
-  params = to32(_read_tree(os.path.join(path, GENERATOR_FILE), "generator"))
+  params = _to32(_read_tree(os.path.join(path, GENERATOR_FILE), "generator"))
   try:
     expected = abstract_params(config)
   except ValueError as e:
@@ -177,7 +176,7 @@ def read_export(path: str):
   check_params(params, expected, f"export {path}")
   vae_params = None
   if meta.get("vae"):
-    vae_params = to32(_read_tree(os.path.join(path, VAE_FILE), "vae"))
+    vae_params = _to32(_read_tree(os.path.join(path, VAE_FILE), "vae"))
     check_params(vae_params, abstract_params(config, "vae"), f"export {path} (VAE)")
   start_frame = None
   if meta.get("start_frame"):

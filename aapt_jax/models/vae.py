@@ -210,7 +210,8 @@ class Decoder3d(nn.Module):
                       name=name, **kw)
       x, new[name] = block(x, sub(cache, name), first)
     x = nn.silu(RMSNorm(name="norm_out", **kw)(x))
-    x, new["conv_out"] = CausalConv3d(3, name="conv_out", out_axis="rgb", **kw)(x, sub(cache, "conv_out"), first)
+    head = CausalConv3d(3, name="conv_out", out_axis="rgb", **kw)
+    x, new["conv_out"] = head(x, sub(cache, "conv_out"), first)
     return x, new
 
 
