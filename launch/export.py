@@ -13,7 +13,6 @@ A stage-"vae" run exports as a VAE export (float32 VAE params + config, what
 
   python launch/export.py --checkpoint=runs/atari_vae --out=assets/atari_vae
 """
-import json
 import os
 import sys
 
@@ -34,10 +33,9 @@ FLAGS = flags.FLAGS
 def _is_vae_run(checkpoint: str) -> bool:
   """True for a stage-"vae" run/stage/step directory or VAE export."""
   from aapt_jax.checkpointing import read_checkpoint_config, resolve_step_dir
-  from aapt_jax.inference.export import EXPORT_FILE, is_export
+  from aapt_jax.inference.export import export_stage, is_export
   if is_export(checkpoint):
-    with open(os.path.join(checkpoint, EXPORT_FILE)) as f:
-      return json.load(f).get("stage") == "vae"
+    return export_stage(checkpoint) == "vae"
   return read_checkpoint_config(resolve_step_dir(checkpoint)).get("stage") == "vae"
 
 

@@ -138,6 +138,11 @@ def _read_meta(path: str):
   return config, meta
 
 
+def export_stage(path: str) -> str:
+  """The stage an export was made from ("vae" for a VAE export)."""
+  return str(_read_meta(os.path.abspath(path))[1].get("stage"))
+
+
 def _to32(tree):
   return jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
 
