@@ -69,51 +69,58 @@ def _to_bf16(tree):
   return jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16)), tree)
 
 
+def _to32(tree):
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+
+
+def _write(out: str, config, trees: dict, meta: dict, start_frame=None) -> dict:
+  """Writes config.json, each {file name: numpy tree} as msgpack, the start
+  frame (if any) and export.json (`meta`) to `out`; returns meta with the
+  directory's size in "bytes"."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, CONFIG_FILE), "w") as f:
+    json.dump(config_to_dict(config), f, indent=1)
+  for name, tree in trees.items():
+    with open(os.path.join(out, name), "wb") as f:
+      f.write(flax.serialization.msgpack_serialize(tree))
+  if start_frame is not None:
+    np.save(os.path.join(out, START_FRAME_FILE), start_frame)
+  with open(os.path.join(out, EXPORT_FILE), "w") as f:
+    json.dump(meta, f, indent=1)
+  return dict(meta, bytes=sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out)))
+
+
+def _count(tree) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
 def write_export(out: str, config, params, *, start_frame: np.ndarray | None = None,
                  vae_params=None, source: str = "") -> dict:
   """Writes an export of `params` (the bare generator tree) to the directory `out`.
 
   Returns export.json's contents."""
   check_params(params, abstract_params(config), "the generator params")
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, CONFIG_FILE), "w") as f:
-    json.dump(config_to_dict(config), f, indent=1)
-  files = {GENERATOR_FILE: params, VAE_FILE: vae_params}
-  for name, tree in files.items():
-    if tree is not None:
-      with open(os.path.join(out, name), "wb") as f:
-        f.write(flax.serialization.msgpack_serialize(_to_bf16(tree)))
   if start_frame is not None:
     start_frame = np.asarray(start_frame)
     if start_frame.dtype != np.uint8 or start_frame.ndim != 3 or start_frame.shape[-1] != 3:
       raise ValueError(f"start frame must be uint8 [H, W, 3], got {start_frame.dtype} "
                        f"{start_frame.shape}")
-    np.save(os.path.join(out, START_FRAME_FILE), start_frame)
+  trees = {GENERATOR_FILE: _to_bf16(params)}
+  if vae_params is not None:
+    trees[VAE_FILE] = _to_bf16(vae_params)
   meta = dict(format=FORMAT, source=source, stage=str(config.stage), dtype="bfloat16",
-              generator_params=int(sum(np.size(x) for x in jax.tree.leaves(params))),
-              vae=vae_params is not None, start_frame=start_frame is not None)
-  with open(os.path.join(out, EXPORT_FILE), "w") as f:
-    json.dump(meta, f, indent=1)
-  meta["bytes"] = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
-  return meta
+              generator_params=_count(params), vae=vae_params is not None,
+              start_frame=start_frame is not None)
+  return _write(out, config, trees, meta, start_frame)
 
 
 def write_vae_export(out: str, config, vae_params, *, source: str = "") -> dict:
   """Writes a VAE export (float32) of a stage-"vae" config's params to `out`;
   returns export.json's contents."""
   check_params(vae_params, abstract_params(config, "vae"), "the VAE params")
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, CONFIG_FILE), "w") as f:
-    json.dump(config_to_dict(config), f, indent=1)
-  with open(os.path.join(out, VAE_FILE), "wb") as f:
-    f.write(flax.serialization.msgpack_serialize(
-        jax.tree.map(lambda x: np.asarray(x, np.float32), vae_params)))
   meta = dict(format=FORMAT, source=source, stage="vae", dtype="float32",
-              vae_params=int(sum(np.size(x) for x in jax.tree.leaves(vae_params))), vae=True)
-  with open(os.path.join(out, EXPORT_FILE), "w") as f:
-    json.dump(meta, f, indent=1)
-  meta["bytes"] = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
-  return meta
+              vae_params=_count(vae_params), vae=True)
+  return _write(out, config, {VAE_FILE: _to32(vae_params)}, meta)
 
 
 def _read_tree(path: str, what: str):
@@ -122,6 +129,18 @@ def _read_tree(path: str, what: str):
       return flax.serialization.msgpack_restore(f.read())
   except (OSError, ValueError, TypeError) as e:
     raise ValueError(f"export file {path} ({what}) is unreadable: {e}") from None
+
+
+def _read_params(path: str, config, file: str, kind: str, what: str):
+  """The float32 tree in `path`/`file`, checked against the `kind` ("generator"
+  or "vae") the export's config builds; `what` names it in errors."""
+  params = _to32(_read_tree(os.path.join(path, file), kind))
+  try:
+    expected = abstract_params(config, kind)
+  except ValueError as e:
+    raise ValueError(f"export {path}: its config.json is invalid: {e}") from None
+  check_params(params, expected, what)
+  return params
 
 
 def _read_meta(path: str):
@@ -143,10 +162,6 @@ def export_stage(path: str) -> str:
   return str(_read_meta(os.path.abspath(path))[1].get("stage"))
 
 
-def _to32(tree):
-  return jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
-
-
 def read_vae_export(path: str):
   """(config, float32 VAE params) of the VAE export in `path`, checked against
   the VAE its config describes."""
@@ -155,13 +170,7 @@ def read_vae_export(path: str):
   if meta.get("stage") != "vae":
     raise ValueError(f"export {path} is a generator export (stage {meta.get('stage')!r}), "
                      "not a VAE export")
-  params = _to32(_read_tree(os.path.join(path, VAE_FILE), "vae"))
-  try:
-    expected = abstract_params(config, "vae")
-  except ValueError as e:
-    raise ValueError(f"export {path}: its config.json is invalid: {e}") from None
-  check_params(params, expected, f"VAE export {path}")
-  return config, params
+  return config, _read_params(path, config, VAE_FILE, "vae", f"VAE export {path}")
 
 
 def read_export(path: str):
@@ -173,16 +182,10 @@ def read_export(path: str):
   if meta.get("stage") == "vae":
     raise ValueError(f"export {path} is a VAE export (no generator): name it as a run's "
                      "vae.checkpoint or prepare_data's --vae_checkpoint")
-  params = _to32(_read_tree(os.path.join(path, GENERATOR_FILE), "generator"))
-  try:
-    expected = abstract_params(config)
-  except ValueError as e:
-    raise ValueError(f"export {path}: its config.json is invalid: {e}") from None
-  check_params(params, expected, f"export {path}")
+  params = _read_params(path, config, GENERATOR_FILE, "generator", f"export {path}")
   vae_params = None
   if meta.get("vae"):
-    vae_params = _to32(_read_tree(os.path.join(path, VAE_FILE), "vae"))
-    check_params(vae_params, abstract_params(config, "vae"), f"export {path} (VAE)")
+    vae_params = _read_params(path, config, VAE_FILE, "vae", f"export {path} (VAE)")
   start_frame = None
   if meta.get("start_frame"):
     try:
