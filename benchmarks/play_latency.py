@@ -31,9 +31,9 @@ sys.path.insert(0, ROOT)
 from common import config_names, device_line  # noqa: E402
 from aapt_jax import load_config  # noqa: E402
 from aapt_jax.inference import export as export_lib  # noqa: E402
-from aapt_jax.inference.generate import make_step_fn  # noqa: E402
 from aapt_jax.inference.server import encode_frame  # noqa: E402
 from aapt_jax.inference.session import StreamingModel, StreamingSession  # noqa: E402
+from aapt_jax.inference.session import make_frame_fn  # noqa: E402
 from aapt_jax.models import build_generator, build_vae, init_params, init_vae_params  # noqa: E402
 
 CONFIGS = {"atari": "configs/atari.py", "atari_vae": "configs/atari_vae.py"}
@@ -71,18 +71,19 @@ def bench(name, frames, samples):
   k = model.frames_per_latent
   rows = []
 
-  # the generator alone (inference/generate.py's frame function), the latent fetched to host
-  gen = make_step_fn(model.model, model.sampler_steps,
-                     float(model.config.diffusion.timestep_shift))
+  # the generator alone (the session's sampler, no decode), the latent fetched to host
+  gen = make_frame_fn(model.model, model.sampler_steps,
+                      float(model.config.diffusion.timestep_shift))
   s = model.model.spec
   key = jax.random.key(0)
   x = jax.numpy.zeros((1, 1, *s.latent_size, s.latent_channels))
   state = {"x": x, "cache": model.model.init_cache(1), "i": 0}
+  controls = jax.numpy.zeros((1, 1, s.control_dim)) if s.control_dim else None
 
   def generator_step():
-    a = jax.numpy.full((1, 1), act(), jax.numpy.int32)
-    state["x"], state["cache"] = gen(model.params, key, jax.numpy.int32(state["i"]), x,
-                                     state["x"], a, state["cache"])
+    a = jax.numpy.full((1, 1), act(), jax.numpy.int32) if s.num_actions else None
+    state["x"], state["cache"] = gen(model.params, key, jax.numpy.int32(state["i"]),
+                                     state["x"], state["cache"], a, controls, None, None)
     state["i"] += 1
     np.asarray(state["x"])
   rows.append(("generator", timed(generator_step, samples)))

@@ -5,15 +5,16 @@ import numpy as np
 import pytest
 
 from aapt_jax.data.video_io import read_video, write_video
-from aapt_jax.inference.generate import generate_latents
+from aapt_jax.inference.session import generate_latents, make_frame_fn
 from aapt_jax.models import Conditioning
 from helpers import compiled, tiny
 
 
 def test_stream_equals_one_parallel_call_over_its_own_frames():
-  """Frame i of the stream is eps_i - v(eps_i, t=1 | x_{i-1}): one parallel
-  __call__ over [x_0, eps_1, ...] with previous = the generated frames gives
-  the same velocities (the identity the adversarial stage's recompute uses)."""
+  """Frame i of the stream (the session's sampler, `sample_frame`) is
+  eps_i - v(eps_i, t=1 | x_{i-1}): one parallel __call__ over [x_0, eps_1, ...]
+  with previous = the generated frames gives the same velocities (the
+  identity the adversarial stage's recompute uses)."""
   config, model, params = tiny((("model.text_dim", 0), ("model.control_dim", 0)))
   s = model.spec
   frames, seed = 2 * s.window_frames + 3, 7
@@ -37,16 +38,16 @@ def test_stream_equals_one_parallel_call_over_its_own_frames():
 def test_euler_sampler_steps_by_hand():
   """K = 2: eps -> peek at t_2 = 1 (no commit) -> Euler to t_1 -> the committing
   step at t_1; the frame is x_{t_1} - t_1 v. Checked against explicit steps."""
-  from aapt_jax.inference.generate import make_step_fn
   _, model, params = tiny((("model.text_dim", 0), ("model.control_dim", 0)))
   s = model.spec
   shape = (1, 1, *s.latent_size, s.latent_channels)
   first = jax.random.normal(jax.random.key(2), shape)
-  fn = make_step_fn(model, sampler_steps=2, shift=3.0)
+  fn = make_frame_fn(model, sampler_steps=2, shift=3.0)
   key = jax.random.key(4)
   act = jnp.zeros((1, 1), jnp.int32)
-  f0, cache = fn(params["params"], key, jnp.int32(0), first, first, act, model.init_cache(1))
-  f1, cache = fn(params["params"], key, jnp.int32(1), first, f0, act, cache)
+  f0, cache = fn(params["params"], key, jnp.int32(0), first, model.init_cache(1), act,
+                 None, None, None)
+  f1, cache = fn(params["params"], key, jnp.int32(1), f0, cache, act, None, None, None)
   assert int(cache.counter) == 2
   _, step = compiled(model)
   t1 = 3.0 * 0.5 / (1 + 2.0 * 0.5)  # shift(1/2) = 0.75

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.struct
 import jax
@@ -51,36 +51,101 @@ def sampler_grid(steps: int, shift: float) -> list[float]:
   return [float(g) for g in np.asarray(shift_timesteps(np.linspace(0.0, 1.0, steps + 1), shift))]
 
 
+def sample_frame(model: Generator, params, key, index, latent, cache: KVCache, *,
+                 sampler_steps: int = 1, shift: float = 1.0, actions=None, controls=None,
+                 text=None, text_mask=None):
+  """The stream's sampler: latent frame `index` of a stream, a pure function.
+
+  latent [B, 1, h, w, C] is the stream's last frame (at index 0: latent 0,
+  the given first frame). index 0 (the prefill) writes `latent` clean at
+  t = 0 as the sink and returns it; index i >= 1 draws
+  eps_i = N(fold_in(key, i)) and returns x_i = eps_i - v(eps_i, t=1 | x_{i-1})
+  (sampler_steps K = 1, 1NFE), or takes K - 1 Euler peek steps down
+  `sampler_grid(K, shift)` with the cache untouched and commits at t_1.
+  actions [B, 1] int32 / controls [B, 1, A] / text [B, L, D] + text_mask
+  [B, L] condition the frame (None = the model takes none).
+  Returns (latent [B, 1, h, w, C], the cache with this frame's block written).
+  """
+  grid = sampler_grid(sampler_steps, shift)
+  first = index == 0
+  cond = Conditioning(previous=jnp.where(first, 0.0, latent), text=text, text_mask=text_mask,
+                      actions=actions, controls=controls)
+  ones = jnp.ones(latent.shape[:2])                                # [B, 1]
+  x = jax.random.normal(jax.random.fold_in(key, index), latent.shape, latent.dtype)
+  for k in range(sampler_steps, 1, -1):  # peek steps: the cache is not written
+    v, _ = model.apply({"params": params}, x, grid[k] * ones, cond, cache, commit=False,
+                       method="step")
+    x = x + (grid[k - 1] - grid[k]) * v
+  t = jnp.where(first, 0.0, grid[1]) * ones
+  v, cache = model.apply({"params": params}, jnp.where(first, latent, x), t, cond, cache,
+                         method="step")
+  return jnp.where(first, latent, x - grid[1] * v), cache
+
+
+def make_frame_fn(model: Generator, sampler_steps: int = 1, shift: float = 1.0) -> Callable:
+  """`sample_frame` jitted, the cache donated (in place), compiled once:
+
+  frame_fn(params, key, index, latent, cache, actions, controls, text, text_mask)
+      -> (latent, cache)
+  """
+  sampler_grid(sampler_steps, shift)  # a bad step count fails here, not at the first call
+
+  def frame_fn(params, key, index, latent, cache, actions, controls, text, text_mask):
+    return sample_frame(model, params, key, index, latent, cache, sampler_steps=sampler_steps,
+                        shift=shift, actions=actions, controls=controls, text=text,
+                        text_mask=text_mask)
+
+  return jax.jit(frame_fn, donate_argnums=4)
+
+
+def generate_latents(model: Generator, params, first_latent: np.ndarray,
+                     actions: Sequence[int] | None, num_frames: int, seed: int = 0, *,
+                     sampler_steps: int = 1, shift: float = 1.0) -> Iterator[np.ndarray]:
+  """Yields num_frames latent frames [h, w, C] (host numpy) of one stream made
+  by `sample_frame` (the sampler a StreamingSession runs), the first being
+  first_latent.
+
+  params: the bare parameter tree. actions[i] is the action whose effect frame
+  i shows (actions[0] goes with the given first frame); None = no actions.
+  A model with text or control inputs gets none (the frames are unconditioned).
+  """
+  s = model.spec
+  if num_frames < 1:
+    raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+  if tuple(first_latent.shape) != (*s.latent_size, s.latent_channels):
+    raise ValueError(f"first_latent must be {(*s.latent_size, s.latent_channels)}, "
+                     f"got {tuple(first_latent.shape)}")
+  if s.num_actions:
+    if actions is None or len(actions) < num_frames:
+      raise ValueError(f"the model takes actions: give at least {num_frames}, got "
+                       f"{0 if actions is None else len(actions)}")
+    bad = [a for a in actions[:num_frames] if not 0 <= int(a) < s.num_actions]
+    if bad:
+      raise ValueError(f"invalid action ids {bad[:5]}: valid ids are 0..{s.num_actions - 1}")
+  frame_fn = make_frame_fn(model, sampler_steps, shift)
+  key = jax.random.key(seed)
+  x = jnp.asarray(first_latent, jnp.float32)[None, None]         # [1, 1, h, w, C]
+  cache = model.init_cache(1)
+  for i in range(num_frames):
+    act = jnp.full((1, 1), int(actions[i]), jnp.int32) if s.num_actions else None
+    x, cache = frame_fn(params, key, jnp.int32(i), x, cache, act, None, None, None)
+    yield np.asarray(x[0, 0])
+
+
 def make_session_step(model: Generator, decoder, sampler_steps: int = 1,
                       shift: float = 1.0) -> Callable:
-  """The one jitted step of a stream, generator + decode, the state donated:
+  """The one jitted step of a stream, `sample_frame` + decode, the state donated:
 
   step(params, decoder_params, key, state, actions, controls, text, text_mask)
       -> (frames uint8 [k, H, W, 3], state)
-
-  index 0 (the prefill) writes state.latent (latent 0, clean, t = 0) as the
-  sink and decodes it; index i >= 1 draws eps_i = N(fold_in(key, i)) and makes
-  x_i = eps_i - v(eps_i, t=1 | x_{i-1}) (K = 1), or takes K - 1 Euler peek
-  steps (cache untouched) down the shifted grid and commits at t_1.
   """
-  grid = sampler_grid(sampler_steps, shift)
+  sampler_grid(sampler_steps, shift)  # a bad step count fails here, not at the first step
 
   def step(params, decoder_params, key, state: StreamState, actions, controls, text,
            text_mask):
-    first = state.index == 0
-    given = state.latent                                          # [1, 1, h, w, C]
-    cond = Conditioning(previous=jnp.where(first, 0.0, given), text=text,
-                        text_mask=text_mask, actions=actions, controls=controls)
-    ones = jnp.ones(given.shape[:2])                               # [1, 1]
-    x = jax.random.normal(jax.random.fold_in(key, state.index), given.shape, given.dtype)
-    for k in range(sampler_steps, 1, -1):  # peek steps: the cache is not written
-      v, _ = model.apply({"params": params}, x, grid[k] * ones, cond, state.cache,
-                         commit=False, method="step")
-      x = x + (grid[k - 1] - grid[k]) * v
-    t = jnp.where(first, 0.0, grid[1]) * ones
-    v, cache = model.apply({"params": params}, jnp.where(first, given, x), t, cond,
-                           state.cache, method="step")
-    latent = jnp.where(first, given, x - grid[1] * v)
+    latent, cache = sample_frame(model, params, key, state.index, state.latent, state.cache,
+                                 sampler_steps=sampler_steps, shift=shift, actions=actions,
+                                 controls=controls, text=text, text_mask=text_mask)
     frames, decode_cache = decoder.decode_step(decoder_params, latent, state.decode_cache)
     pixels = jnp.clip(jnp.round((frames[0] + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
     return pixels, StreamState(index=state.index + 1, latent=latent, cache=cache,
