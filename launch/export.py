@@ -32,17 +32,17 @@ FLAGS = flags.FLAGS
 
 def _is_vae_run(checkpoint: str) -> bool:
   """True for a stage-"vae" run/stage/step directory or VAE export."""
-  from aapt_jax.checkpointing import read_checkpoint_config, resolve_step_dir
-  from aapt_jax.inference.export import export_stage, is_export
+  from aapt_jax.export import export_stage, is_export
+  from aapt_jax.loading import read_checkpoint_config, resolve_step_dir
   if is_export(checkpoint):
     return export_stage(checkpoint) == "vae"
   return read_checkpoint_config(resolve_step_dir(checkpoint)).get("stage") == "vae"
 
 
 def _export_vae(checkpoint: str) -> None:
-  from aapt_jax.data.encode import load_vae
-  from aapt_jax.inference.export import write_vae_export
-  config, _, params = load_vae(checkpoint)
+  from aapt_jax.export import write_vae_export
+  from aapt_jax.loading import load_trained_vae
+  config, _, params = load_trained_vae(checkpoint)
   meta = write_vae_export(FLAGS.out, config, params, source=os.path.abspath(checkpoint))
   print(f"export: VAE {os.path.abspath(checkpoint)} -> {os.path.abspath(FLAGS.out)} "
         f"({meta['vae_params']:,} params, float32, {meta['bytes'] / 2**20:.1f} MiB)")
@@ -52,7 +52,7 @@ def _export_vae(checkpoint: str) -> None:
 def main(_):
   logging.set_verbosity(logging.WARNING)
   from aapt_jax.cli import fail
-  from aapt_jax.inference.export import write_export
+  from aapt_jax.export import write_export
   from aapt_jax.inference.session import StreamingModel
   checkpoint = FLAGS.checkpoint or FLAGS.workdir
   if not checkpoint or not FLAGS.out:

@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--world", default="atari", help="only 'atari' for now")
-  p.add_argument("--game", default="Pong", help="Atari game, e.g. Pong, Breakout")
+  p.add_argument("--world", default="atari", help="a world in aapt_jax.data.worlds: atari")
+  p.add_argument("--game", default="Pong", help="the world's game, e.g. Pong, Breakout")
   p.add_argument("--episodes", type=int, default=8)
   p.add_argument("--frames_per_episode", type=int, default=0,
                  help="cap on frames per episode; 0 = play until game over")
@@ -45,10 +45,10 @@ def main(argv=None) -> int:
                        f"{', '.join(prepare.WORLDS)}")
     pixels_dir = os.path.join(args.out, "pixels") if args.vae_checkpoint else args.out
     if args.vae_checkpoint:
-      from aapt_jax.data.encode import load_vae
-      load_vae(args.vae_checkpoint)  # a bad checkpoint fails before any recording
-    summary = prepare.prepare_atari(
-        pixels_dir, game=args.game, episodes=args.episodes,
+      from aapt_jax.loading import load_trained_vae
+      load_trained_vae(args.vae_checkpoint)  # a bad checkpoint fails before any recording
+    summary = prepare.prepare_world(
+        pixels_dir, world=args.world, game=args.game, episodes=args.episodes,
         frames_per_episode=args.frames_per_episode or None,
         clip_frames=args.clip_frames, clip_stride=args.clip_stride or None,
         size=args.size, frame_skip=args.frame_skip, seed=args.seed,

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 
 from aapt_jax import load_config
-from aapt_jax.inference.export import write_export
+from aapt_jax.export import write_export
 from aapt_jax.inference.session import StreamingModel
 from aapt_jax.models import build_generator, build_vae, init_params, init_vae_params
 from helpers import config_path

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from aapt_jax import checkpointing, load_config, parallel
+from aapt_jax import checkpointing, load_config, loading, parallel
 from aapt_jax.models import build_generator
 from aapt_jax.training import optimizers, state as train_state
 from helpers import config_path
@@ -25,8 +25,8 @@ def test_load_ema_params_from_any_level_of_a_run(tmp_path):
     ckpt.save(7, state, config=config)
   step_dir = os.path.join(run, "diffusion", "checkpoints", "7")
   for path in (run, os.path.join(run, "diffusion"), step_dir):
-    assert checkpointing.resolve_step_dir(path) == step_dir
-  loaded_config, params = checkpointing.load_generator_params(run)
+    assert loading.resolve_step_dir(path) == step_dir
+  loaded_config, params = loading.load_generator_params(run)
   assert loaded_config.model.dim == config.model.dim
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.ema_params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -36,9 +36,9 @@ def test_load_ema_params_from_any_level_of_a_run(tmp_path):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a directory"):
-    checkpointing.resolve_step_dir(str(tmp_path / "nope"))
+    loading.resolve_step_dir(str(tmp_path / "nope"))
   with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-    checkpointing.resolve_step_dir(str(tmp_path))
+    loading.resolve_step_dir(str(tmp_path))
 
 
 def test_adapt_params_pads_input_columns_keeps_new_leaves_and_names_misfits():
@@ -48,7 +48,7 @@ def test_adapt_params_pads_input_columns_keeps_new_leaves_and_names_misfits():
   target = {"patch": {"kernel": np.ones((6, 3), np.float32)},
             "head": {"bias": np.ones((3,), np.float32)},
             "action_embedding": {"embedding": np.full((5, 3), 7.0, np.float32)}}
-  new, notes = checkpointing.adapt_params(old, target)
+  new, notes = loading.adapt_params(old, target)
   np.testing.assert_array_equal(new["patch"]["kernel"][:4], old["patch"]["kernel"])
   np.testing.assert_array_equal(new["patch"]["kernel"][4:], 0.0)   # new input columns
   np.testing.assert_array_equal(new["head"]["bias"], old["head"]["bias"])
@@ -57,7 +57,7 @@ def test_adapt_params_pads_input_columns_keeps_new_leaves_and_names_misfits():
   assert any("action_embedding/embedding" in n for n in notes)
   bad = {**old, "head": {"bias": np.zeros((4,), np.float32)}}      # larger than the model
   with pytest.raises(ValueError, match=r"head/bias: checkpoint \(4,\) vs model \(3,\)"):
-    checkpointing.adapt_params(bad, target)
+    loading.adapt_params(bad, target)
   extra = {**old, "other": {"w": np.zeros((2,), np.float32)}}
   with pytest.raises(ValueError, match="other/w: not in the model"):
-    checkpointing.adapt_params(extra, target)
+    loading.adapt_params(extra, target)

@@ -7,8 +7,10 @@ import sys
 import numpy as np
 import pytest
 
+from aapt_jax import image_utils
 from aapt_jax.data import pipeline, prepare, records
 from aapt_jax.data.worlds import atari
+from aapt_jax.data.worlds.policies import StickyRandomPolicy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,11 +69,34 @@ def test_action_hold(pong):
     assert len(set(a[1 + 4 * k: 5 + 4 * k].tolist())) == 1
 
 
+def test_world_registry_builds_atari_from_a_config_and_replays_its_ram():
+  """worlds.world_from_config builds the config's world; replaying an
+  episode's actions from its seed gives the same frames AND the same RAM."""
+  from aapt_jax import load_config
+  from aapt_jax.data import worlds
+  assert worlds.world_class("atari") is atari.AtariWorld
+  with pytest.raises(ValueError, match="unknown world 'doom': choose from atari"):
+    worlds.world_class("doom")
+  config = load_config(os.path.join(REPO, "configs", "tiny.py"),
+                       {"data.world": "atari", "data.game": "Pong", "data.frame_size": 16})
+  world = worlds.world_from_config(config)
+  assert (world.game, world.size, world.control_dim) == ("Pong", (16, 16), 0)
+  ep = world.record_episode(seed=2, max_frames=40)
+  ram = world.ram()
+  assert ram.dtype == np.uint8 and ram.shape == (128,)
+  np.testing.assert_array_equal(world.replay(ep.actions, seed=2), ep.frames)
+  np.testing.assert_array_equal(world.ram(), ram)
+  world.step(world.noop)
+  assert not np.array_equal(world.ram(), ram)  # the frame counter, at least, moved
+  config.data.world = ""
+  assert worlds.world_from_config(config) is None
+
+
 def test_policy_is_seeded_and_sticky():
-  p, q = atari.StickyRandomPolicy(6, 0.75, seed=3), atari.StickyRandomPolicy(6, 0.75, seed=3)
+  p, q = StickyRandomPolicy(6, 0.75, seed=3), StickyRandomPolicy(6, 0.75, seed=3)
   seq_p, seq_q = [p() for _ in range(400)], [q() for _ in range(400)]
   assert seq_p == seq_q
-  r = atari.StickyRandomPolicy(6, 0.75, seed=4)
+  r = StickyRandomPolicy(6, 0.75, seed=4)
   assert [r() for _ in range(400)] != seq_p
   changes = np.mean(np.diff(seq_p) != 0)
   assert 0.1 < changes < 0.35  # ~ (1 - 0.75) * 5/6
@@ -82,11 +107,11 @@ def test_resize_area():
   img = np.zeros((1, 8, 8, 3), np.uint8)
   img[0, :4, :4] = 255
   img[0, 0, 5] = 200
-  out = atari.resize_area(img, 4)
+  out = image_utils.resize_area(img, 4)
   assert out.shape == (1, 4, 4, 3)
   assert (out[0, :2, :2] == 255).all() and out[0, 0, 2, 0] == 50  # box mean
   full = np.full((210, 160, 3), 77, np.uint8)
-  assert (atari.resize_area(full, 64) == 77).all()  # non-integer ratio
+  assert (image_utils.resize_area(full, 64) == 77).all()  # non-integer ratio
 
 
 def test_prepare_atari_end_to_end(tmp_path):

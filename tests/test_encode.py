@@ -13,7 +13,7 @@ import pytest
 
 from aapt_jax import checkpointing, load_config
 from aapt_jax.data import encode, prepare, records
-from aapt_jax.inference.session import load_run_vae
+from aapt_jax.loading import load_run_vae, load_trained_vae
 from aapt_jax.models import build_vae
 from aapt_jax.models.vae import init_params as init_vae_params
 from aapt_jax.training.state import TrainState
@@ -135,9 +135,9 @@ def test_bad_inputs_are_named(encoded, tmp_path):
 
 def test_a_vae_run_exports_and_the_export_stands_in_for_it(encoded, tmp_path):
   """launch/export.py of a stage-"vae" run writes a float32 VAE export that
-  load_vae, vae.checkpoint and encode_records read as the run itself; the
+  load_trained_vae, vae.checkpoint and encode_records read as the run itself; the
   generator readers name it instead of failing deep inside."""
-  from aapt_jax.inference import export as export_lib
+  from aapt_jax import export as export_lib
   from aapt_jax.inference.session import StreamingModel
   tmp, params = encoded["tmp"], encoded["params"]
   out = subprocess.run([sys.executable, f"{ROOT}/launch/export.py",
@@ -145,7 +145,7 @@ def test_a_vae_run_exports_and_the_export_stands_in_for_it(encoded, tmp_path):
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
   assert "export: VAE" in out.stdout and "float32" in out.stdout
-  config, _, loaded = encode.load_vae(str(tmp_path / "vae_export"))
+  config, _, loaded = load_trained_vae(str(tmp_path / "vae_export"))
   assert config.stage == "vae"
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # float32: not rounded

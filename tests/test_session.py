@@ -12,7 +12,7 @@ import pytest
 
 from aapt_jax.checkpointing import config_to_dict
 from aapt_jax.data import pipeline
-from aapt_jax.inference import export as export_lib
+from aapt_jax import export as export_lib, loading
 from aapt_jax.inference.session import StreamingModel, StreamingSession, sampler_grid
 from aapt_jax.models import Conditioning
 from aapt_jax.models.vae import denormalize_latents, normalize_latents
@@ -204,7 +204,7 @@ def test_broken_exports_and_checkpoints_are_clear_errors(tmp_path, monkeypatch):
     StreamingSession.load(out)
   with pytest.raises(FileNotFoundError, match="not a directory"):
     StreamingSession.load(str(tmp_path / "missing"))
-  monkeypatch.setattr(export_lib, "SHIPPED_EXPORT", str(tmp_path / "assets" / "atari"))
+  monkeypatch.setattr(loading, "SHIPPED_EXPORT", str(tmp_path / "assets" / "atari"))
   with pytest.raises(FileNotFoundError, match="no shipped export"):
     StreamingSession.load()
 
@@ -264,8 +264,8 @@ def test_the_shipped_export_plays_pong():
   24 dB (it measures ~32; random weights score ~10, the 200-step model ~13)."""
   from aapt_jax.data.worlds.atari import AtariWorld
   from aapt_jax.inference.quality import psnr
-  if not export_lib.is_export(export_lib.SHIPPED_EXPORT):
-    pytest.fail(f"no shipped export at {export_lib.SHIPPED_EXPORT}")
+  if not export_lib.is_export(loading.SHIPPED_EXPORT):
+    pytest.fail(f"no shipped export at {loading.SHIPPED_EXPORT}")
   model = StreamingModel.load(None)
   assert model.sampler_steps == 1 and model.frame_size == (64, 64)
   session = StreamingSession(model, seed=0)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from aapt_jax import checkpointing, load_config, parallel
+from aapt_jax import checkpointing, load_config, loading, parallel
 from aapt_jax.data.records import write_records
 from aapt_jax.models import build_generator
 from aapt_jax.training import optimizers
@@ -372,14 +372,14 @@ def test_consistency_stage_starts_from_the_diffusion_stage(tiny_data, tmp_path):
   stage 1's EMA params, trains, and the teacher stays frozen."""
   workdir = str(tmp_path / "run")
   Trainer(make_config(tiny_data, train__steps=2), workdir).run()
-  _, stage1 = checkpointing.load_generator_params(os.path.join(workdir, "diffusion"))
+  _, stage1 = loading.load_generator_params(os.path.join(workdir, "diffusion"))
   summary = Trainer(make_config(tiny_data, stage="consistency", train__steps=2,
                                 consistency__num_steps=4), workdir).run()
   assert summary["steps_run"] == 2 and np.isfinite(summary["final_loss"])
-  step_dir = checkpointing.resolve_step_dir(workdir)
+  step_dir = loading.resolve_step_dir(workdir)
   assert step_dir.endswith(os.path.join("consistency", "checkpoints", "2"))
-  _, teacher = checkpointing.load_generator_params(workdir, which="teacher_params")
-  _, student = checkpointing.load_generator_params(workdir, which="gen_params")
+  _, teacher = loading.load_generator_params(workdir, which="teacher_params")
+  _, student = loading.load_generator_params(workdir, which="gen_params")
   for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(stage1)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert any(float(np.abs(np.asarray(a) - np.asarray(b)).max()) > 0
@@ -423,12 +423,12 @@ def test_pipeline_runs_three_stages_each_from_the_one_before(tiny_data, tmp_path
   for stage in ("diffusion", "consistency", "adversarial"):
     assert re.search(rf"{stage}: steps 0 -> 2 \(2 run\)", out), out[-3000:]
   assert "next: python launch/generate.py" in out
-  assert checkpointing.resolve_step_dir(workdir).endswith(
+  assert loading.resolve_step_dir(workdir).endswith(
       os.path.join("adversarial", "checkpoints", "2"))
-  _, stage1 = checkpointing.load_generator_params(os.path.join(workdir, "diffusion"))
-  _, stage2 = checkpointing.load_generator_params(os.path.join(workdir, "consistency"))
-  _, gen = checkpointing.load_generator_params(workdir, which="gen_params")
-  _, disc = checkpointing.load_generator_params(workdir, which="disc_params")
+  _, stage1 = loading.load_generator_params(os.path.join(workdir, "diffusion"))
+  _, stage2 = loading.load_generator_params(os.path.join(workdir, "consistency"))
+  _, gen = loading.load_generator_params(workdir, which="gen_params")
+  _, disc = loading.load_generator_params(workdir, which="disc_params")
   for name, leaf in disc["backbone"].items():
     for a, b in zip(jax.tree.leaves(leaf), jax.tree.leaves(stage1[name])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -476,11 +476,11 @@ def test_stage1_from_converted_wan_weights_starts_at_their_loss(tiny_data, tmp_p
        f"--config={config_path('tiny.py')}", "--config.model.text_dim=32",
        "--config.model.num_layers=2"], capture_output=True, text=True, cwd=ROOT)
   assert conv.returncode == 0, conv.stderr
-  _, converted = checkpointing.load_generator_params(str(out))
+  _, converted = loading.load_generator_params(str(out))
   config = make_config(tiny_data, train__steps=1, init_from=str(out), model__text_dim=32,
                        diffusion__optim__learning_rate=0.0)
   summary = Trainer(config, str(tmp_path / "run")).run()
-  _, trained = checkpointing.load_generator_params(str(tmp_path / "run"), which="gen_params")
+  _, trained = loading.load_generator_params(str(tmp_path / "run"), which="gen_params")
   for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(converted)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -518,7 +518,7 @@ def test_vae_stage_trains_on_pixel_clips_and_checks_them(tmp_path):
   summary = Trainer(config, str(tmp_path / "run")).run()
   assert summary["steps_run"] == 3 and np.isfinite(summary["final_loss"])
   from aapt_jax.models import abstract_params
-  _, params = checkpointing.load_generator_params(str(tmp_path / "run" / "vae"))
+  _, params = loading.load_generator_params(str(tmp_path / "run" / "vae"))
   want = abstract_params(config, "vae")
   assert jax.tree.structure(params) == jax.tree.structure(want)
   assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)))

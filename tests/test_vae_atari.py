@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aapt_jax.data.encode import load_vae
-from aapt_jax.data.worlds.atari import AtariWorld, resize_area
+from aapt_jax.loading import load_trained_vae
+from aapt_jax.data.worlds.atari import AtariWorld
+from aapt_jax.image_utils import resize_area
 from aapt_jax.inference.quality import psnr, ssim
 from helpers import ROOT
 
@@ -35,7 +36,7 @@ CLIP_FRAMES = 9               # 1 + 4r: 5 latent frames
 def shipped():
   if not os.path.isfile(os.path.join(SHIPPED_VAE, "export.json")):
     pytest.fail(f"no shipped VAE at {SHIPPED_VAE}")
-  config, vae, params = load_vae(SHIPPED_VAE)
+  config, vae, params = load_trained_vae(SHIPPED_VAE)
   world = AtariWorld("Pong", size=vae.spec.frame_size, frame_skip=config.data.frame_skip)
   frames = world.record_episode(seed=HELD_OUT_SEED, max_frames=200).frames
   clips = np.stack([frames[s:s + CLIP_FRAMES] for s in CLIP_STARTS])  # [3, 9, 64, 64, 3]

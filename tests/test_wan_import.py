@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from aapt_jax import checkpointing, load_config
+from aapt_jax import load_config, loading
 from aapt_jax.convert.adapt import adapt_to
 from aapt_jax.convert.wan import BASE_CONFIG, expected_tensors, load_transformer, \
     transformer_config
@@ -202,7 +202,7 @@ def test_converted_checkpoint_round_trip(tmp_path, imported):
   config, params = imported
   out = write_generator_checkpoint(str(tmp_path / "wan"), config, params)
   for which in ("ema_params", "gen_params"):
-    loaded_config, loaded = checkpointing.load_generator_params(out, which)
+    loaded_config, loaded = loading.load_generator_params(out, which)
     assert loaded_config.model.to_dict() == json.loads(json.dumps(config.model.to_dict()))
     a, b = leaves(loaded), leaves(params)
     assert a.keys() == b.keys()
@@ -222,7 +222,7 @@ def test_convert_weights_command_line(tmp_path):
   assert ok.returncode == 0, ok.stderr
   assert "params loaded: 42 tensors" in ok.stdout
   assert "newly initialised: 5 tensors" in ok.stdout and "keys ignored: 0" in ok.stdout
-  config, params = checkpointing.load_generator_params(str(out))
+  config, params = loading.load_generator_params(str(out))
   assert config.model.num_actions == 5
   assert params["patch_embedding"]["kernel"].shape == (1, 2, 2, 8, 32)
   bad = subprocess.run([sys.executable, script, f"--src={tmp_path / 'nope'}", f"--out={out}2"],

@@ -23,7 +23,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from aapt_jax.checkpointing import fit_leaves, named_leaves
+from aapt_jax.checkpointing import named_leaves
+from aapt_jax.loading import fit_leaves
 from aapt_jax.models import abstract_params, build_generator, init_params
 
 PATCH_KERNEL = "patch_embedding/kernel"  # [pt, ph, pw, C_in, D]
@@ -81,7 +82,7 @@ def _model_init(config, names):
 def adapt_to(params_plain, target_config, source_config=None):
   """(params, AdaptReport): `params_plain` fitted to `target_config`'s generator.
 
-  `checkpointing.fit_leaves` with this policy: only the patch embedding's
+  `loading.fit_leaves` with this policy: only the patch embedding's
   input-channel axis may be zero-padded; of the missing leaves, ZERO_INIT
   modules start at zeros and RANDOM_INIT ones at the model's init, any other
   is an error; leaves the target lacks are reported as ignored.

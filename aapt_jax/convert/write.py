@@ -4,7 +4,7 @@
     <out>/config/metadata   the config (JSON)
 
 the layout of a training step directory (`aapt_jax.checkpointing`), so
-`checkpointing.load_generator_params(out)`, `--config.init_from=out`,
+`loading.load_generator_params(out)`, `--config.init_from=out`,
 `launch/generate.py --checkpoint=out` read it like a trained stage.
 """
 from __future__ import annotations

@@ -33,26 +33,10 @@ import numpy as np
 from tqdm import tqdm
 
 from aapt_jax.data import records
+from aapt_jax.loading import load_trained_vae
 from aapt_jax.data.prepare import check_output_dir
 
 EPISODE_BUCKET = 128  # latent frames: episodes are padded to a multiple of this
-
-
-def load_vae(path: str):
-  """(config, VAE module, params) of a stage-"vae" checkpoint (its EMA params)
-  or of a VAE export (launch/export.py of such a run; assets/atari_vae)."""
-  from aapt_jax.checkpointing import load_generator_params
-  from aapt_jax.inference import export as export_lib
-  from aapt_jax.models import build_vae
-  if export_lib.is_export(path):
-    config, params = export_lib.read_vae_export(path)
-    return config, build_vae(config), params
-  stage_dir = os.path.join(path, "vae")  # a run directory that also holds DiT stages
-  config, params = load_generator_params(stage_dir if os.path.isdir(stage_dir) else path)
-  if config.get("stage") != "vae":
-    raise ValueError(f"{path} is not a VAE checkpoint (its stage is {config.get('stage')!r}; "
-                     "train one with --config.stage=vae, e.g. configs/atari_vae.py)")
-  return config, build_vae(config), params
 
 
 def latent_actions(actions: np.ndarray, r: int) -> np.ndarray:
@@ -88,7 +72,7 @@ def encode_records(src_dir: str, out_dir: str, *, vae_checkpoint: str, batch_siz
                             "with launch/prepare_data.py")
   with open(src_meta_path) as f:
     src_meta = json.load(f)
-  config, vae, params = load_vae(vae_checkpoint)
+  config, vae, params = load_trained_vae(vae_checkpoint)
   r, frame_size = vae.spec.temporal_factor, tuple(vae.spec.frame_size)
   if tuple(src_meta.get("size", frame_size)) != frame_size:
     raise ValueError(f"{src_dir} holds {tuple(src_meta['size'])} frames but the VAE of "

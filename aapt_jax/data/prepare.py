@@ -1,6 +1,6 @@
 """Data preparation: worlds -> ArrayRecord clips + whole episodes + metadata.
 
-`prepare_atari(out_dir, game=...)` writes into `out_dir`:
+`prepare_world(out_dir, world="atari", game=...)` writes into `out_dir`:
 
 * ``clips-NNNNN-of-MMMMM.array_record``: fixed-length clips of
   `clip_frames` frames (cut every `clip_stride` frames from each episode),
@@ -8,7 +8,7 @@
 * ``episodes-NNNNN-of-MMMMM.array_record``: the whole episodes (same fields,
   ``start = 0``) -- later stages roll out longer than any clip and take their
   action sequences (and, via ``seed``, exact emulator replays) from them;
-* ``metadata.json``: game, num_actions, action_names, size, frame_skip, fps,
+* ``metadata.json``: world, game, num_actions, action_names, size, frame_skip, fps,
   counts, the files, and everything skipped with the reason.
 
 A bad item never stops the run silently: it is skipped, counted, and
@@ -24,9 +24,10 @@ from typing import Any
 from tqdm import tqdm
 
 from aapt_jax.data import records
-from aapt_jax.data.worlds import atari
+from aapt_jax.data import worlds
+from aapt_jax.data.worlds.policies import StickyRandomPolicy
 
-WORLDS = ("atari",)
+WORLDS = worlds.NAMES
 
 
 def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
@@ -57,14 +58,20 @@ def clip_starts(num_frames: int, clip_frames: int, stride: int) -> list[int]:
   return list(range(0, num_frames - clip_frames + 1, stride))
 
 
-def prepare_atari(out_dir: str, *, game: str, episodes: int = 8,
+def prepare_atari(out_dir: str, **kwargs) -> dict[str, Any]:
+  """`prepare_world` of the Atari world."""
+  return prepare_world(out_dir, world="atari", **kwargs)
+
+
+def prepare_world(out_dir: str, *, world: str = "atari", game: str, episodes: int = 8,
                   frames_per_episode: int | None = None, clip_frames: int = 16,
                   clip_stride: int | None = None, size: int = 64,
                   frame_skip: int = 4, seed: int = 0, repeat_prob: float = 0.75,
                   num_shards: int = 1, overwrite: bool = False,
                   progress: bool = True) -> dict[str, Any]:
-  """Records `episodes` Atari episodes and writes clips, episodes and
-  metadata.json to `out_dir`; returns the summary (also in metadata.json).
+  """Records `episodes` episodes of `game` in the `world` (a name in
+  `aapt_jax.data.worlds`) and writes clips, episodes and metadata.json to
+  `out_dir`; returns the summary (also in metadata.json).
 
   `frames_per_episode` caps each episode (None/0: until game over); episode
   k is played from seed `seed + k` by a sticky-random policy keeping its
@@ -78,20 +85,21 @@ def prepare_atari(out_dir: str, *, game: str, episodes: int = 8,
   clip_stride = clip_stride or clip_frames
   if clip_stride < 1:
     raise ValueError(f"--clip_stride must be >= 1, got {clip_stride}")
-  world = atari.AtariWorld(game, size=size, frame_skip=frame_skip)  # checks game
+  name = world
+  world = worlds.make_world(name, game, size=size, frame_skip=frame_skip)  # checks game
   check_output_dir(out_dir, overwrite)
 
-  base = {"world": "atari", "game": world.game, "fps": float(world.fps)}
+  base = {"world": name, "game": world.game, "fps": float(world.fps)}
   skipped: list[str] = []
   counts = {"episodes": 0, "episode_frames": 0, "clips": 0, "clip_frames": 0}
   bar = tqdm(total=episodes, unit="episode", disable=not progress,
-             desc=f"atari/{world.game}")
+             desc=f"{name}/{world.game}")
   with records.RecordWriter(os.path.join(out_dir, "clips"), num_shards) as clips_w, \
        records.RecordWriter(os.path.join(out_dir, "episodes"), num_shards) as eps_w:
     for k in range(episodes):
       ep_seed = seed + k
       try:
-        policy = atari.StickyRandomPolicy(world.num_actions, repeat_prob, seed=ep_seed)
+        policy = StickyRandomPolicy(world.num_actions, repeat_prob, seed=ep_seed)
         ep = world.record_episode(ep_seed, policy, max_frames=frames_per_episode or None)
       except (RuntimeError, ValueError) as e:
         skipped.append(f"episode {k} (seed {ep_seed}): emulator error: {e}")
@@ -122,7 +130,7 @@ def prepare_atari(out_dir: str, *, game: str, episodes: int = 8,
   bar.close()
 
   summary = {
-      "world": "atari", "game": world.game, "rom_id": world.rom_id,
+      "world": name, "game": world.game, "rom_id": getattr(world, "rom_id", None),
       "num_actions": world.num_actions, "action_names": world.action_names,
       "size": list(world.size), "frame_skip": world.frame_skip, "fps": world.fps,
       "clip_frames": clip_frames, "clip_stride": clip_stride, "seed": seed,

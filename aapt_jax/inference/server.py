@@ -151,7 +151,7 @@ class PlayServer:
 
   def _image(self, data_url) -> np.ndarray:
     """A data URL (JPEG) -> uint8 [H, W, 3] resized to the model's frame size."""
-    from aapt_jax.data.worlds.atari import resize_area
+    from aapt_jax.image_utils import resize_area
     if not isinstance(data_url, str) or "," not in data_url:
       raise ValueError("'image' must be a data URL (data:image/jpeg;base64,...)")
     try:

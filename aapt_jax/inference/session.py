@@ -19,7 +19,6 @@ constant memory however long the stream runs.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable, Iterator, Sequence
 
 import flax.struct
@@ -27,7 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aapt_jax.inference import export as export_lib
+from aapt_jax import loading
+from aapt_jax.data.worlds import world_from_config
+from aapt_jax.export import check_params
 from aapt_jax.inference.decoders import build_decoder, uses_vae
 from aapt_jax.models import Conditioning, Generator, KVCache, abstract_params, build_generator
 from aapt_jax.objectives.flow_matching import shift_timesteps
@@ -154,61 +155,8 @@ def make_session_step(model: Generator, decoder, sampler_steps: int = 1,
   return jax.jit(step, donate_argnums=3)
 
 
-def _world(config):
-  """The config's simulator (Atari), for action names, fps and start frames; or None."""
-  if config.data.world != "atari":
-    return None
-  from aapt_jax.data.worlds.atari import AtariWorld
-  return AtariWorld(config.data.game, size=config.data.frame_size,
-                    frame_skip=config.data.frame_skip)
-
-
 def _cast(tree, dtype):
   return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
-
-
-def load_checkpoint(checkpoint: str | None):
-  """(config, params, vae params, start frame, source) from an export directory,
-  a run/stage/step directory, or None (the shipped export under assets/)."""
-  if checkpoint is None:
-    if not export_lib.is_export(export_lib.SHIPPED_EXPORT):
-      raise FileNotFoundError(
-          f"no checkpoint given and no shipped export at {export_lib.SHIPPED_EXPORT} (none "
-          "ships yet): pass a run, step or export directory (train one with launch/train.py, "
-          "export it with launch/export.py)")
-    checkpoint = export_lib.SHIPPED_EXPORT
-  path = os.path.abspath(os.path.expanduser(checkpoint))
-  if export_lib.is_export(path):
-    config, params, vae_params, start_frame, _ = export_lib.read_export(path)
-    return config, params, vae_params, start_frame, path
-  from aapt_jax.checkpointing import load_generator_params, resolve_step_dir
-  step_dir = resolve_step_dir(path)
-  config, params = load_generator_params(step_dir)
-  if config.get("stage") == "vae":
-    raise ValueError(f"checkpoint {step_dir} is a VAE (stage 'vae'), not a world model: "
-                     "train a generator on its latents (its vae.checkpoint) and play that")
-  vae_params = load_run_vae(config, step_dir) if uses_vae(config) else None
-  return config, params, vae_params, None, step_dir
-
-
-def load_run_vae(config, where: str):
-  """The VAE params a VAE-latent run decodes with: `vae.checkpoint`'s, checked
-  to be the VAE the run's config describes."""
-  path = config.vae.get("checkpoint", "")
-  if not path:
-    raise ValueError(f"checkpoint {where} works in VAE latents but its config names no "
-                     "vae.checkpoint (the stage-'vae' run whose encoder made its latents)")
-  from aapt_jax.data.encode import load_vae
-  from aapt_jax.checkpointing import config_diff, config_to_dict
-  vae_config, _, vae_params = load_vae(path)
-  fields = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample")
-  pick = lambda c: {"vae": {k: config_to_dict(c)["vae"][k] for k in fields},
-                    "model": {"latent_size": config_to_dict(c)["model"]["latent_size"]}}
-  diff = config_diff(pick(vae_config), pick(config), sections=("vae", "model"))
-  if diff:
-    raise ValueError(f"vae.checkpoint={path} is another VAE than the one {where} was "
-                     f"trained with: {'; '.join(diff)}")
-  return vae_params
 
 
 @dataclasses.dataclass
@@ -232,18 +180,18 @@ class StreamingModel:
     c = self.config
     self.model = build_generator(c)
     self.decoder = build_decoder(c)
-    export_lib.check_params(self.params, abstract_params(c), f"the params of {self.source}")
+    check_params(self.params, abstract_params(c), f"the params of {self.source}")
     self.params = _cast(self.params, self.model.spec.params_dtype)
     if uses_vae(c):
       if self.decoder_params is None:
         raise ValueError(f"{self.source}: this config decodes with the video VAE "
                          "(data.space_to_depth=0) but no VAE params were given")
-      export_lib.check_params(self.decoder_params, abstract_params(c, "vae"),
+      check_params(self.decoder_params, abstract_params(c, "vae"),
                               f"the VAE params of {self.source}")
       self.decoder_params = _cast(self.decoder_params, jnp.float32)
     if self.sampler_steps == 0:  # auto: a stage-1 model is a diffusion model
       self.sampler_steps = DIFFUSION_SAMPLER_STEPS if c.stage == "diffusion" else 1
-    self.world = _world(c)
+    self.world = world_from_config(c)
     s = self.model.spec
     self.action_names = list(self.world.action_names) if self.world else None
     if self.world and s.num_actions and self.world.num_actions > s.num_actions:
@@ -261,7 +209,7 @@ class StreamingModel:
 
   @classmethod
   def load(cls, checkpoint: str | None = None, *, sampler_steps: int = 0) -> "StreamingModel":
-    config, params, vae_params, start_frame, source = load_checkpoint(checkpoint)
+    config, params, vae_params, start_frame, source = loading.load_world_model(checkpoint)
     return cls(config, params, vae_params, start_frame, sampler_steps, source)
 
   def check_config(self, config) -> None:

@@ -15,7 +15,9 @@ import numpy as np
 from tqdm import tqdm
 
 from aapt_jax.data.video_io import VideoWriter
-from aapt_jax.inference import export as export_lib
+from aapt_jax import export as export_lib
+from aapt_jax import loading
+from aapt_jax.data import worlds
 from aapt_jax.inference.decoders import uses_vae
 from aapt_jax.inference.quality import VideoQuality
 from aapt_jax.inference.session import StreamingModel, StreamingSession
@@ -25,7 +27,7 @@ from aapt_jax.models import build_generator, build_vae, init_params, init_vae_pa
 def load_actions(spec: str, world, num_frames: int, seed: int) -> list[int]:
   """'random' (sticky-random policy) or a JSON file with a list of ids or names."""
   if spec == "random":
-    from aapt_jax.data.worlds.atari import StickyRandomPolicy
+    from aapt_jax.data.worlds.policies import StickyRandomPolicy
     policy = StickyRandomPolicy(world.num_actions, seed=seed)
     return [world.noop] + [policy() for _ in range(num_frames - 1)]
   if not os.path.isfile(spec):
@@ -60,7 +62,7 @@ def _random_model(config, seed: int, steps: int) -> StreamingModel:
 
 def load_model(config, checkpoint: str | None, seed: int = 0, steps: int = 0) -> StreamingModel:
   """The checkpoint's model; without one the shipped export, else `config` at random init."""
-  if checkpoint or export_lib.is_export(export_lib.SHIPPED_EXPORT):
+  if checkpoint or export_lib.is_export(loading.SHIPPED_EXPORT):
     model = StreamingModel.load(checkpoint or None, sampler_steps=steps)
     print(f"generate: EMA generator from {model.source}")
     return model
@@ -97,7 +99,8 @@ def generate_video(config, *, checkpoint=None, frames=48, actions="random", seed
   world = model.world
   if world is None:
     raise ValueError(f"config field data.world={model.config.data.world!r}: video generation "
-                     "needs a world for the start frame and actions; only 'atari' exists so far")
+                     "needs a world for the start frame and actions: one of "
+                     f"{', '.join(worlds.NAMES)}")
   action_ids = load_actions(actions, world, frames, seed)
   print(f"generate: {model.sampler_steps} forward(s) per latent frame"
         + (" (1NFE)" if model.sampler_steps == 1 else " (Euler sampler for a diffusion-stage "

@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from aapt_jax import checkpointing, parallel
+from aapt_jax import checkpointing, loading, parallel
 from aapt_jax.data import pipeline, records
 from aapt_jax.models import build_generator, build_vae
 from aapt_jax.models.discriminator import build_discriminator, params_from_generator
@@ -531,18 +531,18 @@ class Trainer:
 
   def _load_generator(self, source: str, previous: str, field: str, target):
     """A checkpoint's EMA generator params fitted to `target` (zero-padded
-    input columns / zero new leaves, see checkpointing.adapt_params)."""
+    input columns / zero new leaves, see loading.adapt_params)."""
     try:
-      _, params = checkpointing.load_generator_params(source)
+      _, params = loading.load_generator_params(source)
     except FileNotFoundError as e:
       raise FileNotFoundError(
           f"stage {self.stage!r} starts from a {previous!r} checkpoint: {e}; run stage "
           f"{previous!r} in this --workdir first or set config.{field}") from None
     try:
-      params, notes = checkpointing.adapt_params(params, target)
+      params, notes = loading.adapt_params(params, target)
     except ValueError as e:
       raise ValueError(f"config.{field}={source!r}: {e}") from None
-    where = checkpointing.resolve_step_dir(source)
+    where = loading.resolve_step_dir(source)
     for note in notes:
       _log(f"{self.stage}: {field} {where}: {note}")
     return params, where

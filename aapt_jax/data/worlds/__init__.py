@@ -1,4 +1,51 @@
-"""Simulators that produce (frames, actions) for training data.
+"""Worlds: simulators that produce (frames, actions), by name.
 
-  atari  ale-py games (`AtariWorld`), sticky actions off, exact replay.
+    world = make_world("atari", "Pong", size=64, frame_skip=4)
+    world = world_from_config(config)          # config.data.world/game/frame_size/frame_skip
+
+Every world class `W(game, *, size, frame_skip)` (`game` names the game or
+level) has:
+
+  reset(seed=0) -> uint8 [H, W, 3]      a new game from `seed`: its first frame
+  step(action) -> (frame, reward, done) `action` an id 0..num_actions-1 (or, in a
+                                        world with control_dim > 0, a float vector)
+  replay(actions, seed=0) -> [T, H, W, 3]  deterministic: the frames recorded
+                                        with these actions from this seed
+  record_episode(seed, policy, max_frames, action_hold) -> Episode
+  game_over() -> bool
+  fps, game, size, frame_skip, num_actions, action_names, noop, control_dim
+  ram() -> uint8 array                  the emulator's state, ground truth for
+                                        evaluation (where the emulator has one)
+
+Registered: `atari` (ale-py, `atari.AtariWorld`). A world's module is
+imported when it is first asked for, so `worlds` loads without its emulator.
 """
+from __future__ import annotations
+
+import importlib
+
+REGISTRY = {"atari": "aapt_jax.data.worlds.atari:AtariWorld"}
+NAMES = tuple(REGISTRY)
+
+
+def world_class(name: str) -> type:
+  """The class registered as `name`; ValueError listing the names."""
+  if name not in REGISTRY:
+    raise ValueError(f"unknown world {name!r}: choose from {', '.join(NAMES)}")
+  module, cls = REGISTRY[name].split(":")
+  return getattr(importlib.import_module(module), cls)
+
+
+def make_world(name: str, game: str, *, size: int | tuple[int, int] = 64,
+               frame_skip: int = 4):
+  """A `name` world (see the module docstring) playing `game`."""
+  return world_class(name)(game, size=size, frame_skip=frame_skip)
+
+
+def world_from_config(config):
+  """The world `config.data` names (world, game, frame_size, frame_skip), or
+  None when data.world is empty (a model trained on other videos)."""
+  data = config.data
+  if not data.world:
+    return None
+  return make_world(data.world, data.game, size=data.frame_size, frame_skip=data.frame_skip)

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
+
+from aapt_jax.data.worlds.policies import Policy, StickyRandomPolicy
+from aapt_jax.image_utils import resize_area
 
 try:
   import ale_py
@@ -37,9 +39,6 @@ except ImportError as _e:  # pragma: no cover - ale-py is in install_requires
 
 EMULATOR_FPS = 60.0
 MAX_EMULATOR_FRAMES = 108_000  # 30 minutes of play, the usual ALE cap.
-
-Policy = Callable[[np.ndarray], int]  # (current frame [H, W, 3]) -> action id
-
 
 def _require_ale():
   if ale_py is None:
@@ -79,58 +78,6 @@ def rom_id(game: str) -> str:
       "aapt_jax.data.worlds.atari.available_games()).")
 
 
-@functools.lru_cache(maxsize=32)
-def _area_weights(n_in: int, n_out: int) -> np.ndarray:
-  """[n_out, n_in] box-filter weights: each output pixel averages the input
-  pixels its footprint covers, weighted by the overlap (rows sum to 1)."""
-  edges = np.arange(n_out + 1, dtype=np.float64) * (n_in / n_out)
-  lo, hi = edges[:-1, None], edges[1:, None]
-  i = np.arange(n_in, dtype=np.float64)[None, :]
-  w = np.clip(np.minimum(i + 1, hi) - np.maximum(i, lo), 0.0, None)
-  w = (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
-  w.flags.writeable = False  # cached and shared
-  return w
-
-
-def resize_area(frames: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-  """Area-resizes uint8 images ``[..., H, W, C]`` to ``[..., h, w, C]``."""
-  h, w = (size, size) if isinstance(size, int) else size
-  frames = np.asarray(frames)
-  H, W = frames.shape[-3], frames.shape[-2]
-  if (H, W) == (h, w):
-    return frames.astype(np.uint8, copy=True)
-  lead, C = frames.shape[:-3], frames.shape[-1]
-  x = frames.reshape((-1, H, W * C)).astype(np.float32)
-  x = np.matmul(_area_weights(H, h), x)                      # [N, h, W*C]
-  x = x.reshape(-1, h, W, C).transpose(0, 1, 3, 2)           # [N, h, C, W]
-  x = np.matmul(x, _area_weights(W, w).T)                    # [N, h, C, w]
-  x = x.transpose(0, 1, 3, 2).reshape(lead + (h, w, C))
-  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
-
-
-class StickyRandomPolicy:
-  """Keeps the previous action with probability `repeat_prob`, otherwise
-  draws uniformly from all actions. Seeded, so runs are reproducible.
-
-  Gives varied play with temporally coherent motion (held keys), unlike
-  i.i.d. random actions which mostly jitter in place.
-  """
-
-  def __init__(self, num_actions: int, repeat_prob: float = 0.75, seed: int = 0):
-    if not 0.0 <= repeat_prob < 1.0:
-      raise ValueError(f"repeat_prob must be in [0, 1), got {repeat_prob}")
-    self.num_actions = num_actions
-    self.repeat_prob = repeat_prob
-    self._rng = np.random.default_rng(seed)
-    self._action = int(self._rng.integers(num_actions))
-
-  def __call__(self, frame: np.ndarray | None = None) -> int:
-    del frame  # a blind policy
-    if self._rng.random() >= self.repeat_prob:
-      self._action = int(self._rng.integers(self.num_actions))
-    return self._action
-
-
 @dataclasses.dataclass
 class Episode:
   frames: np.ndarray   # [T, size, size, 3] uint8
@@ -144,7 +91,8 @@ class Episode:
 
 
 class AtariWorld:
-  """One ALE emulator for one game.
+  """One ALE emulator for one game (the world interface of
+  `aapt_jax.data.worlds`; actions are ids, `control_dim` = 0).
 
   Args:
     game: a game name ("Pong", "Breakout", "Freeway", "MsPacman", ...).
@@ -177,6 +125,7 @@ class AtariWorld:
     self.action_names = [a.name for a in self._actions]
     self.num_actions = len(self._actions)
     self.noop = self.action_names.index("NOOP") if "NOOP" in self.action_names else 0
+    self.control_dim = 0
 
   @property
   def fps(self) -> float:
@@ -207,6 +156,11 @@ class AtariWorld:
 
   def observe(self) -> np.ndarray:
     return resize_area(self._ale.getScreenRGB(), self.size)
+
+  def ram(self) -> np.ndarray:
+    """The console's 128 bytes of RAM now (uint8 [128], a copy): positions and
+    scores as the game itself keeps them, ground truth for evaluation."""
+    return np.array(self._ale.getRAM(), np.uint8)
 
   def game_over(self) -> bool:
     return bool(self._ale.game_over())

@@ -1,4 +1,5 @@
-"""Inference exports: what a user deploys and what ships under `assets/`.
+"""The inference export format: what a user deploys and what ships with the
+package (`aapt_jax.loading` finds and loads them).
 
 An export directory holds::
 
@@ -37,8 +38,6 @@ CONFIG_FILE = "config.json"
 GENERATOR_FILE = "generator.msgpack"
 VAE_FILE = "vae.msgpack"
 START_FRAME_FILE = "start_frame.npy"
-SHIPPED_EXPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "assets", "atari")
 
 
 def is_export(path: str) -> bool:

@@ -1,0 +1,234 @@
+"""The one room where trained weights are loaded from: training checkpoints,
+inference exports (`aapt_jax.export`, the format) and the exports shipped
+with the package, for the generator and the video VAE.
+
+    config, params = load_generator_params("runs/atari")        # EMA params
+    config, vae, params = load_trained_vae("runs/atari_vae")    # stage "vae"
+    config, params, vae_params, start_frame, source = load_world_model(None)
+
+A checkpoint source is a run directory (its last stage's latest complete
+step), a stage directory, a step directory, or an export directory. Training
+(`init_from`), data (`encode_records`), inference (sessions, `generate`) and
+the launch scripts all load through here, so none of them imports another's
+package to read weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from aapt_jax import export as export_lib
+from aapt_jax.checkpointing import CONFIG, STATE, config_diff, config_to_dict, named_leaves
+
+STAGE_ORDER = ("vae", "diffusion", "consistency", "adversarial")
+SHIPPED_EXPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "assets", "atari")
+
+
+# ----------------------------------------------------------------------------
+# Training checkpoints.
+
+def resolve_step_dir(path: str) -> str:
+  """A step directory from a run, stage, checkpoints or step directory: the
+  last stage's latest complete step. FileNotFoundError says what was looked for."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"checkpoint not found: {path} is not a directory")
+  if os.path.isdir(os.path.join(path, STATE)):
+    return path
+  for stage in reversed(STAGE_ORDER):  # a run directory: its last stage
+    if os.path.isdir(os.path.join(path, stage, "checkpoints")):
+      return resolve_step_dir(os.path.join(path, stage))
+  if os.path.isdir(os.path.join(path, "checkpoints")):  # a stage directory
+    path = os.path.join(path, "checkpoints")
+  steps = sorted(int(s) for s in os.listdir(path)
+                 if s.isdigit() and os.path.isdir(os.path.join(path, s, STATE)))
+  if not steps:
+    raise FileNotFoundError(
+        f"no complete checkpoint under {path}: expected a run directory (with "
+        f"{'/'.join(STAGE_ORDER)} stages), a stage directory, or a step directory holding "
+        f"'{STATE}/'")
+  return os.path.join(path, str(steps[-1]))
+
+
+def read_checkpoint_config(step_dir: str) -> ml_collections.ConfigDict:
+  """The config a step directory was saved with."""
+  config_file = os.path.join(step_dir, CONFIG, "metadata")
+  try:
+    with open(config_file) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"checkpoint {step_dir} has no readable config ({config_file}): {e}") \
+        from None
+
+
+def load_generator_params(path: str, which: str = "ema_params"):
+  """(config, params) of the generator in a checkpoint: the config it was saved
+  with (a ConfigDict) and its bare `which` tree ("ema_params" — what inference
+  uses — or "gen_params") on the first local device."""
+  step_dir = resolve_step_dir(path)
+  config = read_checkpoint_config(step_dir)
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    meta = checkpointer.metadata(os.path.join(step_dir, STATE)).item_metadata
+  except Exception as e:  # noqa: BLE001 - orbax raises several kinds for a corrupt dir
+    raise ValueError(f"checkpoint {step_dir} is unreadable: {e}") from None
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  tree = meta.tree if hasattr(meta, "tree") else meta
+  if which not in tree or tree[which] is None:
+    raise ValueError(f"checkpoint {step_dir} holds no {which!r}")
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+                        dict(tree[which]))
+  restored = checkpointer.restore(
+      os.path.join(step_dir, STATE),
+      args=ocp.args.PyTreeRestore(item={which: target}, restore_args=ocp.checkpoint_utils
+                                  .construct_restore_args({which: target}),
+                                  partial_restore=True))
+  return config, restored[which]
+
+
+# ----------------------------------------------------------------------------
+# Fitting loaded params to a model of another shape (init_from, weight import).
+
+@dataclasses.dataclass
+class LeafFit:
+  """How the leaves of a params tree fit a target tree (`fit_leaves`); keys
+  are "a/b/c" paths."""
+  values: dict[str, np.ndarray]   # target leaves found: as is, or zero-padded
+  padded: list[str]               # "path (old)->(new)", subset of values
+  missing: list[str]              # target leaves the params lack
+  extra: list[str]                # params leaves the target lacks
+  bad: list[tuple[str, tuple, tuple]]  # misfits: (path, checkpoint shape, target shape)
+
+
+def fit_leaves(params, target, can_pad=lambda name, axis: True) -> LeafFit:
+  """Matches `params`' leaves to `target`'s (arrays or ShapeDtypeStructs) by
+  path: equal shapes are taken as is (cast to the target dtype); a leaf
+  smaller on exactly one axis is zero-padded there when `can_pad(name, axis)`
+  (new input columns: zeros leave the output unchanged); the rest is sorted
+  into missing, extra and bad for the caller's policy."""
+  have = named_leaves(params)
+  fit = LeafFit({}, [], [], [], [])
+  for name, t in named_leaves(target).items():
+    shape = tuple(t.shape)
+    if name not in have:
+      fit.missing.append(name)
+      continue
+    v = np.asarray(have.pop(name))
+    diff = [i for i, (a, b) in enumerate(zip(v.shape, shape)) if a != b]
+    if v.shape == shape:
+      fit.values[name] = v.astype(t.dtype)
+    elif (v.ndim == len(shape) and len(diff) == 1 and v.shape[diff[0]] < shape[diff[0]]
+          and can_pad(name, diff[0])):
+      widths = [(0, 0)] * v.ndim
+      widths[diff[0]] = (0, shape[diff[0]] - v.shape[diff[0]])
+      fit.values[name] = np.pad(v, widths).astype(t.dtype)
+      fit.padded.append(f"{name} {v.shape}->{shape}")
+    else:
+      fit.bad.append((name, v.shape, shape))
+  fit.extra = sorted(have)
+  return fit
+
+
+def adapt_params(params, target) -> tuple[Any, list[str]]:
+  """`params` (a bare tree, e.g. a previous stage's or a converted checkpoint's)
+  fitted to `target` (a tree of arrays or ShapeDtypeStructs: this config's
+  params), for `init_from`. Returns (params as numpy, notes).
+
+  `fit_leaves` with padding on any axis; a leaf `params` lacks keeps
+  `target`'s value (its fresh init; zeros for a ShapeDtypeStruct) -- zeros
+  there could leave a new two-layer branch with no gradient (convert/adapt.py
+  zero-inits only the output layers of Wan's missing AAPT branches). Misfits,
+  and leaves `params` has but `target` lacks, raise a ValueError naming them.
+  """
+  fit = fit_leaves(params, target)
+  if fit.bad or fit.extra:
+    raise ValueError(
+        "the checkpoint's params do not fit this config's model (different model.* "
+        "fields?): " + "; ".join([f"{n}: checkpoint {a} vs model {b}" for n, a, b in fit.bad]
+                                 + [f"{k}: not in the model" for k in fit.extra]))
+  out = [fit.values[name] if name in fit.values else
+         np.zeros(t.shape, t.dtype) if isinstance(t, jax.ShapeDtypeStruct)
+         else np.asarray(jax.device_get(t)) for name, t in named_leaves(target).items()]
+  notes = []
+  if fit.padded:
+    notes.append(f"zero-padded {len(fit.padded)}: " + ", ".join(fit.padded))
+  if fit.missing:
+    notes.append(f"freshly initialised (not in the checkpoint) {len(fit.missing)}: "
+                 + ", ".join(fit.missing))
+  return jax.tree.unflatten(jax.tree.structure(target), out), notes
+
+
+# ----------------------------------------------------------------------------
+# The video VAE.
+
+def load_trained_vae(path: str):
+  """(config, VAE module, float32 params) of a VAE this package trained: a
+  stage-"vae" checkpoint (a run, stage or step directory; its EMA params) or
+  a VAE export (launch/export.py of such a run). ValueError when `path`
+  holds another stage. (A diffusers Wan VAE folder loads with
+  `aapt_jax.convert.wan.load_vae`.)"""
+  from aapt_jax.models import build_vae
+  if export_lib.is_export(path):
+    config, params = export_lib.read_vae_export(path)
+    return config, build_vae(config), params
+  stage_dir = os.path.join(path, "vae")  # a run directory that also holds DiT stages
+  config, params = load_generator_params(stage_dir if os.path.isdir(stage_dir) else path)
+  if config.get("stage") != "vae":
+    raise ValueError(f"{path} is not a VAE checkpoint (its stage is {config.get('stage')!r}; "
+                     "train one with --config.stage=vae, e.g. configs/atari_vae.py)")
+  return config, build_vae(config), params
+
+
+def load_run_vae(config, where: str):
+  """The VAE params a VAE-latent run (`config`, loaded from `where`) decodes
+  with: `vae.checkpoint`'s, checked to be the VAE the run's config describes."""
+  path = config.vae.get("checkpoint", "")
+  if not path:
+    raise ValueError(f"checkpoint {where} works in VAE latents but its config names no "
+                     "vae.checkpoint (the stage-'vae' run whose encoder made its latents)")
+  vae_config, _, vae_params = load_trained_vae(path)
+  fields = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample")
+  pick = lambda c: {"vae": {k: config_to_dict(c)["vae"][k] for k in fields},
+                    "model": {"latent_size": config_to_dict(c)["model"]["latent_size"]}}
+  diff = config_diff(pick(vae_config), pick(config), sections=("vae", "model"))
+  if diff:
+    raise ValueError(f"vae.checkpoint={path} is another VAE than the one {where} was "
+                     f"trained with: {'; '.join(diff)}")
+  return vae_params
+
+
+# ----------------------------------------------------------------------------
+# A world model to stream (sessions, generate, play, export).
+
+def load_world_model(checkpoint: str | None):
+  """(config, generator params, VAE params or None, start frame or None, source)
+  of the world model in `checkpoint`: an export directory, a run, stage or step
+  directory (its EMA params; the VAE from its `vae.checkpoint`), or None (the
+  shipped export). `source` is the directory the params came from."""
+  if checkpoint is None:
+    if not export_lib.is_export(SHIPPED_EXPORT):
+      raise FileNotFoundError(
+          f"no checkpoint given and no shipped export at {SHIPPED_EXPORT}: pass a run, "
+          "step or export directory (train one with launch/train.py, export it with "
+          "launch/export.py)")
+    checkpoint = SHIPPED_EXPORT
+  path = os.path.abspath(os.path.expanduser(checkpoint))
+  if export_lib.is_export(path):
+    config, params, vae_params, start_frame, _ = export_lib.read_export(path)
+    return config, params, vae_params, start_frame, path
+  step_dir = resolve_step_dir(path)
+  config, params = load_generator_params(step_dir)
+  if config.get("stage") == "vae":
+    raise ValueError(f"checkpoint {step_dir} is a VAE (stage 'vae'), not a world model: "
+                     "train a generator on its latents (its vae.checkpoint) and play that")
+  uses_vae = not int(config.data.space_to_depth)  # VAE latents, not pixels
+  vae_params = load_run_vae(config, step_dir) if uses_vae else None
+  return config, params, vae_params, None, step_dir
