@@ -8,8 +8,15 @@ setup(
         "Autoregressive Adversarial Post-Training (AAPT): real-time, interactive, "
         "one-step autoregressive video generation in JAX/Flax."
     ),
-    packages=find_packages(include=["aapt_jax", "aapt_jax.*"]),
-    package_data={"aapt_jax.inference": ["static/*.html"]},
+    license="Apache-2.0",
+    # `configs` ships too: aapt_jax.load_config("atari") loads it by name, and a
+    # checkout's --config=configs/x.py (whose variants import `from configs import base`)
+    # reads the same files.
+    packages=find_packages(include=["aapt_jax", "aapt_jax.*", "configs"]),
+    package_data={
+        "aapt_jax": ["assets/*/*"],                 # the shipped inference exports
+        "aapt_jax.inference": ["static/*.html"],    # the playable page
+    },
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.7.1",
@@ -33,6 +40,8 @@ setup(
         "tensorflow-datasets>=4.9.6",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "portpicker>=1.6", "selenium>=4.20"],
+        # wheel: tests/test_packaging.py builds the wheel without network
+        # (pip wheel --no-build-isolation; setuptools < 70 needs it for bdist_wheel).
+        "test": ["pytest>=8.0", "portpicker>=1.6", "selenium>=4.20", "wheel>=0.40"],
     },
 )

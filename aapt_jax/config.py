@@ -1,8 +1,13 @@
-"""Loading configs: `load_config("configs/atari.py:full", {"model.dim": 72})`."""
+"""Loading configs: `load_config("configs/atari.py:full", {"model.dim": 72})`,
+or by name, `load_config("atari:full")`: the configs shipped with the package
+(the top-level `configs` package: a checkout's `configs/` folder, installed
+beside `aapt_jax` by the wheel)."""
 from __future__ import annotations
 
 import importlib.util
 import os
+import pkgutil
+import re
 import sys
 from typing import Any, Mapping
 
@@ -25,6 +30,29 @@ def _import_config_module(file_path: str):
   if not hasattr(module, "get_config"):
     raise ValueError(f"config file {file_path} defines no get_config(arg)")
   return module
+
+
+def _configs_dir() -> str:
+  """The folder of the shipped `configs` package."""
+  spec = importlib.util.find_spec("configs")
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError("the shipped configs (the `configs` package) are not importable: "
+                            "install the package (pip install .) or pass a config file path")
+  return list(spec.submodule_search_locations)[0]
+
+
+def config_names() -> list[str]:
+  """Names of the shipped configs, each loadable as `load_config(name)`."""
+  return sorted(m.name for m in pkgutil.iter_modules([_configs_dir()]))
+
+
+def _config_file(name: str) -> str:
+  """The file of the shipped config `name`; ValueError listing the names."""
+  names = config_names()
+  if name not in names:
+    raise ValueError(f"unknown config name {name!r}: the shipped configs are "
+                     f"{', '.join(names)} (or pass a path to a config file)")
+  return os.path.join(_configs_dir(), name + ".py")
 
 
 def apply_overrides(config: ml_collections.ConfigDict,
@@ -55,10 +83,16 @@ def apply_overrides(config: ml_collections.ConfigDict,
 
 def load_config(path: str, overrides: Mapping[str, Any] | None = None
                 ) -> ml_collections.ConfigDict:
-  """Loads `file.py` or `file.py:arg` via its `get_config(arg)`, then overrides."""
+  """Loads `file.py` or `file.py:arg` via its `get_config(arg)`, then overrides.
+
+  A bare name (`"atari"`, `"atari:full"`) that is not a file names a shipped
+  config (`config_names()`; an unknown one raises ValueError listing them).
+  """
   file_path, arg = path, None
   if ":" in path and not os.path.isfile(path):
     file_path, arg = path.rsplit(":", 1)
+  if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", file_path) and not os.path.isfile(file_path):
+    file_path = _config_file(file_path)
   module = _import_config_module(file_path)
   config = module.get_config(arg)
   return apply_overrides(config, overrides)

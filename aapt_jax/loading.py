@@ -7,7 +7,9 @@ with the package, for the generator and the video VAE.
     config, params, vae_params, start_frame, source = load_world_model(None)
 
 A checkpoint source is a run directory (its last stage's latest complete
-step), a stage directory, a step directory, or an export directory. Training
+step), a stage directory, a step directory, an export directory, or the name
+of an export shipped inside the package (`shipped_exports()`: "atari", the
+Pong world model; "atari_vae", its VAE) when no directory of that name exists. Training
 (`init_from`), data (`encode_records`), inference (sessions, `generate`) and
 the launch scripts all load through here, so none of them imports another's
 package to read weights.
@@ -28,8 +30,38 @@ from aapt_jax import export as export_lib
 from aapt_jax.checkpointing import CONFIG, STATE, config_diff, config_to_dict, named_leaves
 
 STAGE_ORDER = ("vae", "diffusion", "consistency", "adversarial")
-SHIPPED_EXPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "assets", "atari")
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+DEFAULT_EXPORT = "atari"  # what StreamingSession.load(None) streams
+
+
+# ----------------------------------------------------------------------------
+# The exports shipped inside the package (package data under aapt_jax/assets/).
+
+def shipped_exports() -> list[str]:
+  """Names of the exports shipped with the package."""
+  if not os.path.isdir(SHIPPED_DIR):
+    return []
+  return sorted(n for n in os.listdir(SHIPPED_DIR)
+                if export_lib.is_export(os.path.join(SHIPPED_DIR, n)))
+
+
+def shipped_export(name: str = DEFAULT_EXPORT) -> str:
+  """The directory of the shipped export `name`; ValueError listing the names."""
+  names = shipped_exports()
+  if name not in names:
+    raise ValueError(f"no shipped export named {name!r}: the shipped exports are "
+                     f"{', '.join(names) or '(none)'}; or pass a run, stage, step or export "
+                     "directory")
+  return os.path.join(SHIPPED_DIR, name)
+
+
+def _source_path(source: str) -> str:
+  """`source` as an absolute path; a bare name that is no directory here is a
+  shipped export's name."""
+  path = os.path.abspath(os.path.expanduser(source))
+  if not os.path.exists(path) and os.sep not in source and "/" not in source:
+    return shipped_export(source)
+  return path
 
 
 # ----------------------------------------------------------------------------
@@ -172,10 +204,11 @@ def adapt_params(params, target) -> tuple[Any, list[str]]:
 def load_trained_vae(path: str):
   """(config, VAE module, float32 params) of a VAE this package trained: a
   stage-"vae" checkpoint (a run, stage or step directory; its EMA params) or
-  a VAE export (launch/export.py of such a run). ValueError when `path`
-  holds another stage. (A diffusers Wan VAE folder loads with
-  `aapt_jax.convert.wan.load_vae`.)"""
+  a VAE export (launch/export.py of such a run), or a shipped export's name
+  ("atari_vae"). ValueError when `path` holds another stage. (A diffusers
+  Wan VAE folder loads with `aapt_jax.convert.wan.load_vae`.)"""
   from aapt_jax.models import build_vae
+  path = _source_path(path)
   if export_lib.is_export(path):
     config, params = export_lib.read_vae_export(path)
     return config, build_vae(config), params
@@ -211,16 +244,17 @@ def load_run_vae(config, where: str):
 def load_world_model(checkpoint: str | None):
   """(config, generator params, VAE params or None, start frame or None, source)
   of the world model in `checkpoint`: an export directory, a run, stage or step
-  directory (its EMA params; the VAE from its `vae.checkpoint`), or None (the
-  shipped export). `source` is the directory the params came from."""
+  directory (its EMA params; the VAE from its `vae.checkpoint`), a shipped
+  export's name, or None (the shipped export "atari"). `source` is the
+  directory the params came from."""
   if checkpoint is None:
-    if not export_lib.is_export(SHIPPED_EXPORT):
+    if DEFAULT_EXPORT not in shipped_exports():
       raise FileNotFoundError(
-          f"no checkpoint given and no shipped export at {SHIPPED_EXPORT}: pass a run, "
-          "step or export directory (train one with launch/train.py, export it with "
+          f"no checkpoint given and no shipped export at {SHIPPED_DIR}/{DEFAULT_EXPORT}: pass "
+          "a run, step or export directory (train one with launch/train.py, export it with "
           "launch/export.py)")
-    checkpoint = SHIPPED_EXPORT
-  path = os.path.abspath(os.path.expanduser(checkpoint))
+    checkpoint = DEFAULT_EXPORT
+  path = _source_path(checkpoint)
   if export_lib.is_export(path):
     config, params, vae_params, start_frame, _ = export_lib.read_export(path)
     return config, params, vae_params, start_frame, path

@@ -36,7 +36,7 @@ def get_config(arg=None):
   # right (27 dB) but the score, paddles and ball were missing (16 dB on the
   # moving pixels, below a 4x area down/upsample's 18). The hard-pixel term
   # (each frame's worst 2% of pixels) joined at step 236 of the shipped run
-  # (assets/atari_vae): by 450 it drew the score bar and reached 28.4 dB, but
+  # (aapt_jax/assets/atari_vae): by 450 it drew the score bar and reached 28.4 dB, but
   # not yet the paddles and ball (moving pixels still 16 dB).
   c.train.clip_frames = 5
   c.train.steps = 450

@@ -1,7 +1,7 @@
 """Writes an inference export: the EMA generator (+ the VAE) in bf16, its
 config and a start frame; no optimizer state, no discriminator.
 
-  python launch/export.py --checkpoint=runs/atari --out=assets/atari
+  python launch/export.py --checkpoint=runs/atari --out=aapt_jax/assets/atari
 
 --checkpoint: a run directory (its last stage's latest step), a stage or step
 directory, or another export. The export loads with
@@ -9,9 +9,9 @@ directory, or another export. The export loads with
 `launch/play.py --checkpoint=DIR`.
 
 A stage-"vae" run exports as a VAE export (float32 VAE params + config, what
-`--vae_checkpoint` and `vae.checkpoint` name; assets/atari_vae is one):
+`--vae_checkpoint` and `vae.checkpoint` name; aapt_jax/assets/atari_vae is one):
 
-  python launch/export.py --checkpoint=runs/atari_vae --out=assets/atari_vae
+  python launch/export.py --checkpoint=runs/atari_vae --out=aapt_jax/assets/atari_vae
 """
 import os
 import sys

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 config_flags.DEFINE_config_file("config", "configs/atari.py", "Config file.", lock_config=False)
 flags.DEFINE_string("workdir", "", "Run directory (used when --checkpoint is empty).")
 flags.DEFINE_string("checkpoint", "", "Run, stage, step or export directory; empty = the "
-                    "shipped export under assets/, else untrained random weights.")
+                    "shipped export (aapt_jax/assets/atari), else untrained random weights.")
 flags.DEFINE_integer("frames", 48, "Latent frames to generate (>= 1).")
 flags.DEFINE_string("actions", "random", "'random' or a JSON file with a list of actions.")
 flags.DEFINE_integer("seed", 0, "Seed of the start frame, the policy and the noise.")

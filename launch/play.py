@@ -3,8 +3,8 @@
   python launch/play.py --checkpoint=runs/atari --port=8000   # then open http://localhost:8000
 
 --checkpoint: a run directory (its last stage's latest step), a stage or step
-directory, or an inference export (launch/export.py); empty = the shipped
-export under assets/. Each browser tab gets its own stream, up to
+directory, an inference export (launch/export.py) or a shipped export's name;
+empty = the shipped export (aapt_jax/assets/atari). Each browser tab gets its own stream, up to
 --max_sessions at once.
 """
 import os
@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 config_flags.DEFINE_config_file("config", None, "Optional: checked against the checkpoint's "
                                 "own config (an error if the model differs).", lock_config=False)
-flags.DEFINE_string("checkpoint", "", "Run, stage, step or export directory; empty = assets/.")
+flags.DEFINE_string("checkpoint", "", "Run, stage, step or export directory; empty = the "
+                    "shipped export (aapt_jax/assets/atari).")
 flags.DEFINE_string("workdir", "", "Run directory (used when --checkpoint is empty).")
 flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on (0.0.0.0 = all).")
 flags.DEFINE_integer("port", 8000, "Port to listen on.")

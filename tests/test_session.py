@@ -12,7 +12,7 @@ import pytest
 
 from aapt_jax.checkpointing import config_to_dict
 from aapt_jax.data import pipeline
-from aapt_jax import export as export_lib, loading
+from aapt_jax import loading
 from aapt_jax.inference.session import StreamingModel, StreamingSession, sampler_grid
 from aapt_jax.models import Conditioning
 from aapt_jax.models.vae import denormalize_latents, normalize_latents
@@ -204,7 +204,7 @@ def test_broken_exports_and_checkpoints_are_clear_errors(tmp_path, monkeypatch):
     StreamingSession.load(out)
   with pytest.raises(FileNotFoundError, match="not a directory"):
     StreamingSession.load(str(tmp_path / "missing"))
-  monkeypatch.setattr(loading, "SHIPPED_EXPORT", str(tmp_path / "assets" / "atari"))
+  monkeypatch.setattr(loading, "SHIPPED_DIR", str(tmp_path / "assets"))
   with pytest.raises(FileNotFoundError, match="no shipped export"):
     StreamingSession.load()
 
@@ -259,14 +259,19 @@ def test_compute_dtype_comes_from_the_config():
 
 
 def test_the_shipped_export_plays_pong():
-  """assets/atari loads with today's code (config and every array checked),
-  and its first frames follow the emulator: PSNR over 8 NOOP frames above
-  24 dB (it measures ~32; random weights score ~10, the 200-step model ~13)."""
+  """The shipped export (aapt_jax/assets/atari, package data) loads with
+  today's code (config and every array checked), by None or by its name, and
+  its first frames follow the emulator: PSNR over 8 NOOP frames above 24 dB
+  (it measures ~32; random weights score ~10, the 200-step model ~13)."""
   from aapt_jax.data.worlds.atari import AtariWorld
   from aapt_jax.inference.quality import psnr
-  if not export_lib.is_export(loading.SHIPPED_EXPORT):
-    pytest.fail(f"no shipped export at {loading.SHIPPED_EXPORT}")
+  assert loading.shipped_exports() == ["atari", "atari_vae"]
   model = StreamingModel.load(None)
+  assert model.source == os.path.join(loading.SHIPPED_DIR, "atari")
+  assert StreamingModel.load("atari").source == model.source
+  with pytest.raises(ValueError, match="no shipped export named 'pong': the shipped exports "
+                     "are atari, atari_vae"):
+    StreamingModel.load("pong")
   assert model.sampler_steps == 1 and model.frame_size == (64, 64)
   session = StreamingSession(model, seed=0)
   world = AtariWorld(model.config.data.game, size=64, frame_skip=model.config.data.frame_skip)

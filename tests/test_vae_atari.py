@@ -1,4 +1,4 @@
-"""The shipped Atari VAE (assets/atari_vae, `configs/atari_vae.py`, 450
+"""The shipped Atari VAE (aapt_jax/assets/atari_vae, `configs/atari_vae.py`, 450
 steps) on real Pong frames the emulator plays now, from a seed its training
 recordings never used: encode -> decode keeps the frame, and decoding one
 latent frame at a time gives the same frames.
@@ -20,13 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aapt_jax.loading import load_trained_vae
 from aapt_jax.data.worlds.atari import AtariWorld
 from aapt_jax.image_utils import resize_area
 from aapt_jax.inference.quality import psnr, ssim
-from helpers import ROOT
+from aapt_jax.loading import load_trained_vae, shipped_export
 
-SHIPPED_VAE = os.path.join(ROOT, "assets", "atari_vae")
+SHIPPED_VAE = shipped_export("atari_vae")
 HELD_OUT_SEED = 1000         # recordings for training use seeds 1..24 (configs/atari.py:full)
 CLIP_STARTS = (40, 100, 160)  # ball in play in each
 CLIP_FRAMES = 9               # 1 + 4r: 5 latent frames

@@ -30,8 +30,7 @@ from aapt_jax.config import load_config
 from aapt_jax.convert.safetensors_folder import SafetensorsFolder
 from aapt_jax.models import abstract_params
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BASE_CONFIG = os.path.join(_ROOT, "configs", "base.py")
+BASE_CONFIG = "base"  # the shipped configs/base.py, by name (aapt_jax.load_config)
 CLASS_NAME = "AutoencoderKLWan"
 # The checkpoint stores no resolution: Wan2.1's 832x480 video -> 104x60 latents.
 WAN_LATENT_SIZE = (60, 104)

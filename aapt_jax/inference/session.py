@@ -3,9 +3,10 @@
 `StreamingModel` is what is loaded once (the generator and decoder params, the
 world's metadata, ONE jitted step function); `StreamingSession` is one stream
 over it (its KV cache, decoder cache, previous frame, noise key), so several
-sessions (browser tabs) share one compile. DESIGN section 5 "Streaming":
+sessions (browser tabs) share one compile. The contract:
 
-    session = StreamingSession.load("runs/atari")       # or an export dir; None = assets/
+    session = StreamingSession.load("runs/atari")       # a run, stage, step or export dir;
+                                                        # None / "atari" = the shipped export
     frames = session.start()                            # uint8 [k, H, W, 3]: the first frame
     frames = session.step(action_id)                    # uint8 [k, H, W, 3], host numpy
     session.reset()                                     # back to right after start()
@@ -251,7 +252,9 @@ class StreamingSession:
   def load(cls, checkpoint: str | None = None, *, sampler_steps: int = 0,
            seed: int = 0) -> "StreamingSession":
     """A session over the generator in `checkpoint`: a run, stage or step
-    directory (its EMA params), an export directory, or None (the shipped export)."""
+    directory (its EMA params), an export directory, the name of an export
+    shipped with the package ("atari"; an unknown name raises ValueError
+    listing them), or None (the shipped "atari")."""
     return cls(StreamingModel.load(checkpoint, sampler_steps=sampler_steps), seed)
 
   num_actions = property(lambda self: self.model.num_actions)

@@ -15,7 +15,6 @@ import numpy as np
 from tqdm import tqdm
 
 from aapt_jax.data.video_io import VideoWriter
-from aapt_jax import export as export_lib
 from aapt_jax import loading
 from aapt_jax.data import worlds
 from aapt_jax.inference.decoders import uses_vae
@@ -62,7 +61,7 @@ def _random_model(config, seed: int, steps: int) -> StreamingModel:
 
 def load_model(config, checkpoint: str | None, seed: int = 0, steps: int = 0) -> StreamingModel:
   """The checkpoint's model; without one the shipped export, else `config` at random init."""
-  if checkpoint or export_lib.is_export(loading.SHIPPED_EXPORT):
+  if checkpoint or loading.DEFAULT_EXPORT in loading.shipped_exports():
     model = StreamingModel.load(checkpoint or None, sampler_steps=steps)
     print(f"generate: EMA generator from {model.source}")
     return model

@@ -51,10 +51,9 @@ GiB = 2**30
 # Accelerator sizes the messages and benchmarks/aot_8b.py compare against.
 H100_BYTES = 80 * GiB       # H100 SXM: 80 GiB of HBM3 (a little less is usable)
 TPU_V5P_BYTES = 95 * GiB    # TPU v5p: 95 GiB of HBM2e per chip
-# Configs tried, in order, as "the config to use instead" (paths under the
-# repository root); the first that fits the devices at hand is suggested.
+# Shipped configs tried, in order, as "the config to use instead" (named as a
+# checkout's --config path); the first that fits the devices at hand is suggested.
 FALLBACK_CONFIGS = ("configs/atari.py", "configs/tiny.py")
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,11 +255,8 @@ def _mesh_advice(n: int, est: MemoryEstimate, own: bool, what: str) -> str:
 def _fallback_config(config, devices, device_bytes) -> str | None:
   """The first of FALLBACK_CONFIGS (not `config` itself) that fits these devices."""
   for rel in FALLBACK_CONFIGS:
-    path = os.path.join(_ROOT, rel)
-    if not os.path.isfile(path):
-      continue
     try:
-      other = load_config(path)
+      other = load_config(os.path.splitext(os.path.basename(rel))[0])  # by name
       if other.model.to_dict() == config.model.to_dict():
         continue
       shape = parallel.mesh_shape(other.mesh, len(devices))
