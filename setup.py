@@ -24,7 +24,6 @@ setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11.0",
         "grain>=0.2.10",
-        "einops>=0.8.0",
         "ml-collections>=1.0.0",
         "numpy>=1.26",
         "tqdm>=4.66",
@@ -36,8 +35,6 @@ setup(
         "tensorboardX>=2.6",
         "aiohttp>=3.9",       # launch/play.py: the playable page (HTTP + WebSocket)
         "simplejpeg>=1.7",    # its JPEG frames
-        # TFDS builders over our records (imported lazily; never TensorFlow).
-        "tensorflow-datasets>=4.9.6",
     ],
     extras_require={
         # wheel: tests/test_packaging.py builds the wheel without network

@@ -1,6 +1,6 @@
 """Checkpoints of a training stage: one Orbax `CheckpointManager` per stage.
 
-Layout (DESIGN.md section 5)::
+Layout (what `aapt_jax.loading` reads, and `init_from` accepts)::
 
     <workdir>/<stage>/checkpoints/<step>/
         state/    the sharded TrainState (Orbax PyTree, tensorstore)

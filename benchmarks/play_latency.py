@@ -72,12 +72,12 @@ def bench(name, frames, samples):
   rows = []
 
   # the generator alone (the session's sampler, no decode), the latent fetched to host
-  gen = make_frame_fn(model.model, model.sampler_steps,
+  gen = make_frame_fn(model.generator, model.sampler_steps,
                       float(model.config.diffusion.timestep_shift))
-  s = model.model.spec
+  s = model.generator.spec
   key = jax.random.key(0)
   x = jax.numpy.zeros((1, 1, *s.latent_size, s.latent_channels))
-  state = {"x": x, "cache": model.model.init_cache(1), "i": 0}
+  state = {"x": x, "cache": model.generator.init_cache(1), "i": 0}
   controls = jax.numpy.zeros((1, 1, s.control_dim)) if s.control_dim else None
 
   def generator_step():

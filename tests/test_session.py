@@ -73,7 +73,7 @@ def _hand_video(streaming, first, text, inputs, seed):
     video = jnp.asarray(first, jnp.float32)[None, None] / 127.5 - 1.0
     mean, _ = decoder.vae.apply({"params": streaming.decoder_params}, video, method="encode")
     x = normalize_latents(mean, config.vae)
-  latents = _hand_latents(streaming.model, streaming.params, x, jnp.asarray(text)[None], inputs,
+  latents = _hand_latents(streaming.generator, streaming.params, x, jnp.asarray(text)[None], inputs,
                           seed, streaming.sampler_steps, float(config.diffusion.timestep_shift))
   if config.data.space_to_depth:
     return pipeline.latents_to_pixels(np.asarray(latents[0]), 2)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from aapt_jax.config import load_config
 from aapt_jax.convert.safetensors_folder import SafetensorsFolder
-from aapt_jax.convert.wan_vae import load_vae  # noqa: F401  (DESIGN: convert.wan.load_vae)
+from aapt_jax.convert.wan_vae import load_vae  # noqa: F401  (the Wan VAE: convert.wan.load_vae)
 from aapt_jax.models import abstract_params
 
 BASE_CONFIG = "base"  # the shipped configs/base.py, by name (aapt_jax.load_config)

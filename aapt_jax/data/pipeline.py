@@ -21,8 +21,10 @@ float32 ``[B, T, A]``, ``text_embedding`` float32 ``[B, L, D]`` with
 ``text_mask`` bool ``[B, L]`` (when ``text_len`` is set). ``make_global_batch``
 turns them into global ``jax.Array``s sharded on the batch axis.
 
-Until a VAE exists the model works in pixel space: `pixels_to_latents`
-(space-to-depth, lossless) turns uint8 video into "latents".
+A pixel-space config (``data.space_to_depth`` > 0, the Atari default) reads
+video records: `pixels_to_latents` (space-to-depth, lossless) turns uint8
+video into its "latents". A VAE-latent config (``data.space_to_depth`` = 0)
+reads records that data/encode.py wrote in a trained VAE's latents.
 """
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Latent-frame decoders of a stream: latent frame -> video frames, one at a time.
 
-One small interface, the streaming half of the VAE contract (DESIGN section 5),
-with the parameters passed explicitly so one jitted step takes them as inputs:
+One small interface, the streaming half of the VAE's contract
+(`VAE.decode_step(latent, cache)` with `init_decode_cache(batch)`, equal to
+`decode` frame by frame), with the parameters passed explicitly so one jitted
+step takes them as inputs:
 
   frames_per_latent            k: video frames per latent frame (the VAE's r)
   frame_size                   (H, W) of a video frame

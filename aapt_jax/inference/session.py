@@ -164,7 +164,8 @@ def _cast(tree, dtype):
 class StreamingModel:
   """A loaded world model: params, decoder, world metadata and the compiled step.
 
-  Attributes: `num_actions` (the actions a player may send: the world's action
+  Attributes: `generator` (the Generator module), `decoder`, `world` (the
+  config's world, or None), `num_actions` (the actions a player may send: the world's action
   set when the config names a world, else model.num_actions; 0 = continuous
   controls only), `control_dim`, `action_names` (or None), `frame_size` (H, W),
   `frames_per_latent` (k), `fps` (the world's frame rate, or None),
@@ -179,10 +180,10 @@ class StreamingModel:
 
   def __post_init__(self):
     c = self.config
-    self.model = build_generator(c)
+    self.generator = build_generator(c)
     self.decoder = build_decoder(c)
     check_params(self.params, abstract_params(c), f"the params of {self.source}")
-    self.params = _cast(self.params, self.model.spec.params_dtype)
+    self.params = _cast(self.params, self.generator.spec.params_dtype)
     if uses_vae(c):
       if self.decoder_params is None:
         raise ValueError(f"{self.source}: this config decodes with the video VAE "
@@ -193,7 +194,7 @@ class StreamingModel:
     if self.sampler_steps == 0:  # auto: a stage-1 model is a diffusion model
       self.sampler_steps = DIFFUSION_SAMPLER_STEPS if c.stage == "diffusion" else 1
     self.world = world_from_config(c)
-    s = self.model.spec
+    s = self.generator.spec
     self.action_names = list(self.world.action_names) if self.world else None
     if self.world and s.num_actions and self.world.num_actions > s.num_actions:
       raise ValueError(f"{self.world.game} has {self.world.num_actions} actions but "
@@ -205,7 +206,7 @@ class StreamingModel:
     self.frame_size = tuple(self.decoder.frame_size)
     self.frames_per_latent = self.decoder.frames_per_latent
     self.fps = self.world.fps if self.world else None
-    self.step_fn = make_session_step(self.model, self.decoder, self.sampler_steps,
+    self.step_fn = make_session_step(self.generator, self.decoder, self.sampler_steps,
                                      float(c.diffusion.timestep_shift))
 
   @classmethod
@@ -274,7 +275,7 @@ class StreamingSession:
 
   # ----------------------------------------------------------------- inputs
   def _text_inputs(self, text):
-    spec = self.model.model.spec
+    spec = self.model.generator.spec
     if text is None:
       return None, None
     if isinstance(text, str):
@@ -290,7 +291,7 @@ class StreamingSession:
   def _control_inputs(self, controls):
     """(actions int32 [1, 1] or None, controls float32 [1, 1, A] or None): fixed
     structure per model (-1 / zeros when not given), so one compile serves all."""
-    spec = self.model.model.spec
+    spec = self.model.generator.spec
     if isinstance(controls, tuple):  # (action id or None, control vector or None): both kinds
       if len(controls) != 2:
         raise ValueError(f"controls as a tuple must be (action, vector), got {controls!r}")
@@ -350,9 +351,9 @@ class StreamingSession:
     self._key = jax.random.key(self.seed)
     latent = jnp.asarray(m.decoder.encode_first(m.decoder_params, first_frame), jnp.float32)
     self._state = StreamState(index=jnp.zeros((), jnp.int32), latent=latent,
-                              cache=m.model.init_cache(1),
+                              cache=m.generator.init_cache(1),
                               decode_cache=m.decoder.init_decode_cache(1))
-    noop = m.noop if m.model.spec.num_actions else None
+    noop = m.noop if m.generator.spec.num_actions else None
     self._first_frames = self._run(self._control_inputs(noop), self._text)
     self._start_state = jax.tree.map(jnp.copy, self._state)  # step donates the live one
     return self._first_frames
