@@ -4,8 +4,8 @@
 
 --checkpoint: a run directory (its last stage's latest step), a stage or step
 directory, an inference export (launch/export.py) or a shipped export's name;
-empty = the shipped export (aapt_jax/assets/atari). Each browser tab gets its own stream, up to
---max_sessions at once.
+empty = the shipped export (aapt_jax/assets/atari). Each browser tab gets its
+own stream, up to --max_sessions at once.
 """
 import os
 import socket
