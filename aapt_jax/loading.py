@@ -17,7 +17,6 @@ package to read weights.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -91,14 +90,14 @@ def resolve_step_dir(path: str) -> str:
 
 
 def read_checkpoint_config(step_dir: str) -> ml_collections.ConfigDict:
-  """The config a step directory was saved with."""
-  config_file = os.path.join(step_dir, CONFIG, "metadata")
+  """The config a step directory was saved with (its `config` item, read
+  through Orbax's JSON handler as `Checkpointer.read_config` reads it)."""
+  where = os.path.join(step_dir, CONFIG)
   try:
-    with open(config_file) as f:
-      return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(
+        ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(where))
   except (OSError, ValueError) as e:
-    raise ValueError(f"checkpoint {step_dir} has no readable config ({config_file}): {e}") \
-        from None
+    raise ValueError(f"checkpoint {step_dir} has no readable config ({where}): {e}") from None
 
 
 def load_generator_params(path: str, which: str = "ema_params"):
