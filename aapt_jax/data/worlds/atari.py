@@ -208,6 +208,11 @@ class AtariWorld:
   def observe(self) -> np.ndarray:
     return resize_area(self._ale.getScreenRGB(), self.size)
 
+  def ram(self) -> np.ndarray:
+    """A copy of the console's 128 bytes of RAM (uint8 [128]) now: the ground
+    truth of object positions (aapt_jax.evaluation.ram_objects)."""
+    return np.array(self._ale.getRAM(), np.uint8)
+
   def game_over(self) -> bool:
     return bool(self._ale.game_over())
 
