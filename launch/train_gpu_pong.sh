@@ -21,7 +21,8 @@
 # Knobs (environment): DTYPE (bfloat16), BATCH (64), DIFFUSION_STEPS (6000),
 # CONSISTENCY_STEPS (400), ADVERSARIAL_STEPS (200), DIFFUSION_S (480),
 # CONSISTENCY_S (120), ADVERSARIAL_S (180), EPISODES (48), FRAMES (1000),
-# EVAL (0), EVAL_FLAGS ("").
+# EVAL (0), EVAL_FLAGS (""), STAGES ("diffusion consistency adversarial": the
+# CPU test runs the first two; the export is of the last stage run).
 set -euo pipefail
 
 if [ $# -lt 1 ]; then
@@ -41,6 +42,7 @@ DIFFUSION_S=${DIFFUSION_S:-480}
 CONSISTENCY_S=${CONSISTENCY_S:-120}
 ADVERSARIAL_S=${ADVERSARIAL_S:-180}
 EPISODES=${EPISODES:-48}
+STAGES=${STAGES:-diffusion consistency adversarial}
 FRAMES=${FRAMES:-1000}
 CLIP=12   # configs/atari.py train.clip_frames: records hold clips of 2 x 12, stride 12
 
@@ -64,9 +66,14 @@ stage() {  # stage NAME STEPS SECONDS: one stage, stopped (and saved) by SIGTERM
       rc=$?; [ $rc -eq 124 ] || { echo "train_gpu_pong: stage $1 failed ($rc)" >&2; exit $rc; }; }
 }
 TRAIN_FLAGS=("$@")
-stage diffusion "$DIFFUSION_STEPS" "$DIFFUSION_S"
-stage consistency "$CONSISTENCY_STEPS" "$CONSISTENCY_S"
-stage adversarial "$ADVERSARIAL_STEPS" "$ADVERSARIAL_S"
+for name in $STAGES; do
+  case $name in
+    diffusion) stage diffusion "$DIFFUSION_STEPS" "$DIFFUSION_S" ;;
+    consistency) stage consistency "$CONSISTENCY_STEPS" "$CONSISTENCY_S" ;;
+    adversarial) stage adversarial "$ADVERSARIAL_STEPS" "$ADVERSARIAL_S" ;;
+    *) echo "train_gpu_pong: unknown stage '$name' in STAGES" >&2; exit 2 ;;
+  esac
+done
 
 python launch/export.py --checkpoint="$OUT/run" --out="$OUT/export"
 if [ "${EVAL:-0}" = "1" ]; then
