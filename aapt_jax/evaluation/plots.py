@@ -15,10 +15,14 @@ import numpy as np  # noqa: E402
 def _band(ax, curves: np.ndarray, label: str, smooth: int = 1):
   """Mean over seeds with a min-max band; curves [S, T+1] (NaN = none)."""
   curves = np.asarray(curves, np.float64)
-  if smooth > 1:
-    kernel = np.ones(smooth) / smooth
-    curves = np.stack([np.convolve(np.nan_to_num(c, nan=np.nanmean(c)), kernel, "same")
-                       if np.isfinite(c).any() else c for c in curves])
+  if smooth > 1:  # a running mean over the frames that exist (NaN stays NaN)
+    kernel = np.ones(smooth)
+    ok = np.isfinite(curves)
+    with np.errstate(invalid="ignore"):
+      curves = np.stack([np.convolve(np.where(o, c, 0.0), kernel, "same")
+                         / np.convolve(o.astype(float), kernel, "same")
+                         for c, o in zip(curves, ok)])
+    curves[~ok] = np.nan
   x = np.arange(curves.shape[1])
   with warnings.catch_warnings():  # all-NaN frames (past every game's end) stay NaN
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -34,7 +38,7 @@ def _bucket_edges(ax, result):
 
 def _bars(ax, result, metric, title):
   table = result["table"].get(metric, {})
-  names = [n for n in table if any(c["mean"] is not None for c in table[n])]
+  names = list(table)  # all of them, so a predictor keeps its colour in every panel
   width = 0.8 / max(len(names), 1)
   for k, name in enumerate(names):
     mean = [c["mean"] if c["mean"] is not None else np.nan for c in table[name]]
@@ -63,6 +67,7 @@ def write_plots(result: dict, out_dir: str) -> dict[str, str]:
     _bucket_edges(ax[k], result)
     ax[k].set_title(f"{stat} per frame (5-frame mean; band: min-max over seeds)", fontsize=8)
     ax[k].set_xscale("symlog", linthresh=12)
+    ax[k].set_xlim(0, len(curves[stat][0]) - 1)
     ax[k].set_xlabel("latent frame")
   ax[0].legend(fontsize=7)
   paths["drift.png"] = _save(fig, out_dir, "drift.png")
