@@ -10,7 +10,7 @@ from aapt_jax.evaluation import detectors, objects, ram_objects
 
 
 @functools.lru_cache(maxsize=None)
-def _game(size, seed, frames=250):
+def _game(size, seed, frames=150):
   """(frames, rams, actions) of a sticky-random Pong game at `size`."""
   world = AtariWorld("Pong", size=size)
   policy = StickyRandomPolicy(world.num_actions, seed=seed)
@@ -39,7 +39,7 @@ def test_detector_matches_the_ram_on_emulator_frames(size):
           c["tp"] += 1
           c["errors"].append(np.hypot(found[k][0] - true[k][0], found[k][1] - true[k][1]))
   for k, c in counts.items():
-    assert c["tp"] > 200, (k, c["tp"])                    # the objects are on screen a lot
+    assert c["tp"] > 100, (k, c["tp"])                    # the objects are on screen a lot
     assert c["tp"] / (c["tp"] + c["fn"]) >= 0.97, (k, c)  # recall
     assert c["fp"] == 0, (k, c)                           # precision
     # mean position error: a fraction of a frame pixel (at 64x64 a frame pixel
@@ -72,12 +72,17 @@ def test_ram_and_detector_tables_name_unknown_games():
 def test_player_moves_table_matches_the_emulator():
   """RIGHT moves Pong's player paddle up the screen (smaller rows), LEFT down:
   measured from the RAM over a game."""
-  _, rams, actions, names = _game(64, 3)
   _, moves = objects.PLAYER_MOVES["Pong"]
-  dy = np.diff(rams[:, ram_objects.RAM_TABLES["Pong"].player_y].astype(int))
+  dys, acts = [], []
+  for seed in (0, 1):
+    _, rams, actions, names = _game(64, seed)
+    dys.append(np.diff(rams[:, ram_objects.RAM_TABLES["Pong"].player_y].astype(int)))
+    acts.append(actions[1:])
+  dy, acts = np.concatenate(dys), np.concatenate(acts)
   for name, sign in moves.items():
-    steps = dy[actions[1:] == names.index(name)]
-    assert np.mean(np.sign(steps) == sign) > 0.4 > np.mean(np.sign(steps) == -sign), name
+    steps = np.sign(dy[acts == names.index(name)])
+    # the paddle stops at the field's edges, so not every press moves it
+    assert np.mean(steps == sign) > 3 * np.mean(steps == -sign), (name, steps)
 
 
 def test_object_and_follow_series_on_hand_made_detections():
