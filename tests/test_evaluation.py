@@ -103,9 +103,10 @@ def test_teacher_forced_frame_one_is_the_open_loop_frame_one(tiny_run):
   # and is the model's: a changed real previous frame changes the prediction
   real = strip["real"][None, :9].copy()
   actions = np.zeros((1, 9), np.int32)
-  base = teacher_forced.one_step_predictions(session.model, real, actions, [0])
+  fn = teacher_forced.make_one_step_fn(session.model.model)
+  base = teacher_forced.one_step_predictions(session.model, real, actions, [0], fn)
   real[0, 3] = 255 - real[0, 3]
-  moved = teacher_forced.one_step_predictions(session.model, real, actions, [0])
+  moved = teacher_forced.one_step_predictions(session.model, real, actions, [0], fn)
   np.testing.assert_array_equal(base[0, :4], moved[0, :4])
   assert np.abs(base[0, 4].astype(int) - moved[0, 4]).mean() > 0
 

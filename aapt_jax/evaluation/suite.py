@@ -7,7 +7,9 @@ frames of the same seed:
   hold_start     the start frame held (open loop);
   copy_previous  the real previous frame (one step, teacher forced);
   model_1step    the model's one-step prediction from the real previous
-                 frames (teacher forced; first `teacher_forced_frames` only);
+                 frames (teacher forced; first `teacher_forced_frames` only;
+                 one forward per frame even for a stage-1 model the rollout
+                 samples with several);
   emulator       the real frames themselves: the reference for the object
                  detector and for action following.
 """

@@ -20,7 +20,9 @@ from aapt_jax.inference.decoders import PixelDecoder
 from aapt_jax.models import Conditioning
 
 
-def _make_predict(model):
+def make_one_step_fn(model):
+  """jitted fn(params, latents [B, T+1, h, w, C], actions int32 [B, T+1] or
+  None, noise [B, T+1, h, w, C]) -> x0 [B, T+1, h, w, C] (frame 0 unused)."""
   def predict(params, latents, actions, noise):
     b, n = latents.shape[:2]                                        # latents [B, T+1, h, w, C]
     inputs = jnp.concatenate([latents[:, :1], noise[:, 1:]], axis=1)
@@ -33,13 +35,14 @@ def _make_predict(model):
 
 
 def one_step_predictions(streaming_model, real: np.ndarray, actions: np.ndarray,
-                         seeds) -> np.ndarray:
+                         seeds, one_step_fn=None) -> np.ndarray:
   """uint8 [B, T+1, H, W, 3]: frame 0 the real start frame, frame i >= 1 the
   model's one-step prediction from real frames 0..i-1 and actions 0..i.
 
   streaming_model: an `inference.session.StreamingModel` of a pixel-space
   world; real uint8 [B, T+1, H, W, 3]; actions int [B, T+1] (actions[:, 0] is
-  the start frame's, NOOP); seeds: B noise seeds.
+  the start frame's, NOOP); seeds: B noise seeds; one_step_fn: a
+  `make_one_step_fn(streaming_model.model)` to reuse (else one is compiled).
   """
   if not isinstance(streaming_model.decoder, PixelDecoder):
     raise ValueError("teacher-forced predictions need a pixel-space world "
@@ -51,9 +54,8 @@ def one_step_predictions(streaming_model, real: np.ndarray, actions: np.ndarray,
       [jax.random.normal(jax.random.fold_in(jax.random.key(int(seed)), i), shape)
        for i in range(latents.shape[1])], axis=1)[0] for seed in seeds])
   acts = jnp.asarray(actions, jnp.int32) if streaming_model.model.spec.num_actions else None
-  if not hasattr(streaming_model, "_teacher_forced_fn"):
-    streaming_model._teacher_forced_fn = _make_predict(streaming_model.model)
-  x0 = streaming_model._teacher_forced_fn(streaming_model.params, latents, acts, noise)
+  one_step_fn = one_step_fn or make_one_step_fn(streaming_model.model)
+  x0 = one_step_fn(streaming_model.params, latents, acts, noise)
   pixels = np.asarray(streaming_model.decoder.decode_step(None, x0, ())[0])
   pixels = np.clip(np.round((pixels + 1.0) * 127.5), 0, 255).astype(np.uint8)
   pixels[:, 0] = real[:, 0]
