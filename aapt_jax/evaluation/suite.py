@@ -179,7 +179,9 @@ def evaluate(session, settings: Settings) -> dict:
     fbar.close()
     timing["fvd"] = time.time() - started - sum(timing.values())
     fvd_note = (f"I3D logits of {len(episodes)} 16-frame clips per set (one per seed; "
-                f"{windows} clips in all): few clips bias FVD upward, compare rows only")
+                f"{windows} clips in all), each set against the emulator's clips: a "
+                "distance between sets, so no spread over seeds; few clips bias it "
+                "upward, compare predictors only")
   return {
       "source": model.source, "game": world.game, "clip_frames": clip,
       "settings": dataclasses.asdict(settings), "teacher_forced_frames": tf,
