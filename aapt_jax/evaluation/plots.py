@@ -1,0 +1,109 @@
+"""PNG plots of an evaluation (matplotlib, no display): curves over frames
+with the spread over seeds as a band (min to max), and a frame strip."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _band(ax, curves: np.ndarray, label: str, smooth: int = 1):
+  """Mean over seeds with a min-max band; curves [S, T+1] (NaN = none)."""
+  curves = np.asarray(curves, np.float64)
+  if smooth > 1:  # a running mean over the frames that exist (NaN stays NaN)
+    kernel = np.ones(smooth)
+    ok = np.isfinite(curves)
+    with np.errstate(invalid="ignore"):
+      curves = np.stack([np.convolve(np.where(o, c, 0.0), kernel, "same")
+                         / np.convolve(o.astype(float), kernel, "same")
+                         for c, o in zip(curves, ok)])
+    curves[~ok] = np.nan
+  x = np.arange(curves.shape[1])
+  with warnings.catch_warnings():  # all-NaN frames (past every game's end) stay NaN
+    warnings.simplefilter("ignore", RuntimeWarning)
+    mean, lo, hi = np.nanmean(curves, 0), np.nanmin(curves, 0), np.nanmax(curves, 0)
+  line, = ax.plot(x, mean, label=label, lw=1)
+  ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+
+
+def _bucket_edges(ax, result):
+  for label in result["buckets"][:-1]:
+    ax.axvline(int(label.split("-")[1]) + 0.5, color="grey", lw=0.5, ls=":")
+
+
+def _bars(ax, result, metric, title):
+  table = result["table"].get(metric, {})
+  names = list(table)  # all of them, so a predictor keeps its colour in every panel
+  width = 0.8 / max(len(names), 1)
+  for k, name in enumerate(names):
+    mean = [c["mean"] if c["mean"] is not None else np.nan for c in table[name]]
+    err = [c["std"] if c["std"] is not None else 0.0 for c in table[name]]
+    ax.bar(np.arange(len(mean)) + k * width, mean, width, yerr=err, label=name)
+  ax.set_xticks(np.arange(len(result["buckets"])) + 0.4 - width / 2)
+  ax.set_xticklabels(result["buckets"], fontsize=7)
+  ax.set_title(title, fontsize=9)
+
+
+def write_plots(result: dict, out_dir: str) -> dict[str, str]:
+  """psnr.png (PSNR per horizon), drift.png (drift curves), objects.png
+  (object presence, error, action following per horizon), frames.png (a
+  strip of generated, one-step and emulator frames of the first seed)."""
+  paths = {}
+  fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
+  _bars(ax[0], result, "psnr", "PSNR vs the emulator (dB), mean ± std over seeds")
+  _bars(ax[1], result, "ssim", "SSIM vs the emulator")
+  ax[0].legend(fontsize=7)
+  paths["psnr.png"] = _save(fig, out_dir, "psnr.png")
+
+  fig, ax = plt.subplots(1, 3, figsize=(14, 3.5))
+  for k, stat in enumerate(("mean_colour", "roughness", "change")):
+    for name, curves in result["drift"].items():
+      _band(ax[k], curves[stat], name, smooth=5)
+    _bucket_edges(ax[k], result)
+    ax[k].set_title(f"{stat} per frame (5-frame mean; band: min-max over seeds)", fontsize=8)
+    ax[k].set_xscale("symlog", linthresh=12)
+    ax[k].set_xlim(0, len(curves[stat][0]) - 1)
+    ax[k].set_xlabel("latent frame")
+  ax[0].legend(fontsize=7)
+  paths["drift.png"] = _save(fig, out_dir, "drift.png")
+
+  if result["object_truth"]:
+    metrics = [("ball_present", "ball found (recall)"), ("ball_error", "ball error (px)"),
+               ("player_present", "player paddle found"), ("player_error", "player error (px)"),
+               ("follow", "paddle follows the action")]
+    fig, ax = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5))
+    for a, (metric, title) in zip(ax, metrics):
+      _bars(a, result, metric, title)
+    ax[0].legend(fontsize=6)
+    paths["objects.png"] = _save(fig, out_dir, "objects.png")
+
+  strip = result["strip"]
+  n = len(strip["generated"]) - 1
+  picks = sorted({i for i in (0, 1, 4, 12, 40, 120, 480, 1440, n) if i <= n})
+  rows = [("model", strip["generated"]), ("emulator", strip["real"])]
+  if strip.get("one_step") is not None:
+    rows.insert(1, ("model 1-step", strip["one_step"]))
+  fig, ax = plt.subplots(len(rows), len(picks), figsize=(1.6 * len(picks), 1.8 * len(rows)),
+                         squeeze=False)
+  for r, (name, frames) in enumerate(rows):
+    for c, i in enumerate(picks):
+      a = ax[r, c]
+      a.axis("off")
+      if i < len(frames):
+        a.imshow(frames[i], interpolation="nearest")
+      a.set_title(f"{name} {i}", fontsize=7)
+  paths["frames.png"] = _save(fig, out_dir, "frames.png")
+  return paths
+
+
+def _save(fig, out_dir, name):
+  path = os.path.join(out_dir, name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path

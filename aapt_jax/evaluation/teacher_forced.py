@@ -1,0 +1,62 @@
+"""The model's one-step teacher-forced prediction of every frame from the real
+previous frames: what it would make if it had not drifted.
+
+One full-sequence `Generator.__call__` per batch of seeds: block 0 is the real
+start frame (t = 0), block i >= 1 the noise eps_i at t = 1 with the REAL frame
+i-1 recycled, so block i's keys and values are exactly those a stream would
+have cached had it been fed real frames; the one-step frame is
+x0_i = eps_i - v(eps_i, t=1). eps_i is the noise a `StreamingSession` with the
+same seed draws for frame i (normal(fold_in(key(seed), i))), so frame 1 equals
+the session's first open-loop frame.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aapt_jax.data.pipeline import pixels_to_latents
+from aapt_jax.inference.decoders import PixelDecoder
+from aapt_jax.models import Conditioning
+
+
+def make_one_step_fn(model):
+  """jitted fn(params, latents [B, T+1, h, w, C], actions int32 [B, T+1] or
+  None, noise [B, T+1, h, w, C]) -> x0 [B, T+1, h, w, C] (frame 0 unused)."""
+  def predict(params, latents, actions, noise):
+    b, n = latents.shape[:2]                                        # latents [B, T+1, h, w, C]
+    inputs = jnp.concatenate([latents[:, :1], noise[:, 1:]], axis=1)
+    previous = jnp.concatenate([jnp.zeros_like(latents[:, :1]), latents[:, :-1]], axis=1)
+    t = jnp.ones((b, n)).at[:, 0].set(0.0)                          # [B, T+1]
+    cond = Conditioning(previous=previous, actions=actions)
+    v = model.apply({"params": params}, inputs, t, cond)
+    return inputs - v                                               # x0 at t = 1 (frame 0: unused)
+  return jax.jit(predict)
+
+
+def one_step_predictions(streaming_model, real: np.ndarray, actions: np.ndarray,
+                         seeds, one_step_fn=None) -> np.ndarray:
+  """uint8 [B, T+1, H, W, 3]: frame 0 the real start frame, frame i >= 1 the
+  model's one-step prediction from real frames 0..i-1 and actions 0..i.
+
+  streaming_model: an `inference.session.StreamingModel` of a pixel-space
+  world; real uint8 [B, T+1, H, W, 3]; actions int [B, T+1] (actions[:, 0] is
+  the start frame's, NOOP); seeds: B noise seeds; one_step_fn: a
+  `make_one_step_fn(streaming_model.generator)` to reuse (else one is compiled).
+  """
+  if not isinstance(streaming_model.decoder, PixelDecoder):
+    raise ValueError("teacher-forced predictions need a pixel-space world "
+                     "(data.space_to_depth > 0); this model decodes with a VAE")
+  s = streaming_model.decoder.space_to_depth
+  latents = jnp.asarray(pixels_to_latents(real, s))                # [B, T+1, h, w, C]
+  shape = (1, 1) + latents.shape[2:]
+  noise = jnp.stack([jnp.concatenate(
+      [jax.random.normal(jax.random.fold_in(jax.random.key(int(seed)), i), shape)
+       for i in range(latents.shape[1])], axis=1)[0] for seed in seeds])
+  acts = jnp.asarray(actions, jnp.int32) if streaming_model.generator.spec.num_actions else None
+  one_step_fn = one_step_fn or make_one_step_fn(streaming_model.generator)
+  x0 = one_step_fn(streaming_model.params, latents, acts, noise)
+  pixels = np.asarray(streaming_model.decoder.decode_step(None, x0, ())[0])
+  pixels = np.clip(np.round((pixels + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  pixels[:, 0] = real[:, 0]
+  return pixels
