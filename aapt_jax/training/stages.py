@@ -144,9 +144,36 @@ def make_consistency_step(model, tx, config):
 # Stage 3: adversarial post-training with student forcing.
 
 
-def _segment_cond(actions, controls, start, stop):
+CONDITION_KEYS = ("actions", "controls", "text_embedding", "text_mask")
+
+
+def _conditions(batch, prefix=""):
+  """The Conditioning of the real clips (prefix "") or of the rollout
+  ("rollout_"): actions [B, T], controls [B, T, A], text [B, L, D] with its
+  mask [B, L] (one per sample, for all frames; all valid when absent).
+
+  The rollout, its fake segments and the real segments carry the same kinds
+  of condition (else D could tell real from fake by the condition alone):
+  a key present for one and not the other is a ValueError.
+  """
+  for key in CONDITION_KEYS:
+    real, rollout = key in batch, "rollout_" + key in batch
+    if real != rollout:
+      have, lack = (key, "rollout_" + key) if real else ("rollout_" + key, key)
+      raise ValueError(f"the stage-3 batch has {have!r} but no {lack!r}: the rollout and the "
+                       "real clips must carry the same conditions "
+                       "(data.pipeline.make_adversarial_dataset gives both)")
+  text, mask = batch.get(prefix + "text_embedding"), batch.get(prefix + "text_mask")
+  if text is not None and mask is None:
+    mask = jnp.ones(text.shape[:2], bool)
+  return Conditioning(actions=batch.get(prefix + "actions"),
+                      controls=batch.get(prefix + "controls"), text=text, text_mask=mask)
+
+
+def _segment_cond(cond, start, stop):
+  """Frames start..stop-1 of a Conditioning (text and its mask are per sample)."""
   pick = lambda a: None if a is None else a[:, start:stop]
-  return Conditioning(actions=pick(actions), controls=pick(controls))
+  return cond.replace(actions=pick(cond.actions), controls=pick(cond.controls))
 
 
 def _judge(disc, disc_params, frames, t, cond, noise_rng):
@@ -173,16 +200,18 @@ def _judge_all(disc, disc_params, clips, conds, t, noise_rng, length):
   """
   frames = jnp.concatenate([_pad_frames(c, length) for c in clips], axis=0)
 
-  def field(name):
+  def field(name, per_frame):
     values = [getattr(c, name) for c in conds]
-    like = next((v for v in values if v is not None), None)
-    if like is None:
+    missing = [v is None for v in values]
+    if all(missing):
       return None
-    return jnp.concatenate([
-        _pad_frames(jnp.zeros((clip.shape[0], clip.shape[1]) + like.shape[2:], like.dtype)
-                    if v is None else v, length) for v, clip in zip(values, clips)], axis=0)
+    if any(missing):
+      raise ValueError(f"stage 3 judges clips with and without cond.{name} in one D forward: "
+                       "every clip must carry the same conditions")
+    return jnp.concatenate([_pad_frames(v, length) if per_frame else v for v in values], axis=0)
 
-  cond = Conditioning(actions=field("actions"), controls=field("controls"))
+  cond = Conditioning(actions=field("actions", True), controls=field("controls", True),
+                      text=field("text", False), text_mask=field("text_mask", False))
   logits = _judge(disc, disc_params, frames, jnp.tile(t, len(clips)), cond, noise_rng)
   parts = jnp.split(logits, len(clips), axis=0)
   return [p[:, :c.shape[1]] for p, c in zip(parts, clips)]
@@ -212,10 +241,9 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
       first = batch["rollout_first"]
       noise = jax.random.normal(k_noise, (b, length - 1) + first.shape[1:], first.dtype)
       inputs = jnp.concatenate([first[:, None], noise], axis=1)
-      r_actions = batch.get("rollout_actions")
-      roll_cond = Conditioning(actions=r_actions)
+      roll_cond = _conditions(batch, "rollout_")
       t = jax.random.uniform(k_t, (b,))
-      real_cond = _segment_cond(batch.get("actions"), batch.get("controls"), 0, seg)
+      real_cond = _conditions(batch)
 
       # --- discriminator
       rolled, _ = ro.rollout_student_forcing(model, jax.lax.stop_gradient(state.gen_params),
@@ -226,10 +254,8 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
 
       fakes = [rolled[:, s0:s0 + seg] for s0 in starts]
       reals = [real[:, :f.shape[1]] for f in fakes]
-      real_conds = [real_cond.replace(actions=None if real_cond.actions is None
-                                      else real_cond.actions[:, :f.shape[1]]) for f in fakes]
-      fake_conds = [_segment_cond(r_actions, None, s0, s0 + f.shape[1])
-                    for s0, f in zip(starts, fakes)]
+      real_conds = [_segment_cond(real_cond, 0, f.shape[1]) for f in fakes]
+      fake_conds = [_segment_cond(roll_cond, s0, s0 + f.shape[1]) for s0, f in zip(starts, fakes)]
       # approximate R1 / R2 inputs (objectives.adversarial.approx_r1, in one D forward)
       noisy_reals = [adv.perturb(x, a.r1_sigma, key)
                      for x, key in zip(reals, jax.random.split(k_r1, len(reals)))]
