@@ -34,6 +34,7 @@ def test_backbone_starts_from_the_generator(disc_setup):
 def test_one_logit_per_frame_and_block_causal(disc_setup):
   _, disc, params, _, call = disc_setup
   x, t, cond = random_inputs(disc.spec, 2, 5, seed=2)
+  cond = cond.replace(previous=None)
   logits = call(params, x, t, cond)
   assert logits.shape == (2, 5)
   pert = call(params, x.at[:, 3].add(1.0), t, cond)
@@ -44,6 +45,7 @@ def test_one_logit_per_frame_and_block_causal(disc_setup):
 def test_noise_input_both_ways(disc_setup):
   config, disc, params, _, call = disc_setup
   x, t, cond = random_inputs(disc.spec, 2, 3, seed=3)
+  cond = cond.replace(previous=None)
   clean = call(params, x, t, cond)
   # disc_noise_input=False: a noise rng changes nothing
   np.testing.assert_array_equal(np.asarray(clean), np.asarray(call(params, x, t, cond,

@@ -176,12 +176,11 @@ def _segment_cond(cond, start, stop):
   return cond.replace(actions=pick(cond.actions), controls=pick(cond.controls))
 
 
-def _judge(disc, disc_params, frames, t, cond, noise_rng):
-  """D's logits [B, n] for a clip/segment (its first frame is D's sink)."""
-  previous = jnp.concatenate([jnp.zeros_like(frames[:, :1]), frames[:, :-1]], axis=1)
+def _judge(disc, disc_params, frames, t, cond, noise=None):
+  """D's logits [B, n] for a clip/segment (its first frame is D's sink); t [B]
+  is every frame's timestep, `noise` the diffusion noise (disc_noise_input)."""
   tt = jnp.broadcast_to(t[:, None], frames.shape[:2])
-  return disc.apply({"params": disc_params}, frames, tt,
-                    cond.replace(previous=jax.lax.stop_gradient(previous)), noise_rng=noise_rng)
+  return disc.apply({"params": disc_params}, frames, tt, cond, noise=noise)
 
 
 def _pad_frames(a, length):
@@ -189,8 +188,11 @@ def _pad_frames(a, length):
   return jnp.pad(a, [(0, 0), (0, length - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
 
 
-def _judge_all(disc, disc_params, clips, conds, t, noise_rng, length):
+def _judge_all(disc, disc_params, clips, conds, t, length, noises=None):
   """D's logits [B, n_k] for clips [B, n_k, ...] (n_k <= length) in ONE forward.
+
+  conds: each clip's Conditioning (all with the same fields); noises: each
+  clip's diffusion noise shaped like it (with disc_noise_input), or None.
 
   Each clip is zero-padded at its end to `length` frames (D is block-causal,
   so padding changes no logit of an earlier frame) and all are stacked on
@@ -212,7 +214,9 @@ def _judge_all(disc, disc_params, clips, conds, t, noise_rng, length):
 
   cond = Conditioning(actions=field("actions", True), controls=field("controls", True),
                       text=field("text", False), text_mask=field("text_mask", False))
-  logits = _judge(disc, disc_params, frames, jnp.tile(t, len(clips)), cond, noise_rng)
+  noise = None if noises is None else jnp.concatenate(
+      [_pad_frames(n, length) for n in noises], axis=0)
+  logits = _judge(disc, disc_params, frames, jnp.tile(t, len(clips)), cond, noise)
   parts = jnp.split(logits, len(clips), axis=0)
   return [p[:, :c.shape[1]] for p, c in zip(parts, clips)]
 
@@ -262,10 +266,18 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
       noisy_fakes = [adv.perturb(x, a.r1_sigma, key)
                      for x, key in zip(fakes, jax.random.split(k_r2, len(fakes)))]
       k = len(starts)
+      # D's diffusion noise (disc_noise_input): one draw per judged clip, shared
+      # by its σ-perturbed copy, so D(x) - D(x + σε) measures σε alone
+      noises = None
+      if a.disc_noise_input:
+        clips = reals + fakes
+        noises = [jax.random.normal(key, x.shape, x.dtype)
+                  for x, key in zip(clips, jax.random.split(k_dn, len(clips)))]
 
       def d_loss(dp):
         logits = _judge_all(disc, dp, reals + fakes + noisy_reals + noisy_fakes,
-                            real_conds + fake_conds + real_conds + fake_conds, t, k_dn, seg)
+                            real_conds + fake_conds + real_conds + fake_conds, t, seg,
+                            None if noises is None else noises + noises)
         d_real, d_fake = logits[:k], logits[k:2 * k]
         d_real_noisy, d_fake_noisy = logits[2 * k:3 * k], logits[3 * k:]
         total = sum(adv.discriminator_loss(r, f) for r, f in zip(d_real, d_fake))
@@ -290,8 +302,8 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
         segs = ro.segment_frames(model, gp, inputs, roll_cond, starts, seg,
                                  gradient=a.gradient, segment_gradient=a.segment_gradient)
         segs, dp, judged_reals = jax.lax.optimization_barrier((segs, disc_params, reals))
-        logits = _judge_all(disc, dp, judged_reals + segs, real_conds + fake_conds, t, k_dn,
-                            seg)
+        logits = _judge_all(disc, dp, judged_reals + segs, real_conds + fake_conds, t, seg,
+                            noises)
         return sum(adv.generator_loss(r, f) for r, f in zip(logits[:k], logits[k:]))
 
       g_total, g_grads = jax.value_and_grad(g_loss)(gen_params)
