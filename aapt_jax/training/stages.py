@@ -246,7 +246,9 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
       noise = jax.random.normal(k_noise, (b, length - 1) + first.shape[1:], first.dtype)
       inputs = jnp.concatenate([first[:, None], noise], axis=1)
       roll_cond = _conditions(batch, "rollout_")
-      t = jax.random.uniform(k_t, (b,))
+      # D's timestep: clean frames at t = 0 (the paper's D takes frames, not
+      # noise); with disc_noise_input, per sample t ~ U[0, 1]
+      t = jax.random.uniform(k_t, (b,)) if a.disc_noise_input else jnp.zeros((b,))
       real_cond = _conditions(batch)
 
       # --- discriminator
