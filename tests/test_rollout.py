@@ -128,3 +128,16 @@ def test_relativistic_losses_and_r1_by_hand():
   disc = lambda y: 2.0 * y.sum(axis=-1)  # D(x) - D(x + s eps) = -2 s sum(eps)
   want = np.mean((2.0 * 0.1 * np.asarray(eps).sum(-1)) ** 2)
   assert float(adv.approx_r1(disc, x, 0.1, rng)) == pytest.approx(want, rel=1e-5)
+
+
+def test_weighted_losses_leave_out_zero_weight_pairs():
+  """A pair of weight 0 (stage 3: frame 0 of segment 0) is in no loss:
+  changing its logits changes nothing; the rest is the plain mean."""
+  real = jnp.array([[1.0, 0.0, 3.0]])
+  fake = jnp.array([[0.0, 2.0, -1.0]])
+  w = jnp.array([[0.0, 1.0, 1.0]])
+  moved = lambda x: x.at[0, 0].add(5.0)
+  for loss in (adv.generator_loss, adv.discriminator_loss, adv.r1_penalty):
+    want = float(loss(real[:, 1:], fake[:, 1:]))
+    assert float(loss(real, fake, w)) == pytest.approx(want, rel=1e-6)
+    assert float(loss(moved(real), moved(moved(fake)), w)) == pytest.approx(want, rel=1e-6)

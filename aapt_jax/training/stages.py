@@ -268,6 +268,10 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
       noisy_fakes = [adv.perturb(x, a.r1_sigma, key)
                      for x, key in zip(fakes, jax.random.split(k_r2, len(fakes)))]
       k = len(starts)
+      # frame 0 of segment 0 is the real start frame, paired with a real clip
+      # frame: it is in neither loss (nor in R1/R2)
+      weights = [jnp.ones((b, f.shape[1])).at[:, 0].set(0.0 if s0 == 0 else 1.0)
+                 for s0, f in zip(starts, fakes)]
       # D's diffusion noise (disc_noise_input): one draw per judged clip, shared
       # by its σ-perturbed copy, so D(x) - D(x + σε) measures σε alone
       noises = None
@@ -282,9 +286,9 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
                             None if noises is None else noises + noises)
         d_real, d_fake = logits[:k], logits[k:2 * k]
         d_real_noisy, d_fake_noisy = logits[2 * k:3 * k], logits[3 * k:]
-        total = sum(adv.discriminator_loss(r, f) for r, f in zip(d_real, d_fake))
-        r1_total = sum(adv.r1_penalty(clean, noisy) for clean, noisy in
-                       zip(d_real + d_fake, d_real_noisy + d_fake_noisy))
+        total = sum(adv.discriminator_loss(r, f, w) for r, f, w in zip(d_real, d_fake, weights))
+        r1_total = sum(adv.r1_penalty(clean, noisy, w) for clean, noisy, w in
+                       zip(d_real + d_fake, d_real_noisy + d_fake_noisy, weights + weights))
         return total + a.r1_weight * r1_total, (total, r1_total)
 
       (d_total, (d_adv, d_r1)), d_grads = jax.value_and_grad(d_loss, has_aux=True)(d_params)
@@ -306,7 +310,7 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
         segs, dp, judged_reals = jax.lax.optimization_barrier((segs, disc_params, reals))
         logits = _judge_all(disc, dp, judged_reals + segs, real_conds + fake_conds, t, seg,
                             noises)
-        return sum(adv.generator_loss(r, f) for r, f in zip(logits[:k], logits[k:]))
+        return sum(adv.generator_loss(r, f, w) for r, f, w in zip(logits[:k], logits[k:], weights))
 
       g_total, g_grads = jax.value_and_grad(g_loss)(gen_params)
       state, m = apply_update(state, g_grads, g_total, gen_tx, config.train.ema_decay)
