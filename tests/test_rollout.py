@@ -70,6 +70,19 @@ def test_scan_and_recompute_give_equal_gradients(setup, segment_gradient):
   g_rec = _loss_fn(model, inputs, cond, weights, "recompute", segment_gradient)(params, inputs)
   for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_rec)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=2e-4)
+  # recompute from a rollout already made (what stage 3's D judged): the same gradient
+  starts = adv.segment_starts(L, S, O)
+  rollout = ro.rollout_student_forcing(model, params, inputs, cond,
+                                       cache_at=starts if segment_gradient == "truncated" else ())
+
+  def reused(p):
+    segs = ro.segment_frames(model, p, inputs, cond, starts, S, gradient="recompute",
+                             segment_gradient=segment_gradient, rollout=rollout)
+    return sum(jnp.mean(f * w[:, :f.shape[1]]) for f, w in zip(segs, weights))
+
+  g_reused = jax.jit(jax.grad(reused))(params)
+  for a, b in zip(jax.tree.leaves(g_reused), jax.tree.leaves(g_rec[0])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=2e-4)
   assert float(jnp.abs(g_scan[0]["time_proj"]["kernel"]).max()) > 0
 
 
