@@ -99,7 +99,12 @@ def _where(example: Mapping[str, Any], source: Any) -> str:
 def crop_clip(example: Mapping[str, Any], rng: np.random.Generator,
               clip_frames: int, where: str = "record") -> dict[str, Any]:
   """A random window of `clip_frames` latent frames of `example` (uniform
-  start drawn from `rng`), with its actions/controls cut to match."""
+  start drawn from `rng`), with its actions/controls cut to match.
+
+  With ``sink_latents`` (VAE-latent records, data/encode.py) the window's
+  latent 0 is the image latent of its start: the clip begins as inference
+  does, from one frame encoded alone, not from a latent of r frames.
+  """
   if "latents" in example:
     key = "latents"
   elif int(example.get("temporal_factor", 1)) == 1:
@@ -115,6 +120,9 @@ def crop_clip(example: Mapping[str, Any], rng: np.random.Generator,
                      f"{clip_frames}; drop short records or lower clip_frames")
   start = int(rng.integers(0, T - clip_frames + 1))
   out = {key: frames[start:start + clip_frames]}
+  if key == "latents" and "sink_latents" in example:
+    out[key] = np.concatenate([example["sink_latents"][start:start + 1].astype(frames.dtype),
+                               out[key][1:]])
   for k in ("actions", "controls"):
     if k in example:
       v = example[k]
