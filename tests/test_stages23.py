@@ -207,11 +207,12 @@ def test_rollout_and_fakes_carry_controls_and_text(adversarial):
     assert abs(float(m["loss"]) - float(base["loss"])) > 1e-6, key
 
 
-def test_mismatched_conditions_are_named(adversarial):
-  batch = dict(adversarial["batch"])
+def test_mismatched_conditions_are_named():
+  s = _adversarial_setup()
+  batch = _adversarial_batch(s["config"])
   del batch["rollout_controls"]
-  with pytest.raises(ValueError, match="rollout_controls"):
-    jax.eval_shape(adversarial["step"], adversarial["state"], batch)
+  with pytest.raises(ValueError, match="rollout_controls"), jax.set_mesh(s["mesh"]):
+    jax.eval_shape(s["step"], s["state"], batch)
 
 
 def test_noise_input_shares_one_diffusion_noise_between_x_and_its_perturbed_copy():
@@ -242,11 +243,11 @@ def _count_scans(jaxpr, length):
 
 
 @pytest.mark.parametrize("gradient, scans", [("recompute", 1), ("scan", 2)])
-def test_the_rollout_runs_once_per_step(adversarial, gradient, scans):
+def test_the_rollout_runs_once_per_step(gradient, scans):
   """The D phase and the G phase share one rollout: "recompute" scans the
   frames once (the G phase re-runs them in parallel); "scan" scans once and
   differentiates that scan (its forward and its transpose)."""
   s = _adversarial_setup(**{"adversarial.gradient": gradient})
   with jax.set_mesh(s["mesh"]):
-    jaxpr = jax.make_jaxpr(s["step"])(s["state"], adversarial["batch"])
+    jaxpr = jax.make_jaxpr(s["step"])(s["state"], _adversarial_batch(s["config"]))
   assert _count_scans(jaxpr.jaxpr, ADV["adversarial.rollout_frames"] - 1) == scans
