@@ -149,7 +149,7 @@ def make_consistency_step(model, tx, config):
 # Stage 3: adversarial post-training with student forcing.
 
 
-CONDITION_KEYS = ("actions", "controls", "text_embedding", "text_mask")
+_CONDITION_KEYS = ("actions", "controls", "text_embedding", "text_mask")
 
 
 def _conditions(batch, prefix=""):
@@ -161,7 +161,7 @@ def _conditions(batch, prefix=""):
   of condition (else D could tell real from fake by the condition alone):
   a key present for one and not the other is a ValueError.
   """
-  for key in CONDITION_KEYS:
+  for key in _CONDITION_KEYS:
     real, rollout = key in batch, "rollout_" + key in batch
     if real != rollout:
       have, lack = (key, "rollout_" + key) if real else ("rollout_" + key, key)
