@@ -127,10 +127,15 @@ def recompute_frames(model: Generator, params, inputs, rolled, cond: Conditionin
 
 def segment_frames(model: Generator, params, inputs, cond: Conditioning | None,
                    starts: Sequence[int], segment: int, *, gradient: str = "recompute",
-                   segment_gradient: str = "end_to_end") -> list:
+                   segment_gradient: str = "end_to_end", rollout=None) -> list:
   """The frames of each segment [B, S_k, ...], differentiable per the two modes.
 
   starts: segment start frames (objectives.adversarial.segment_starts).
+  rollout: (frames, caches) of `rollout_student_forcing` of the same params,
+  inputs and cond, run without gradient (with cache_at=starts when
+  "truncated"), e.g. the rollout a discriminator already judged: "recompute"
+  and truncated "scan" reuse it instead of rolling out again ("scan" end to
+  end differentiates its own scan and needs none).
   """
   if gradient not in GRADIENTS:
     raise ValueError(f"adversarial.gradient must be one of {GRADIENTS}, got {gradient!r}")
@@ -147,9 +152,13 @@ def segment_frames(model: Generator, params, inputs, cond: Conditioning | None,
     frames, _ = rollout_student_forcing(model, params, inputs, cond)
     return [frames[:, a:b] for a, b in spans]
 
-  rolled, caches = rollout_student_forcing(model, sg(params), inputs, cond,
-                                           cache_at=starts if truncated else ())
-  rolled = sg(rolled)
+  if rollout is None:
+    rollout = rollout_student_forcing(model, sg(params), inputs, cond,
+                                      cache_at=starts if truncated else ())
+  rolled, caches = sg(rollout)
+  if truncated and any(s not in caches for s in starts if s > 0):
+    raise ValueError(f"truncated segment gradients need the rollout's caches at the segment "
+                     f"starts {list(starts)}: roll out with cache_at=starts")
   if gradient == "recompute" and not truncated:
     frames = recompute_frames(model, params, inputs, rolled, cond)
     return [frames[:, a:b] for a, b in spans]

@@ -113,7 +113,10 @@ def get_config(arg=None):
   # --------------------------------------------- stage 2: consistency distillation
   cs = c.consistency = ml_collections.ConfigDict()
   cs.num_steps = 32           # teacher ODE steps of the discretised schedule (paper: 32)
-  cs.shift = 24.0             # timestep shift of that schedule (paper: 24)
+  cs.shift = 24.0             # timestep shift of that schedule (paper: 24, at ~1200
+                              # tokens per frame); its first teacher step is from
+                              # t = shift / (K + shift - 1) (0.44 at 24): scale it down
+                              # for fewer tokens (configs/atari.py: 3, stage 1's shift)
   cs.distance = "l2"          # l2 | pseudo_huber
   cs.huber_c = 0.03           # pseudo-Huber constant
   cs.optim = _optim(name="adamw", learning_rate=1e-5)
@@ -174,13 +177,18 @@ def get_config(arg=None):
   a = c.adversarial = ml_collections.ConfigDict()
   a.gradient = "recompute"          # "recompute" (parallel re-run) | "scan"
   a.segment_gradient = "end_to_end"  # "end_to_end" | "truncated"
-  a.disc_noise_input = False         # noise D's input frames at its timestep
+  a.disc_noise_input = False         # False: D judges clean frames at t = 0. True:
+                                     # frames noised at a per-sample t ~ U[0, 1] (the
+                                     # recycled slot too); x and x + σε (R1/R2) share
+                                     # one diffusion-noise draw
   a.disc_head_layers = ()            # blocks the logit heads read; () = 3 spread depths
   a.rollout_frames = 16              # L: latent frames of the student-forcing rollout
   a.segment_frames = 8               # S: frames per judged segment (paper: 10 s)
   a.segment_overlap = 1              # O: overlap of consecutive segments (paper: 1 s)
   a.r1_weight = 1000.0               # λ of approximate R1 (reals) and R2 (fakes) (APT)
-  a.r1_sigma = 0.1                   # σ of their input perturbation (APT)
+  a.r1_sigma = 0.1                   # σ of their input perturbation (APT); frame 0
+                                     # of segment 0 (the real start frame) is in no
+                                     # loss, nor in R1/R2
   a.gen_optim = _optim(name="rmsprop", learning_rate=3e-6, rms_decay=0.9)  # paper
   a.disc_optim = _optim(name="rmsprop", learning_rate=3e-6, rms_decay=0.9)
 

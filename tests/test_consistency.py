@@ -53,3 +53,14 @@ def test_distances_by_hand():
                              [[np.sqrt(3.0) - 1.0]], rtol=1e-6)
   with pytest.raises(ValueError, match="distance"):
     cd.distance(p, p, "l1")
+
+
+def test_the_atari_schedule_has_a_fine_first_teacher_step():
+  """configs/atari.py (64 tokens per frame): the consistency grid's lowest
+  teacher step starts below t = 0.1 (the paper's 8B shift 24 starts it at
+  t = 0.44, one Euler step over a fifth of the teacher's training times)."""
+  from aapt_jax import load_config
+  from helpers import config_path
+  c = load_config(config_path("atari.py")).consistency
+  grid = cd.timestep_grid(c.num_steps, c.shift)
+  assert float(grid[1]) < 0.1

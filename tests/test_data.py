@@ -320,3 +320,35 @@ def test_adversarial_batches_pair_real_segments_with_episode_rollouts():
   again = make_adversarial_dataset(clips, episodes, segment_frames=S, rollout_frames=L,
                                    batch_size=2, seed=0, process_index=0, process_count=1)
   np.testing.assert_array_equal(again[3]["rollout_first"], ds[3]["rollout_first"])
+
+
+def test_adversarial_batches_carry_the_rollouts_controls_and_text():
+  """The rollout carries the same kinds of condition as the real clips: its
+  L controls from the episode and the episode's text (one embedding and
+  mask per sample, for all its frames)."""
+  from aapt_jax.data.pipeline import make_adversarial_dataset
+  S, L, A = 3, 5, 2
+  text = lambda n, v: np.full((n, 4), v, np.float32)
+  clips = [{"latents": np.zeros((6, 2, 2, 4), np.float32), "actions": np.zeros(6, np.int32),
+            "controls": np.zeros((6, A), np.float32), "text_embedding": text(2, -1.0)}
+           for _ in range(4)]
+  # episode e: frame f's latents and controls[:, 0] both 1000 e + f; its text 2 + e tokens of e
+  episodes = [{"latents": (1000 * e + np.arange(20, dtype=np.float32))[:, None, None, None]
+               * np.ones((1, 2, 2, 4), np.float32),
+               "actions": np.zeros(20, np.int32),
+               "controls": np.stack([1000 * e + np.arange(20), -np.arange(20)], 1).astype(
+                   np.float32),
+               "text_embedding": text(2 + e, e)} for e in range(3)]
+  ds = make_adversarial_dataset(clips, episodes, segment_frames=S, rollout_frames=L,
+                                batch_size=2, seed=0, process_index=0, process_count=1,
+                                text_len=6)
+  for batch in (ds[i] for i in range(4)):
+    assert batch["rollout_controls"].shape == (2, L, A)
+    assert batch["rollout_text_embedding"].shape == batch["text_embedding"].shape == (2, 6, 4)
+    for first, controls, emb, mask in zip(batch["rollout_first"], batch["rollout_controls"],
+                                          batch["rollout_text_embedding"],
+                                          batch["rollout_text_mask"]):
+      e, f = divmod(int(first[0, 0, 0]), 1000)
+      np.testing.assert_array_equal(controls[:, 0], 1000 * e + f + np.arange(L))
+      np.testing.assert_array_equal(mask, np.arange(6) < 2 + e)
+      np.testing.assert_array_equal(emb[mask], e)

@@ -34,6 +34,7 @@ def test_backbone_starts_from_the_generator(disc_setup):
 def test_one_logit_per_frame_and_block_causal(disc_setup):
   _, disc, params, _, call = disc_setup
   x, t, cond = random_inputs(disc.spec, 2, 5, seed=2)
+  cond = cond.replace(previous=None)
   logits = call(params, x, t, cond)
   assert logits.shape == (2, 5)
   pert = call(params, x.at[:, 3].add(1.0), t, cond)
@@ -44,6 +45,7 @@ def test_one_logit_per_frame_and_block_causal(disc_setup):
 def test_noise_input_both_ways(disc_setup):
   config, disc, params, _, call = disc_setup
   x, t, cond = random_inputs(disc.spec, 2, 3, seed=3)
+  cond = cond.replace(previous=None)
   clean = call(params, x, t, cond)
   # disc_noise_input=False: a noise rng changes nothing
   np.testing.assert_array_equal(np.asarray(clean), np.asarray(call(params, x, t, cond,
@@ -74,3 +76,37 @@ def test_every_discriminator_parameter_has_logical_axis_names():
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(l, nn.LogicallyPartitioned) for l in leaves)
   assert all(n in LOGICAL_AXIS_NAMES for l in leaves for n in l.names)
+
+
+def _by_parts(disc, params, frames, t, cond):
+  """D's logits from its parts: the backbone's features with the recycled
+  slot holding `frames` shifted by one (zeros at frame 0), summed heads."""
+  from aapt_jax.models import Generator
+  previous = jnp.concatenate([jnp.zeros_like(frames[:, :1]), frames[:, :-1]], axis=1)
+  feats = Generator(disc.spec).apply({"params": params["params"]["backbone"]}, frames, t,
+                                     cond.replace(previous=previous), method="features")
+  return sum(dm.LogitHead(disc.spec).apply({"params": params["params"][f"head_{i}"]}, feats[i])
+             for i in disc.head_layers)
+
+
+def test_recycled_slot_holds_the_input_frames_noised_like_them(disc_setup):
+  """D's input is the clip alone: its recycled slot holds its own input frame
+  i - 1 — with disc_noise_input, the noised one (x_t = (1 - t) x + t·noise), so
+  no clean frame reaches D — and an explicit `noise` is the draw used."""
+  from aapt_jax.objectives.flow_matching import interpolate
+  config, disc, params, _, call = disc_setup
+  x, t, cond = random_inputs(disc.spec, 2, 4, seed=4)
+  cond = cond.replace(previous=None)
+  np.testing.assert_allclose(np.asarray(call(params, x, t, cond)),
+                             np.asarray(_by_parts(disc, params, x, t, cond)), atol=1e-5)
+  noisy_disc = dm.build_discriminator(load_config(config_path("tiny.py"),
+                                                  {"adversarial.disc_noise_input": True}))
+  key = jax.random.key(7)
+  noise = jax.random.normal(key, x.shape)
+  want = _by_parts(disc, params, interpolate(x, noise, t), t, cond)
+  np.testing.assert_allclose(np.asarray(noisy_disc.apply(params, x, t, cond, noise_rng=key)),
+                             np.asarray(want), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(noisy_disc.apply(params, x, t, cond, noise=noise)),
+                             np.asarray(want), atol=1e-5)
+  with pytest.raises(ValueError, match="previous"):
+    disc.apply(params, x, t, cond.replace(previous=x))

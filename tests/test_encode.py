@@ -83,6 +83,29 @@ def test_latent_records_equal_encoding_each_clip_and_episode(encoded):
       assert (q["episode"], q["start"], q["seed"]) == (p["episode"], p["start"], p["seed"])
 
 
+def test_a_cropped_clip_starts_from_its_first_frame_encoded_as_an_image(encoded):
+  """Inference starts from one image encoded alone; a training clip (or a
+  stage-3 rollout start) cropped at latent j must start the same way: its
+  latent 0 is video frame r·j (the last frame latent j covers) encoded as a
+  one-frame video, and its later latents are the record's j + 1, ...."""
+  from aapt_jax.data import pipeline
+  tmp, config, params = encoded["tmp"], encoded["config"], encoded["params"]
+  r, n = 2, 3
+  for kind in ("clips", "episodes"):
+    pixels = records.RecordSource(records.resolve_paths(str(tmp / "pixels" / f"{kind}-*")))
+    latents = records.RecordSource(records.resolve_paths(str(tmp / "latents" / f"{kind}-*")))
+    p, q = pixels[0], latents[0]
+    starts = set()
+    for seed in range(6):
+      start = int(np.random.default_rng(seed).integers(0, len(q["latents"]) - n + 1))
+      clip = pipeline.crop_clip(q, np.random.default_rng(seed), n)
+      image = _direct(config, params, p["video"][r * start:r * start + 1])[0]
+      np.testing.assert_allclose(clip["latents"][0], image, atol=2e-5)
+      np.testing.assert_array_equal(clip["latents"][1:], q["latents"][start + 1:start + n])
+      starts.add(start)
+    assert starts - {0}, kind
+
+
 def test_actions_per_latent_frame_and_measured_statistics(encoded):
   a = np.arange(9, dtype=np.int32) + 10
   np.testing.assert_array_equal(encode.latent_actions(a, 2), [10, 11, 13, 15, 17])

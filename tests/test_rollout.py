@@ -70,6 +70,19 @@ def test_scan_and_recompute_give_equal_gradients(setup, segment_gradient):
   g_rec = _loss_fn(model, inputs, cond, weights, "recompute", segment_gradient)(params, inputs)
   for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_rec)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=2e-4)
+  # recompute from a rollout already made (what stage 3's D judged): the same gradient
+  starts = adv.segment_starts(L, S, O)
+  rollout = ro.rollout_student_forcing(model, params, inputs, cond,
+                                       cache_at=starts if segment_gradient == "truncated" else ())
+
+  def reused(p):
+    segs = ro.segment_frames(model, p, inputs, cond, starts, S, gradient="recompute",
+                             segment_gradient=segment_gradient, rollout=rollout)
+    return sum(jnp.mean(f * w[:, :f.shape[1]]) for f, w in zip(segs, weights))
+
+  g_reused = jax.jit(jax.grad(reused))(params)
+  for a, b in zip(jax.tree.leaves(g_reused), jax.tree.leaves(g_rec[0])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=2e-4)
   assert float(jnp.abs(g_scan[0]["time_proj"]["kernel"]).max()) > 0
 
 
@@ -128,3 +141,16 @@ def test_relativistic_losses_and_r1_by_hand():
   disc = lambda y: 2.0 * y.sum(axis=-1)  # D(x) - D(x + s eps) = -2 s sum(eps)
   want = np.mean((2.0 * 0.1 * np.asarray(eps).sum(-1)) ** 2)
   assert float(adv.approx_r1(disc, x, 0.1, rng)) == pytest.approx(want, rel=1e-5)
+
+
+def test_weighted_losses_leave_out_zero_weight_pairs():
+  """A pair of weight 0 (stage 3: frame 0 of segment 0) is in no loss:
+  changing its logits changes nothing; the rest is the plain mean."""
+  real = jnp.array([[1.0, 0.0, 3.0]])
+  fake = jnp.array([[0.0, 2.0, -1.0]])
+  w = jnp.array([[0.0, 1.0, 1.0]])
+  moved = lambda x: x.at[0, 0].add(5.0)
+  for loss in (adv.generator_loss, adv.discriminator_loss, adv.r1_penalty):
+    want = float(loss(real[:, 1:], fake[:, 1:]))
+    assert float(loss(real, fake, w)) == pytest.approx(want, rel=1e-6)
+    assert float(loss(moved(real), moved(moved(fake)), w)) == pytest.approx(want, rel=1e-6)

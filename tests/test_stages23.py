@@ -42,14 +42,49 @@ def test_consistency_step_updates_student_not_teacher():
   assert not _changed(state.teacher_params, new.teacher_params)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("gradient", [pytest.param("recompute", marks=pytest.mark.ci), "scan"])
-def test_adversarial_step_updates_generator_and_discriminator(gradient):
-  config = load_config(config_path("tiny.py"), {
-      "mesh.data": 1, "adversarial.rollout_frames": 6, "adversarial.segment_frames": 4,
-      "adversarial.segment_overlap": 1, "adversarial.gradient": gradient,
-      "adversarial.gen_optim.learning_rate": 1e-3, "adversarial.disc_optim.learning_rate": 1e-3,
-      "model.text_dim": 0, "model.control_dim": 0})
+def test_judging_all_clips_in_one_forward_equals_one_forward_each():
+  """Stage 3 judges every segment (real, fake, and their R1/R2-noised copies)
+  in one D forward, zero-padding partial segments at the end: each clip's
+  logits must equal judging it alone (D is block-causal), with its own
+  actions, controls, text and diffusion noise; a clip without a condition
+  the others have is an error, not zeros."""
+  from aapt_jax.models import Conditioning
+  from aapt_jax.models.discriminator import init_discriminator_params
+  config = load_config(config_path("tiny.py"), {"adversarial.disc_noise_input": True})
+  disc = build_discriminator(config)
+  params = jax.tree.map(lambda a: a + 0.05, init_discriminator_params(disc, jax.random.key(3)))
+  params = __import__("flax").linen.meta.unbox(params)["params"]
+  ks = jax.random.split(jax.random.key(4), 12)
+  lengths = (4, 3)
+  clips = [jax.random.normal(ks[i], (B, n, 4, 4, 4)) for i, n in enumerate(lengths)]
+  noises = [jax.random.normal(ks[2 + i], (B, n, 4, 4, 4)) for i, n in enumerate(lengths)]
+  conds = [Conditioning(actions=jax.random.randint(ks[4 + i], (B, n), 0, 5),
+                        controls=jax.random.normal(ks[6 + i], (B, n, 3)),
+                        text=jax.random.normal(ks[8 + i], (B, 5, 12)),
+                        text_mask=jnp.arange(5)[None] < jnp.array([[2 + i], [5]]))
+           for i, n in enumerate(lengths)]
+  t = jax.random.uniform(ks[10], (B,))
+  together = jax.jit(lambda p: stages._judge_all(disc, p, clips, conds, t, 4, noises))(params)
+  for clip, cond, noise, got in zip(clips, conds, noises, together):
+    alone = stages._judge(disc, params, clip, t, cond, noise)
+    assert got.shape == clip.shape[:2]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(alone), atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="controls"):
+    stages._judge_all(disc, params, clips, [conds[0], conds[1].replace(controls=None)], t, 4)
+
+
+# --------------------------------------------------------------------------
+# Stage 3. One compiled step (recompute, text + controls + actions in play)
+# serves most tests: they run it on variants of one batch.
+
+ADV = {"mesh.data": 1, "adversarial.rollout_frames": 6, "adversarial.segment_frames": 4,
+       "adversarial.segment_overlap": 1, "adversarial.gen_optim.learning_rate": 1e-3,
+       "adversarial.disc_optim.learning_rate": 1e-3}
+L_TEXT = 5
+
+
+def _adversarial_setup(**overrides):
+  config = load_config(config_path("tiny.py"), {**ADV, **overrides})
   model = build_generator(config)
   disc = build_discriminator(config)
   gen_tx = optimizers.make_optimizer(config.adversarial.gen_optim, 10)
@@ -57,40 +92,162 @@ def test_adversarial_step_updates_generator_and_discriminator(gradient):
   mesh = _single_mesh(config)
   with jax.set_mesh(mesh):
     state, _ = train_state.create_train_state(model, gen_tx, mesh, disc=disc, disc_tx=disc_tx)
-    rng = np.random.default_rng(1)
-    batch = {"latents": rng.standard_normal((B, 4, 4, 4, 4)).astype(np.float32),
-             "actions": rng.integers(0, 5, (B, 4)).astype(np.int32),
-             "rollout_first": rng.standard_normal((B, 4, 4, 4)).astype(np.float32),
-             "rollout_actions": rng.integers(0, 5, (B, 6)).astype(np.int32)}
-    step = jax.jit(stages.make_adversarial_step(model, disc, gen_tx, disc_tx, config))
-    new, metrics = step(state, batch)
+  step = stages.make_adversarial_step(model, disc, gen_tx, disc_tx, config)
+  return dict(config=config, model=model, disc=disc, mesh=mesh, state=state, step=step)
+
+
+def _adversarial_batch(config, seed=1):
+  """Real clips and a rollout, each with its own actions, controls and text."""
+  m, a = config.model, config.adversarial
+  rng = np.random.default_rng(seed)
+  frame = (*m.latent_size, m.latent_channels)
+  f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  batch = {}
+  for prefix, n in (("", a.segment_frames), ("rollout_", a.rollout_frames)):
+    batch.update({prefix + "actions": rng.integers(0, m.num_actions, (B, n)).astype(np.int32),
+                  prefix + "controls": f32(B, n, m.control_dim),
+                  prefix + "text_embedding": f32(B, L_TEXT, m.text_dim),
+                  prefix + "text_mask": np.arange(L_TEXT)[None] < np.array([[3], [5]])})
+  batch["latents"] = f32(B, a.segment_frames, *frame)
+  batch["rollout_first"] = f32(B, *frame)
+  return batch
+
+
+@pytest.fixture(scope="module")
+def adversarial():
+  s = _adversarial_setup()
+  s["jitted"] = jax.jit(s["step"])
+  s["batch"] = _adversarial_batch(s["config"])
+
+  def run(batch):
+    with jax.set_mesh(s["mesh"]):
+      return s["jitted"](s["state"], batch)
+
+  s["run"] = run
+  s["new"], s["metrics"] = run(s["batch"])
+  return s
+
+
+def test_adversarial_step_updates_generator_and_discriminator(adversarial):
+  new, metrics, state = adversarial["new"], adversarial["metrics"], adversarial["state"]
   for k in ("loss", "d_loss", "r1"):
     assert np.isfinite(float(metrics[k])), k
   assert float(metrics["r1"]) > 0
+  assert bool(metrics["finite"]) and bool(metrics["d_finite"])
   assert _changed(state.gen_params, new.gen_params)
   assert _changed(state.disc_params, new.disc_params)
   assert int(new.step) == 1
 
 
-def test_judging_all_clips_in_one_forward_equals_one_forward_each():
-  """Stage 3 judges every segment (real, fake, and their R1/R2-noised copies)
-  in one D forward, zero-padding partial segments at the end: each clip's
-  logits must equal judging it alone (D is block-causal)."""
+@pytest.mark.slow
+def test_adversarial_step_with_scan_gradient_runs():
+  s = _adversarial_setup(**{"adversarial.gradient": "scan"})
+  with jax.set_mesh(s["mesh"]):
+    new, metrics = jax.jit(s["step"])(s["state"], _adversarial_batch(s["config"]))
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["r1"]) > 0
+  assert _changed(s["state"].gen_params, new.gen_params)
+  assert _changed(s["state"].disc_params, new.disc_params)
+
+
+def _losses_by_hand(s):
+  """The step's D loss (RpGAN, before the update) and G loss (against the
+  updated D), from D's logits on the same inputs: the student-forcing rollout
+  of the step's noises (state.rng's second key), reals and fakes each with
+  their own actions, controls and text, clean frames at t = 0, segment 0's
+  frame 0 in neither loss."""
+  from aapt_jax import rollout as ro
   from aapt_jax.models import Conditioning
-  from aapt_jax.models.discriminator import init_discriminator_params
-  config = load_config(config_path("tiny.py"), {"model.text_dim": 0, "model.control_dim": 0})
-  disc = build_discriminator(config)
-  params = jax.tree.map(lambda a: a + 0.05, init_discriminator_params(disc, jax.random.key(3)))
-  params = __import__("flax").linen.meta.unbox(params)["params"]
-  ks = jax.random.split(jax.random.key(4), 4)
-  clips = [jax.random.normal(ks[0], (B, 4, 4, 4, 4)), jax.random.normal(ks[1], (B, 3, 4, 4, 4))]
-  conds = [Conditioning(actions=jax.random.randint(ks[2], (B, 4), 0, 5)),
-           Conditioning(actions=None)]
-  t = jax.random.uniform(ks[3], (B,))
-  together = jax.jit(lambda p: stages._judge_all(disc, p, clips, conds, t, None, 4))(params)
-  for clip, cond, got in zip(clips, conds, together):
-    if cond.actions is None:
-      cond = cond.replace(actions=jnp.zeros(clip.shape[:2], jnp.int32))
-    alone = stages._judge(disc, params, clip, t, cond, None)
-    assert got.shape == clip.shape[:2]
-    np.testing.assert_allclose(np.asarray(got), np.asarray(alone), atol=1e-5, rtol=1e-5)
+  from aapt_jax.objectives import adversarial as adv
+  config, model, disc = s["config"], s["model"], s["disc"]
+  state, new, batch = s["state"], s["new"], s["batch"]
+  a = config.adversarial
+  first = jnp.asarray(batch["rollout_first"])
+  _, k_noise = jax.random.split(jax.random.wrap_key_data(state.rng), 6)[:2]
+  noise = jax.random.normal(k_noise, (B, a.rollout_frames - 1) + first.shape[1:])
+  inputs = jnp.concatenate([first[:, None], noise], axis=1)
+  cond = lambda p: Conditioning(actions=batch[p + "actions"], controls=batch[p + "controls"],
+                                text=batch[p + "text_embedding"], text_mask=batch[p + "text_mask"])
+  real_cond, roll_cond = cond(""), cond("rollout_")
+  rolled, _ = ro.rollout_student_forcing(model, state.gen_params, inputs, roll_cond)
+  pick = lambda c, i, j: c.replace(actions=c.actions[:, i:j], controls=c.controls[:, i:j])
+  logits = lambda dp, x, c: disc.apply({"params": dp}, x, jnp.zeros(x.shape[:2]), c)
+  d_loss = g_loss = 0.0
+  for s0 in adv.segment_starts(a.rollout_frames, a.segment_frames, a.segment_overlap):
+    fake = rolled[:, s0:s0 + a.segment_frames]
+    n = fake.shape[1]
+    real = jnp.asarray(batch["latents"][:, :n])
+    w = np.ones((B, n))
+    w[:, 0] = 0.0 if s0 == 0 else 1.0
+    for dp, sign in ((state.disc_params, 1.0), (new.disc_params, -1.0)):
+      diff = logits(dp, fake, pick(roll_cond, s0, s0 + n)) - logits(dp, real, pick(real_cond, 0, n))
+      term = float(jnp.sum(w * jax.nn.softplus(sign * diff)) / w.sum())
+      if sign > 0:
+        d_loss += term
+      else:
+        g_loss += term
+  return d_loss, g_loss
+
+
+def test_adversarial_losses_by_hand(adversarial):
+  d_loss, g_loss = _losses_by_hand(adversarial)
+  m = adversarial["metrics"]
+  assert float(m["d_loss"]) == pytest.approx(d_loss, rel=2e-4, abs=1e-5)
+  assert float(m["loss"]) == pytest.approx(g_loss, rel=2e-4, abs=1e-5)
+
+
+def test_rollout_and_fakes_carry_controls_and_text(adversarial):
+  """The rollout's controls and text reach the rollout and D's fake segments:
+  changing them changes both losses; the real clips' controls reach D."""
+  base, run = adversarial["metrics"], adversarial["run"]
+  for key in ("rollout_controls", "rollout_text_embedding", "controls"):
+    batch = dict(adversarial["batch"])
+    batch[key] = batch[key] + 1.0
+    _, m = run(batch)
+    assert abs(float(m["d_loss"]) - float(base["d_loss"])) > 1e-6, key
+    assert abs(float(m["loss"]) - float(base["loss"])) > 1e-6, key
+
+
+def test_mismatched_conditions_are_named():
+  s = _adversarial_setup()
+  batch = _adversarial_batch(s["config"])
+  del batch["rollout_controls"]
+  with pytest.raises(ValueError, match="rollout_controls"), jax.set_mesh(s["mesh"]):
+    jax.eval_shape(s["step"], s["state"], batch)
+
+
+def test_noise_input_shares_one_diffusion_noise_between_x_and_its_perturbed_copy():
+  """With adversarial.disc_noise_input, D(x) and D(x + σε) see the same
+  diffusion noise: at σ = 0 the approximate R1/R2 are exactly 0."""
+  s = _adversarial_setup(**{"adversarial.disc_noise_input": True, "adversarial.r1_sigma": 0.0,
+                            "adversarial.rollout_frames": 4,
+                            "adversarial.segment_frames": 4})
+  with jax.set_mesh(s["mesh"]):
+    _, metrics = jax.jit(s["step"])(s["state"], _adversarial_batch(s["config"]))
+  assert np.isfinite(float(metrics["d_loss"]))
+  assert float(metrics["r1"]) < 1e-12
+
+
+def _count_scans(jaxpr, length):
+  """scan equations of `length` steps in a (closed) jaxpr and its sub-jaxprs."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan" and eqn.params["length"] == length:
+      count += 1
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          count += _count_scans(sub.jaxpr, length)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          count += _count_scans(sub, length)
+  return count
+
+
+@pytest.mark.parametrize("gradient, scans", [("recompute", 1), ("scan", 2)])
+def test_the_rollout_runs_once_per_step(gradient, scans):
+  """The D phase and the G phase share one rollout: "recompute" scans the
+  frames once (the G phase re-runs them in parallel); "scan" scans once and
+  differentiates that scan (its forward and its transpose)."""
+  s = _adversarial_setup(**{"adversarial.gradient": gradient})
+  with jax.set_mesh(s["mesh"]):
+    jaxpr = jax.make_jaxpr(s["step"])(s["state"], _adversarial_batch(s["config"]))
+  assert _count_scans(jaxpr.jaxpr, ADV["adversarial.rollout_frames"] - 1) == scans

@@ -20,6 +20,11 @@ std (the values to put in ``vae.latents_mean/latents_std``).
 * The encoder is causal, so an episode is encoded padded at the end to a
   length bucket (one compile per bucket, not per episode length) and the
   padding's latents dropped: exactly the unpadded encoding.
+* ``sink_latents`` ``[T', h, w, z]``: latent frame j's last video frame (r·j)
+  encoded alone, as a one-frame video. Inference starts from one image so
+  encoded; a training clip cropped at latent j takes it as its latent 0 (the
+  sink) instead of latent j, which encodes r frames (data/pipeline.py
+  crop_clip). For j = 0 it is latent 0 itself.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from aapt_jax.loading import load_trained_vae
 from aapt_jax.data.prepare import check_output_dir
 
 EPISODE_BUCKET = 128  # latent frames: episodes are padded to a multiple of this
+IMAGE_BATCH = 32      # one-frame videos encoded per call (sink_latents)
 
 
 def latent_actions(actions: np.ndarray, r: int) -> np.ndarray:
@@ -86,6 +92,13 @@ def encode_records(src_dir: str, out_dir: str, *, vae_checkpoint: str, batch_siz
     mean, _ = vae.apply({"params": p}, video.astype(jnp.float32) / 127.5 - 1.0, method="encode")
     return mean
 
+  def encode_images(frames):  # uint8 [N, H, W, 3] -> [N, h, w, z], each frame alone
+    n = len(frames)
+    size = -(-n // IMAGE_BATCH) * IMAGE_BATCH  # one compiled shape
+    padded = np.concatenate([frames, np.repeat(frames[-1:], size - n, 0)])[:, None]
+    return np.concatenate([np.asarray(encode(params, jnp.asarray(padded[i:i + IMAGE_BATCH])))
+                           for i in range(0, size, IMAGE_BATCH)])[:n, 0]
+
   stats = _ChannelStats()
   counts = {"clips": 0, "clip_latent_frames": 0, "episodes": 0, "episode_latent_frames": 0}
   skipped: list[str] = []
@@ -93,7 +106,9 @@ def encode_records(src_dir: str, out_dir: str, *, vae_checkpoint: str, batch_siz
 
   def to_latent_record(example, latents):
     out = {k: v for k, v in example.items() if k not in ("video", "actions", "controls")}
-    out.update(latents=np.asarray(latents, np.float32), temporal_factor=r)
+    video = example["video"][:_trimmed(len(example["video"]), r)]
+    out.update(latents=np.asarray(latents, np.float32), temporal_factor=r,
+               sink_latents=encode_images(video[::r]).astype(np.float32))
     if "actions" in example:
       out["actions"] = latent_actions(example["actions"][:_trimmed(len(example["video"]), r)], r)
     return out

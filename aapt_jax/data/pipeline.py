@@ -101,7 +101,12 @@ def _where(example: Mapping[str, Any], source: Any) -> str:
 def crop_clip(example: Mapping[str, Any], rng: np.random.Generator,
               clip_frames: int, where: str = "record") -> dict[str, Any]:
   """A random window of `clip_frames` latent frames of `example` (uniform
-  start drawn from `rng`), with its actions/controls cut to match."""
+  start drawn from `rng`), with its actions/controls cut to match.
+
+  With ``sink_latents`` (VAE-latent records, data/encode.py) the window's
+  latent 0 is the image latent of its start: the clip begins as inference
+  does, from one frame encoded alone, not from a latent of r frames.
+  """
   if "latents" in example:
     key = "latents"
   elif int(example.get("temporal_factor", 1)) == 1:
@@ -117,6 +122,9 @@ def crop_clip(example: Mapping[str, Any], rng: np.random.Generator,
                      f"{clip_frames}; drop short records or lower clip_frames")
   start = int(rng.integers(0, T - clip_frames + 1))
   out = {key: frames[start:start + clip_frames]}
+  if key == "latents" and "sink_latents" in example:
+    out[key] = np.concatenate([example["sink_latents"][start:start + 1].astype(frames.dtype),
+                               out[key][1:]])
   for k in ("actions", "controls"):
     if k in example:
       v = example[k]
@@ -249,8 +257,11 @@ def make_adversarial_dataset(clip_source: Any, episode_source: Any, *, segment_f
   """Stage 3's per-process batches: `make_dataset`'s real clips of
   `segment_frames` (what each fake segment is paired with) plus, per row, a
   rollout drawn from a long episode: ``rollout_first`` ``[B, h, w, C]`` (a real
-  start frame) and ``rollout_actions`` ``[B, L]`` (the recorded actions of the
-  `rollout_frames` frames from it; when the episodes have actions).
+  start frame) and the episode's conditions of the `rollout_frames` frames
+  from it, as the real clips carry theirs: ``rollout_actions`` ``[B, L]``,
+  ``rollout_controls`` ``[B, L, A]`` (when the episodes have them),
+  ``rollout_text_embedding`` ``[B, text_len, D]`` and ``rollout_text_mask``
+  ``[B, text_len]`` (with `text_len`; one per sample, for all its frames).
 
   The episode and its window are drawn from the row's own seeded rng, so the
   stream stays a pure function of `seed` and one grain iterator state.
@@ -275,10 +286,12 @@ def make_adversarial_dataset(clip_source: Any, episode_source: Any, *, segment_f
     window = crop_clip(episode, rng, rollout_frames, where=_where(episode, episode_source))
     inputs = to_model_inputs({k: v[:1] if k in ("latents", "video") else v
                               for k, v in window.items()},
-                             space_to_depth=space_to_depth, latent_stats=latent_stats)
+                             space_to_depth=space_to_depth, latent_stats=latent_stats,
+                             text_len=text_len)
     out = {**row, "rollout_first": inputs["latents"][0]}
-    if "actions" in window:
-      out["rollout_actions"] = np.asarray(window["actions"], np.int32)
+    for key in ("actions", "controls", "text_embedding", "text_mask"):
+      if key in inputs:
+        out["rollout_" + key] = inputs[key]
     return out
 
   ds = clips.random_map(add_rollout, seed=(int(seed) + 0x7F4A7C15) % 2**32)

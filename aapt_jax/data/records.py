@@ -16,6 +16,10 @@ field               value                                      required
 ``text_embedding``  float32/float16 ``[L, D]``                   no
 ``temporal_factor`` int r >= 1: video frames per latent frame    no (1)
                     after the first (``T = 1 + (T' - 1) * r``)
+``sink_latents``    float ``[T', h, w, C]``: latent frame j's    no
+                    last video frame (r·j) encoded alone as an
+                    image: a clip starting at latent j starts
+                    from it, as inference starts from an image
 ``world``, ``game`` str metadata                                no
 ``episode``         int episode id                              no
 ``start``           int index of the clip's first frame in its   no
@@ -193,6 +197,11 @@ def validate_example(example: Mapping[str, Any], source: str = "example") -> Non
             f"{example['video'].shape[0]} frames (expected {t_latent} latent "
             f"frames for temporal_factor {r})")
     t_latent = latents.shape[0]
+  if "sink_latents" in example:
+    sink = _check_array(example, source, "sink_latents", (np.float16, np.float32), 4)
+    if "latents" not in example or sink.shape != example["latents"].shape:
+      _fail(source, "sink_latents", f"shape {sink.shape} must equal the latents' shape "
+            f"{getattr(example.get('latents'), 'shape', None)}")
   what = "latents" if "latents" in example else "video"
   if "actions" in example:
     actions = _check_array(example, source, "actions", (np.int32,), 1)

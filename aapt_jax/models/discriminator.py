@@ -3,9 +3,11 @@ generator) plus APT-style logit heads — at several depths, a learnable query
 cross-attends to each frame's tokens — giving one logit per latent frame.
 
 The frame goes where the noise went (the first input channels), the recycled
-slot holds the previous frame, and every frame carries the sample's
-timestep; with `adversarial.disc_noise_input` the frames are first noised at
-that timestep (x_t = (1 - t) x + t eps).
+slot holds D's own previous input frame, and every frame carries its
+timestep. D judges clean frames at t = 0 (stage 3's default); with
+`adversarial.disc_noise_input` the frames are first noised at their timestep
+(x_t = (1 - t) x + t eps) and the recycled slot holds the noised previous
+frame, so no clean frame reaches D.
 """
 from __future__ import annotations
 
@@ -49,11 +51,29 @@ class Discriminator(nn.Module):
     self.backbone = Generator(self.spec)
     self.heads = [LogitHead(self.spec, name=f"head_{i}") for i in self.head_layers]
 
-  def __call__(self, frames, timesteps, cond: Conditioning | None = None, noise_rng=None):
-    """frames [B, T, h, w, C], timesteps [B, T] -> logits [B, T] (one per latent frame)."""
-    if self.noise_input and noise_rng is not None:
-      frames = interpolate(frames, jax.random.normal(noise_rng, frames.shape, frames.dtype),
-                           timesteps)
+  def __call__(self, frames, timesteps, cond: Conditioning | None = None, noise_rng=None,
+               noise=None):
+    """frames [B, T, h, w, C], timesteps [B, T] -> logits [B, T] (one per latent frame).
+
+    D's input is the clip alone: the recycled slot of frame i holds D's own
+    input frame i - 1 (zeros at frame 0), built here, so `cond.previous` must
+    be None; it is stop_gradient (as the generator's recycled input): D's
+    gradient reaches frame i through frame i's own slot. With `noise_input`,
+    the frames are first noised at their timesteps, x_t = (1 - t) x + t·noise,
+    with `noise` [B, T, h, w, C] when given (stage 3 passes one draw that x
+    and x + σε share), else one drawn from `noise_rng`; the recycled slot
+    then holds the noised frame i - 1. Without `noise_input` both are ignored.
+    """
+    cond = cond if cond is not None else Conditioning()
+    if cond.previous is not None:
+      raise ValueError("the discriminator builds its recycled slot from `frames` (its own "
+                       "frame i - 1); pass cond.previous=None")
+    if self.noise_input and (noise is not None or noise_rng is not None):
+      if noise is None:
+        noise = jax.random.normal(noise_rng, frames.shape, frames.dtype)
+      frames = interpolate(frames, noise, timesteps)
+    previous = jnp.concatenate([jnp.zeros_like(frames[:, :1]), frames[:, :-1]], axis=1)
+    cond = cond.replace(previous=jax.lax.stop_gradient(previous))
     feats = self.backbone.features(frames, timesteps, cond)  # [L, B, T, P, D]
     return sum(head(feats[i]) for i, head in zip(self.head_layers, self.heads))
 

@@ -7,14 +7,24 @@ import jax
 import jax.numpy as jnp
 
 
-def generator_loss(real_logits, fake_logits):
-  """mean softplus(D(real) - D(fake)), paired per (sample, frame)."""
-  return jnp.mean(jax.nn.softplus(real_logits - fake_logits))
+def _mean(values, weights=None):
+  """mean of `values`, or its `weights`-weighted mean (weights broadcast to it)."""
+  if weights is None:
+    return jnp.mean(values)
+  weights = jnp.broadcast_to(weights, values.shape)
+  return jnp.sum(values * weights) / jnp.sum(weights)
 
 
-def discriminator_loss(real_logits, fake_logits):
-  """mean softplus(D(fake) - D(real)), paired per (sample, frame)."""
-  return jnp.mean(jax.nn.softplus(fake_logits - real_logits))
+def generator_loss(real_logits, fake_logits, weights=None):
+  """mean softplus(D(real) - D(fake)), paired per (sample, frame); `weights`
+  [B, T] make it a weighted mean (0 = a pair in no loss)."""
+  return _mean(jax.nn.softplus(real_logits - fake_logits), weights)
+
+
+def discriminator_loss(real_logits, fake_logits, weights=None):
+  """mean softplus(D(fake) - D(real)), paired per (sample, frame); `weights` as
+  in `generator_loss`."""
+  return _mean(jax.nn.softplus(fake_logits - real_logits), weights)
 
 
 def perturb(x, sigma: float, rng):
@@ -22,9 +32,10 @@ def perturb(x, sigma: float, rng):
   return x + sigma * jax.random.normal(rng, x.shape, x.dtype)
 
 
-def r1_penalty(clean_logits, perturbed_logits):
-  """mean (D(x) - D(perturb(x)))², from the two calls' logits (before λ)."""
-  return jnp.mean(jnp.square(clean_logits - perturbed_logits))
+def r1_penalty(clean_logits, perturbed_logits, weights=None):
+  """mean (D(x) - D(perturb(x)))², from the two calls' logits (before λ);
+  `weights` as in `generator_loss`."""
+  return _mean(jnp.square(clean_logits - perturbed_logits), weights)
 
 
 def approx_r1(disc_fn, x, sigma: float, rng):

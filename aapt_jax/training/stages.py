@@ -44,18 +44,23 @@ def ema_decay_at(step, ema_decay):
   return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
 
 
-def apply_update(state, grads, loss, tx, ema_decay):
-  """Optimizer step + EMA, skipped when the loss or gradient is non-finite."""
+def optimizer_update(params, opt_state, grads, loss, tx):
+  """One optimizer step -> (params, opt_state, ok, grad_norm); when the loss or
+  the gradient is non-finite (ok False) params and opt state are unchanged."""
   grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, new_opt = tx.update(grads, state.gen_opt, state.gen_params)
-  new_params = optax.apply_updates(state.gen_params, updates)
+  updates, new_opt = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  return _masked(ok, new_params, params), _masked(ok, new_opt, opt_state), ok, grad_norm
+
+
+def apply_update(state, grads, loss, tx, ema_decay):
+  """Optimizer step + EMA, skipped when the loss or gradient is non-finite."""
+  params, opt, ok, grad_norm = optimizer_update(state.gen_params, state.gen_opt, grads, loss, tx)
   decay = ema_decay_at(state.step, ema_decay)
-  new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params)
+  new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
   state = state.replace(
-      step=state.step + 1,
-      gen_params=_masked(ok, new_params, state.gen_params),
-      gen_opt=_masked(ok, new_opt, state.gen_opt),
+      step=state.step + 1, gen_params=params, gen_opt=opt,
       ema_params=_masked(ok, new_ema, state.ema_params),
       skipped=state.skipped + (~ok).astype(jnp.int32))
   return state, {"grad_norm": grad_norm, "finite": ok}
@@ -144,17 +149,43 @@ def make_consistency_step(model, tx, config):
 # Stage 3: adversarial post-training with student forcing.
 
 
-def _segment_cond(actions, controls, start, stop):
+_CONDITION_KEYS = ("actions", "controls", "text_embedding", "text_mask")
+
+
+def _conditions(batch, prefix=""):
+  """The Conditioning of the real clips (prefix "") or of the rollout
+  ("rollout_"): actions [B, T], controls [B, T, A], text [B, L, D] with its
+  mask [B, L] (one per sample, for all frames; all valid when absent).
+
+  The rollout, its fake segments and the real segments carry the same kinds
+  of condition (else D could tell real from fake by the condition alone):
+  a key present for one and not the other is a ValueError.
+  """
+  for key in _CONDITION_KEYS:
+    real, rollout = key in batch, "rollout_" + key in batch
+    if real != rollout:
+      have, lack = (key, "rollout_" + key) if real else ("rollout_" + key, key)
+      raise ValueError(f"the stage-3 batch has {have!r} but no {lack!r}: the rollout and the "
+                       "real clips must carry the same conditions "
+                       "(data.pipeline.make_adversarial_dataset gives both)")
+  text, mask = batch.get(prefix + "text_embedding"), batch.get(prefix + "text_mask")
+  if text is not None and mask is None:
+    mask = jnp.ones(text.shape[:2], bool)
+  return Conditioning(actions=batch.get(prefix + "actions"),
+                      controls=batch.get(prefix + "controls"), text=text, text_mask=mask)
+
+
+def _segment_cond(cond, start, stop):
+  """Frames start..stop-1 of a Conditioning (text and its mask are per sample)."""
   pick = lambda a: None if a is None else a[:, start:stop]
-  return Conditioning(actions=pick(actions), controls=pick(controls))
+  return cond.replace(actions=pick(cond.actions), controls=pick(cond.controls))
 
 
-def _judge(disc, disc_params, frames, t, cond, noise_rng):
-  """D's logits [B, n] for a clip/segment (its first frame is D's sink)."""
-  previous = jnp.concatenate([jnp.zeros_like(frames[:, :1]), frames[:, :-1]], axis=1)
+def _judge(disc, disc_params, frames, t, cond, noise=None):
+  """D's logits [B, n] for a clip/segment (its first frame is D's sink); t [B]
+  is every frame's timestep, `noise` the diffusion noise (disc_noise_input)."""
   tt = jnp.broadcast_to(t[:, None], frames.shape[:2])
-  return disc.apply({"params": disc_params}, frames, tt,
-                    cond.replace(previous=jax.lax.stop_gradient(previous)), noise_rng=noise_rng)
+  return disc.apply({"params": disc_params}, frames, tt, cond, noise=noise)
 
 
 def _pad_frames(a, length):
@@ -162,8 +193,11 @@ def _pad_frames(a, length):
   return jnp.pad(a, [(0, 0), (0, length - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
 
 
-def _judge_all(disc, disc_params, clips, conds, t, noise_rng, length):
+def _judge_all(disc, disc_params, clips, conds, t, length, noises=None):
   """D's logits [B, n_k] for clips [B, n_k, ...] (n_k <= length) in ONE forward.
+
+  conds: each clip's Conditioning (all with the same fields); noises: each
+  clip's diffusion noise shaped like it (with disc_noise_input), or None.
 
   Each clip is zero-padded at its end to `length` frames (D is block-causal,
   so padding changes no logit of an earlier frame) and all are stacked on
@@ -173,17 +207,21 @@ def _judge_all(disc, disc_params, clips, conds, t, noise_rng, length):
   """
   frames = jnp.concatenate([_pad_frames(c, length) for c in clips], axis=0)
 
-  def field(name):
+  def field(name, per_frame):
     values = [getattr(c, name) for c in conds]
-    like = next((v for v in values if v is not None), None)
-    if like is None:
+    missing = [v is None for v in values]
+    if all(missing):
       return None
-    return jnp.concatenate([
-        _pad_frames(jnp.zeros((clip.shape[0], clip.shape[1]) + like.shape[2:], like.dtype)
-                    if v is None else v, length) for v, clip in zip(values, clips)], axis=0)
+    if any(missing):
+      raise ValueError(f"stage 3 judges clips with and without cond.{name} in one D forward: "
+                       "every clip must carry the same conditions")
+    return jnp.concatenate([_pad_frames(v, length) if per_frame else v for v in values], axis=0)
 
-  cond = Conditioning(actions=field("actions"), controls=field("controls"))
-  logits = _judge(disc, disc_params, frames, jnp.tile(t, len(clips)), cond, noise_rng)
+  cond = Conditioning(actions=field("actions", True), controls=field("controls", True),
+                      text=field("text", False), text_mask=field("text_mask", False))
+  noise = None if noises is None else jnp.concatenate(
+      [_pad_frames(n, length) for n in noises], axis=0)
+  logits = _judge(disc, disc_params, frames, jnp.tile(t, len(clips)), cond, noise)
   parts = jnp.split(logits, len(clips), axis=0)
   return [p[:, :c.shape[1]] for p, c in zip(parts, clips)]
 
@@ -193,82 +231,113 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
   then one G update through the student-forcing rollout (RpGAN against the
   updated D), EMA of G.
 
-  batch: "latents" real clips [B, S, h, w, C] (+ "actions" [B, S]) paired with
-  every fake segment; "rollout_first" [B, h, w, C] the real start frame and
-  "rollout_actions" [B, L] the rollout's actions (from long episodes).
+  batch: "latents" real clips [B, S, h, w, C] paired with every fake segment;
+  "rollout_first" [B, h, w, C] the real start frame of the rollout (from long
+  episodes). Conditions (data.pipeline.make_adversarial_dataset): the real
+  clips' "actions" [B, S], "controls" [B, S, A], "text_embedding" [B, L, D]
+  and "text_mask" [B, L], and the rollout's own "rollout_actions" [B, R],
+  "rollout_controls" [B, R, A], "rollout_text_embedding", "rollout_text_mask";
+  the rollout, its fake segments and the real segments carry the same kinds
+  (text and its mask per sample, for all frames).
+
+  D sees clean frames at t = 0; with `adversarial.disc_noise_input` it sees
+  them noised at a per-sample t ~ U[0, 1], x and x + σε (R1/R2) with one
+  shared diffusion-noise draw. Frame 0 of the first segment (the real start
+  frame) is in neither loss nor in R1/R2. The rollout runs once: "recompute"
+  rolls out without gradient (what D judges) and the G phase re-runs those
+  frames in one parallel pass; "scan" differentiates the scan whose forward D
+  judged (`jax.vjp`). state.rng splits into (next rng, rollout noise, D's
+  timesteps, D's diffusion noise, R1, R2).
   """
   from aapt_jax import rollout as ro
   from aapt_jax.objectives import adversarial as adv
   a = config.adversarial
   length, seg, overlap = a.rollout_frames, a.segment_frames, a.segment_overlap
   starts = adv.segment_starts(length, seg, overlap)
+  k = len(starts)
+  truncated = a.segment_gradient == "truncated"
+  sg = jax.lax.stop_gradient
 
   def step(state, batch):
     with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
       rng, k_noise, k_t, k_dn, k_r1, k_r2 = jax.random.split(
           jax.random.wrap_key_data(state.rng), 6)
-      real = batch["latents"]
+      real = batch["latents"]                                  # [B, S, h, w, C]
       b = real.shape[0]
-      first = batch["rollout_first"]
+      first = batch["rollout_first"]                           # [B, h, w, C]
       noise = jax.random.normal(k_noise, (b, length - 1) + first.shape[1:], first.dtype)
-      inputs = jnp.concatenate([first[:, None], noise], axis=1)
-      r_actions = batch.get("rollout_actions")
-      roll_cond = Conditioning(actions=r_actions)
-      t = jax.random.uniform(k_t, (b,))
-      real_cond = _segment_cond(batch.get("actions"), batch.get("controls"), 0, seg)
+      inputs = jnp.concatenate([first[:, None], noise], axis=1)  # [B, R, h, w, C]
+      roll_cond, real_cond = _conditions(batch, "rollout_"), _conditions(batch)
+      # D's timestep: clean frames at t = 0 (the paper's D takes frames, not
+      # noise); with disc_noise_input, per sample t ~ U[0, 1]
+      t = jax.random.uniform(k_t, (b,)) if a.disc_noise_input else jnp.zeros((b,))
+
+      def generate(gen_params, rollout=None):
+        return ro.segment_frames(model, gen_params, inputs, roll_cond, starts, seg,
+                                 gradient=a.gradient, segment_gradient=a.segment_gradient,
+                                 rollout=rollout)
+
+      # --- the rollout, once for both phases
+      if a.gradient == "scan":  # its forward is what D judges; G pulls back through it
+        segs, pullback = jax.vjp(generate, state.gen_params)
+      else:
+        rollout = sg(ro.rollout_student_forcing(model, sg(state.gen_params), inputs, roll_cond,
+                                                cache_at=starts if truncated else ()))
+        segs = [rollout[0][:, s0:s0 + seg] for s0 in starts]
+      # D's forwards after the rollout (see the barrier before the G phase)
+      fakes, d_params = jax.lax.optimization_barrier(([sg(f) for f in segs], state.disc_params))
 
       # --- discriminator
-      rolled, _ = ro.rollout_student_forcing(model, jax.lax.stop_gradient(state.gen_params),
-                                             inputs, roll_cond)
-      rolled = jax.lax.stop_gradient(rolled)
-      # D's forwards after the rollout (see the barrier before the G phase)
-      rolled, d_params = jax.lax.optimization_barrier((rolled, state.disc_params))
-
-      fakes = [rolled[:, s0:s0 + seg] for s0 in starts]
       reals = [real[:, :f.shape[1]] for f in fakes]
-      real_conds = [real_cond.replace(actions=None if real_cond.actions is None
-                                      else real_cond.actions[:, :f.shape[1]]) for f in fakes]
-      fake_conds = [_segment_cond(r_actions, None, s0, s0 + f.shape[1])
-                    for s0, f in zip(starts, fakes)]
+      real_conds = [_segment_cond(real_cond, 0, f.shape[1]) for f in fakes]
+      fake_conds = [_segment_cond(roll_cond, s0, s0 + f.shape[1]) for s0, f in zip(starts, fakes)]
+      # frame 0 of segment 0 is the real start frame, paired with a real clip
+      # frame: it is in neither loss (nor in R1/R2)
+      weights = [jnp.ones((b, f.shape[1])).at[:, 0].set(0.0 if s0 == 0 else 1.0)
+                 for s0, f in zip(starts, fakes)]
       # approximate R1 / R2 inputs (objectives.adversarial.approx_r1, in one D forward)
       noisy_reals = [adv.perturb(x, a.r1_sigma, key)
-                     for x, key in zip(reals, jax.random.split(k_r1, len(reals)))]
+                     for x, key in zip(reals, jax.random.split(k_r1, k))]
       noisy_fakes = [adv.perturb(x, a.r1_sigma, key)
-                     for x, key in zip(fakes, jax.random.split(k_r2, len(fakes)))]
-      k = len(starts)
+                     for x, key in zip(fakes, jax.random.split(k_r2, k))]
+      # D's diffusion noise (disc_noise_input): one draw per judged clip, shared
+      # by its σ-perturbed copy, so D(x) - D(x + σε) measures σε alone
+      noises = None
+      if a.disc_noise_input:
+        noises = [jax.random.normal(key, x.shape, x.dtype)
+                  for x, key in zip(reals + fakes, jax.random.split(k_dn, 2 * k))]
 
       def d_loss(dp):
         logits = _judge_all(disc, dp, reals + fakes + noisy_reals + noisy_fakes,
-                            real_conds + fake_conds + real_conds + fake_conds, t, k_dn, seg)
+                            real_conds + fake_conds + real_conds + fake_conds, t, seg,
+                            None if noises is None else noises + noises)
         d_real, d_fake = logits[:k], logits[k:2 * k]
         d_real_noisy, d_fake_noisy = logits[2 * k:3 * k], logits[3 * k:]
-        total = sum(adv.discriminator_loss(r, f) for r, f in zip(d_real, d_fake))
-        r1_total = sum(adv.r1_penalty(clean, noisy) for clean, noisy in
-                       zip(d_real + d_fake, d_real_noisy + d_fake_noisy))
+        total = sum(adv.discriminator_loss(r, f, w) for r, f, w in zip(d_real, d_fake, weights))
+        r1_total = sum(adv.r1_penalty(clean, noisy, w) for clean, noisy, w in
+                       zip(d_real + d_fake, d_real_noisy + d_fake_noisy, weights + weights))
         return total + a.r1_weight * r1_total, (total, r1_total)
 
       (d_total, (d_adv, d_r1)), d_grads = jax.value_and_grad(d_loss, has_aux=True)(d_params)
-      d_ok = jnp.isfinite(d_total) & jnp.isfinite(optax.tree.norm(d_grads))
-      d_updates, d_opt = disc_tx.update(d_grads, state.disc_opt, state.disc_params)
-      disc_params = _masked(d_ok, optax.apply_updates(state.disc_params, d_updates),
-                            state.disc_params)
-      disc_opt = _masked(d_ok, d_opt, state.disc_opt)
+      disc_params, disc_opt, d_ok, _ = optimizer_update(state.disc_params, state.disc_opt,
+                                                        d_grads, d_total, disc_tx)
 
       # --- generator, against the updated discriminator. The barrier orders
-      # the G phase after the whole D update: G's rollout does not depend on D,
-      # and left free to overlap, devices can start their collectives in
-      # different orders (a deadlock on CPU) and hold both phases' activations.
+      # the G phase after the whole D update: left free to overlap, devices can
+      # start their collectives in different orders (a deadlock on CPU) and
+      # hold both phases' activations.
       disc_params, gen_params = jax.lax.optimization_barrier((disc_params, state.gen_params))
+      if a.gradient != "scan":  # one parallel pass over the rolled frames
+        segs, pullback = jax.vjp(lambda gp: generate(gp, rollout), gen_params)
 
-      def g_loss(gp):
-        segs = ro.segment_frames(model, gp, inputs, roll_cond, starts, seg,
-                                 gradient=a.gradient, segment_gradient=a.segment_gradient)
+      def g_loss(segs):
         segs, dp, judged_reals = jax.lax.optimization_barrier((segs, disc_params, reals))
-        logits = _judge_all(disc, dp, judged_reals + segs, real_conds + fake_conds, t, k_dn,
-                            seg)
-        return sum(adv.generator_loss(r, f) for r, f in zip(logits[:k], logits[k:]))
+        logits = _judge_all(disc, dp, judged_reals + segs, real_conds + fake_conds, t, seg,
+                            noises)
+        return sum(adv.generator_loss(r, f, w) for r, f, w in zip(logits[:k], logits[k:], weights))
 
-      g_total, g_grads = jax.value_and_grad(g_loss)(gen_params)
+      g_total, seg_grads = jax.value_and_grad(g_loss)(segs)
+      (g_grads,) = pullback(seg_grads)
       state, m = apply_update(state, g_grads, g_total, gen_tx, config.train.ema_decay)
       state = state.replace(rng=jax.random.key_data(rng), disc_params=disc_params,
                             disc_opt=disc_opt, skipped=state.skipped + (~d_ok).astype(jnp.int32))
