@@ -1,7 +1,9 @@
 """One pure train-step function per stage: (state, batch) -> (state, metrics).
 
-Each is jitted with the state donated by the trainer. A non-finite loss or
-gradient skips the update (params, optimizer and EMA unchanged) and is counted.
+The single-network stages are `make_step` of their loss; stage 3 updates D
+and then G. Each is jitted with the state donated (training/program.py). A
+non-finite loss or gradient skips the update (params, optimizer and EMA
+unchanged, `optimizer_update`) and is counted in `state.skipped`.
 """
 from __future__ import annotations
 
@@ -44,21 +46,56 @@ def ema_decay_at(step, ema_decay):
   return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
 
 
-def apply_update(state, grads, loss, tx, ema_decay):
-  """Optimizer step + EMA, skipped when the loss or gradient is non-finite."""
+def optimizer_update(params, opt_state, grads, loss, tx):
+  """One optax step of `params`, masked: (params, opt_state, ok, grad_norm).
+
+  `ok` (a bool scalar) is False when `loss` or the gradient's global norm is
+  non-finite; then the returned params and optimizer state are the inputs,
+  unchanged (the step is skipped, not applied with NaNs).
+  """
   grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, new_opt = tx.update(grads, state.gen_opt, state.gen_params)
-  new_params = optax.apply_updates(state.gen_params, updates)
+  updates, new_opt = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  return _masked(ok, new_params, params), _masked(ok, new_opt, opt_state), ok, grad_norm
+
+
+def apply_update(state, grads, loss, tx, ema_decay):
+  """The generator's `optimizer_update` + its EMA, all skipped (and counted in
+  `state.skipped`) when the loss or gradient is non-finite; advances `state.step`.
+  Returns (state, {"grad_norm", "finite"})."""
+  params, opt, ok, grad_norm = optimizer_update(state.gen_params, state.gen_opt, grads, loss, tx)
   decay = ema_decay_at(state.step, ema_decay)
-  new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params)
+  new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
   state = state.replace(
-      step=state.step + 1,
-      gen_params=_masked(ok, new_params, state.gen_params),
-      gen_opt=_masked(ok, new_opt, state.gen_opt),
+      step=state.step + 1, gen_params=params, gen_opt=opt,
       ema_params=_masked(ok, new_ema, state.ema_params),
       skipped=state.skipped + (~ok).astype(jnp.int32))
   return state, {"grad_norm": grad_norm, "finite": ok}
+
+
+def make_step(loss_fn, tx, ema_decay):
+  """The one train-step wrapper of the single-network stages: (state, batch)
+  -> (state, metrics).
+
+  loss_fn(params, state, batch, rng) -> (loss, aux): the stage's loss of the
+  trained params (`state.gen_params`), given the whole (pre-update) state for
+  frozen networks (a teacher, the EMA target) and a fresh key; `aux` is a
+  dict of scalars. The step differentiates it, applies `apply_update` with
+  `tx` and the EMA decay, advances `state.rng`, and returns
+  {"loss", **aux, "grad_norm", "finite"}. Pure: jit it with the state donated.
+  """
+
+  def step(state, batch):
+    with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+      rng, k = jax.random.split(jax.random.wrap_key_data(state.rng))
+      (loss, aux), grads = jax.value_and_grad(
+          lambda p: loss_fn(p, state, batch, k), has_aux=True)(state.gen_params)
+      state, m = apply_update(state, grads, loss, tx, ema_decay)
+      state = state.replace(rng=jax.random.key_data(rng))
+    return state, {"loss": loss, **aux, **m}
+
+  return step
 
 
 def diffusion_loss(model, params, batch, rng, config):
@@ -79,18 +116,9 @@ def diffusion_loss(model, params, batch, rng, config):
 
 
 def make_diffusion_step(model, tx, config):
-  """The stage-1 step (pure; jit it with the state donated)."""
-
-  def step(state, batch):
-    with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-      rng, k = jax.random.split(jax.random.wrap_key_data(state.rng))
-      loss, grads = jax.value_and_grad(
-          lambda p: diffusion_loss(model, p, batch, k, config))(state.gen_params)
-      state, m = apply_update(state, grads, loss, tx, config.train.ema_decay)
-      state = state.replace(rng=jax.random.key_data(rng))
-    return state, {"loss": loss, **m}
-
-  return step
+  """The stage-1 step: `make_step` of `diffusion_loss`."""
+  return make_step(lambda p, state, batch, k: (diffusion_loss(model, p, batch, k, config), {}),
+                   tx, config.train.ema_decay)
 
 
 # --------------------------------------------------------------------------
@@ -126,18 +154,11 @@ def consistency_loss(model, params, teacher_params, target_params, batch, rng, c
 
 
 def make_consistency_step(model, tx, config):
-  """The stage-2 step; the target network is `state.ema_params`."""
-
-  def step(state, batch):
-    with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-      rng, k = jax.random.split(jax.random.wrap_key_data(state.rng))
-      loss, grads = jax.value_and_grad(lambda p: consistency_loss(
-          model, p, state.teacher_params, state.ema_params, batch, k, config))(state.gen_params)
-      state, m = apply_update(state, grads, loss, tx, config.train.ema_decay)
-      state = state.replace(rng=jax.random.key_data(rng))
-    return state, {"loss": loss, **m}
-
-  return step
+  """The stage-2 step: `make_step` of `consistency_loss` against the frozen
+  `state.teacher_params` and the EMA target `state.ema_params`."""
+  return make_step(lambda p, state, batch, k: (consistency_loss(
+      model, p, state.teacher_params, state.ema_params, batch, k, config), {}),
+                   tx, config.train.ema_decay)
 
 
 # --------------------------------------------------------------------------
