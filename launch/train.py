@@ -20,13 +20,17 @@ flags.DEFINE_string("workdir", "runs/atari", "Run directory (checkpoints, Tensor
 flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator HOST:PORT.")
 flags.DEFINE_integer("num_processes", None, "jax.distributed: number of processes.")
 flags.DEFINE_integer("process_id", None, "jax.distributed: this process's id.")
+flags.DEFINE_integer("profile_steps", None, "Trace this many steps with the JAX profiler "
+                     "into <workdir>/<stage>/tb (sets config.train.profile_steps).")
 FLAGS = flags.FLAGS
 
 
 def main(_):
-  logging.set_verbosity(logging.WARNING)
+  logging.set_verbosity(logging.INFO)
   from aapt_jax.cli import fail
   config = FLAGS.config
+  if FLAGS.profile_steps is not None:
+    config.train.profile_steps = FLAGS.profile_steps
   d = config.distributed
   if FLAGS.coordinator_address is not None:
     d.coordinator_address = FLAGS.coordinator_address
@@ -38,7 +42,8 @@ def main(_):
                                          FLAGS.process_id))
   try:
     from aapt_jax import parallel
-    from aapt_jax.training.trainer import NonFiniteLossError, train
+    from aapt_jax.pipeline import train
+    from aapt_jax.training.metrics import NonFiniteLossError
     if explicit or d.initialize:
       if d.coordinator_address and (d.num_processes < 1 or not
                                     0 <= d.process_id < d.num_processes):

@@ -12,11 +12,7 @@ import numpy as np
 import pytest
 
 from aapt_jax import load_config, parallel
-from aapt_jax.models import build_generator, build_vae
-from aapt_jax.models.discriminator import build_discriminator
-from aapt_jax.training import optimizers, stages
-from aapt_jax.training import state as state_lib
-from aapt_jax.training.vae_stage import make_vae_step
+from aapt_jax.training.program import build_train_program
 from helpers import config_path
 
 VAE_TINY = {"vae.base_dim": 8, "vae.z_dim": 4, "vae.dim_mult": (1, 2),
@@ -49,33 +45,15 @@ def one_step(stage, overrides):
   """(state before, state after, metrics) of one step of `stage` on one device."""
   config = load_config(config_path("tiny.py"), {
       "stage": stage, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, "train.seed": 7,
+      "train.steps": 10,
       "consistency.num_steps": 8, "consistency.optim.learning_rate": 1e-3,
       "diffusion.optim.learning_rate": 1e-3, **overrides})
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
-  disc = disc_tx = None
-  if stage == "vae":
-    model = build_vae(config)
-    tx = optimizers.make_optimizer(config.vae.optim, 10)
-    make = lambda: make_vae_step(model, tx, config)
-  elif stage == "diffusion":
-    model = build_generator(config)
-    tx = optimizers.make_optimizer(config.diffusion.optim, 10)
-    make = lambda: stages.make_diffusion_step(model, tx, config)
-  elif stage == "consistency":
-    model = build_generator(config)
-    tx = optimizers.make_optimizer(config.consistency.optim, 10)
-    make = lambda: stages.make_consistency_step(model, tx, config)
-  else:
-    model, disc = build_generator(config), build_discriminator(config)
-    tx = optimizers.make_optimizer(config.adversarial.gen_optim, 10)
-    disc_tx = optimizers.make_optimizer(config.adversarial.disc_optim, 10)
-    make = lambda: stages.make_adversarial_step(model, disc, tx, disc_tx, config)
+  program = build_train_program(config, mesh)
   with jax.set_mesh(mesh):
-    state, _ = state_lib.create_train_state(model, tx, mesh, config.train.seed,
-                                            teacher=stage == "consistency", disc=disc,
-                                            disc_tx=disc_tx)
+    state = program.init_state()
     before = jax.device_get(state)
-    new, metrics = jax.jit(make())(state, _batch(stage))
+    new, metrics = program.step(state, _batch(stage))   # donates `state`
   return before, jax.device_get(new), jax.device_get(metrics)
 
 

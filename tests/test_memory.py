@@ -6,10 +6,8 @@ import jax
 import pytest
 
 from aapt_jax import load_config, parallel
-from aapt_jax.models import build_generator
 from aapt_jax.training import memory
-from aapt_jax.training.optimizers import make_optimizer
-from aapt_jax.training.state import create_train_state
+from aapt_jax.training.program import build_train_program
 
 from helpers import config_path
 
@@ -28,11 +26,8 @@ def test_estimate_equals_initialised_sharded_state():
                                                 "mesh.tensor": 2})
   mesh = parallel.make_mesh(config.mesh)
   assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
-  model = build_generator(config)
-  tx = make_optimizer(config.diffusion.optim, config.train.steps)
-
-  est = memory.state_memory(model, tx, mesh)
-  state, _ = create_train_state(model, tx, mesh)
+  est = memory.state_memory(config, mesh)
+  state = build_train_program(config, mesh).init_state()
 
   assert est.total == _device0_bytes(state)
   assert est.params == _device0_bytes(state.gen_params)
@@ -41,7 +36,7 @@ def test_estimate_equals_initialised_sharded_state():
   # Really sharded: device 0 holds less than the whole state, and the same
   # estimate on an abstract mesh (no devices) agrees.
   assert est.total < sum(leaf.nbytes for leaf in jax.tree.leaves(state))
-  assert memory.state_memory(model, tx, memory.abstract_mesh(1, 4, 2)) == est
+  assert memory.state_memory(config, memory.abstract_mesh(1, 4, 2)) == est
 
 
 def test_8b_on_these_devices_raises_with_need_and_alternative():

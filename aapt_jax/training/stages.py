@@ -7,14 +7,12 @@ unchanged, `optimizer_update`) and is counted in `state.skipped`.
 """
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from aapt_jax.models import Conditioning
 from aapt_jax.objectives import flow_matching as fm
-from aapt_jax.parallel import LOGICAL_AXIS_RULES
 
 
 def _drop_conditions(rng, batch, p):
@@ -87,12 +85,11 @@ def make_step(loss_fn, tx, ema_decay):
   """
 
   def step(state, batch):
-    with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-      rng, k = jax.random.split(jax.random.wrap_key_data(state.rng))
-      (loss, aux), grads = jax.value_and_grad(
-          lambda p: loss_fn(p, state, batch, k), has_aux=True)(state.gen_params)
-      state, m = apply_update(state, grads, loss, tx, ema_decay)
-      state = state.replace(rng=jax.random.key_data(rng))
+    rng, k = jax.random.split(jax.random.wrap_key_data(state.rng))
+    (loss, aux), grads = jax.value_and_grad(
+        lambda p: loss_fn(p, state, batch, k), has_aux=True)(state.gen_params)
+    state, m = apply_update(state, grads, loss, tx, ema_decay)
+    state = state.replace(rng=jax.random.key_data(rng))
     return state, {"loss": loss, **aux, **m}
 
   return step
@@ -225,74 +222,73 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
   starts = adv.segment_starts(length, seg, overlap)
 
   def step(state, batch):
-    with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-      rng, k_noise, k_t, k_dn, k_r1, k_r2 = jax.random.split(
-          jax.random.wrap_key_data(state.rng), 6)
-      real = batch["latents"]
-      b = real.shape[0]
-      first = batch["rollout_first"]
-      noise = jax.random.normal(k_noise, (b, length - 1) + first.shape[1:], first.dtype)
-      inputs = jnp.concatenate([first[:, None], noise], axis=1)
-      r_actions = batch.get("rollout_actions")
-      roll_cond = Conditioning(actions=r_actions)
-      t = jax.random.uniform(k_t, (b,))
-      real_cond = _segment_cond(batch.get("actions"), batch.get("controls"), 0, seg)
+    rng, k_noise, k_t, k_dn, k_r1, k_r2 = jax.random.split(
+        jax.random.wrap_key_data(state.rng), 6)
+    real = batch["latents"]
+    b = real.shape[0]
+    first = batch["rollout_first"]
+    noise = jax.random.normal(k_noise, (b, length - 1) + first.shape[1:], first.dtype)
+    inputs = jnp.concatenate([first[:, None], noise], axis=1)
+    r_actions = batch.get("rollout_actions")
+    roll_cond = Conditioning(actions=r_actions)
+    t = jax.random.uniform(k_t, (b,))
+    real_cond = _segment_cond(batch.get("actions"), batch.get("controls"), 0, seg)
 
-      # --- discriminator
-      rolled, _ = ro.rollout_student_forcing(model, jax.lax.stop_gradient(state.gen_params),
-                                             inputs, roll_cond)
-      rolled = jax.lax.stop_gradient(rolled)
-      # D's forwards after the rollout (see the barrier before the G phase)
-      rolled, d_params = jax.lax.optimization_barrier((rolled, state.disc_params))
+    # --- discriminator
+    rolled, _ = ro.rollout_student_forcing(model, jax.lax.stop_gradient(state.gen_params),
+                                           inputs, roll_cond)
+    rolled = jax.lax.stop_gradient(rolled)
+    # D's forwards after the rollout (see the barrier before the G phase)
+    rolled, d_params = jax.lax.optimization_barrier((rolled, state.disc_params))
 
-      fakes = [rolled[:, s0:s0 + seg] for s0 in starts]
-      reals = [real[:, :f.shape[1]] for f in fakes]
-      real_conds = [real_cond.replace(actions=None if real_cond.actions is None
-                                      else real_cond.actions[:, :f.shape[1]]) for f in fakes]
-      fake_conds = [_segment_cond(r_actions, None, s0, s0 + f.shape[1])
-                    for s0, f in zip(starts, fakes)]
-      # approximate R1 / R2 inputs (objectives.adversarial.approx_r1, in one D forward)
-      noisy_reals = [adv.perturb(x, a.r1_sigma, key)
-                     for x, key in zip(reals, jax.random.split(k_r1, len(reals)))]
-      noisy_fakes = [adv.perturb(x, a.r1_sigma, key)
-                     for x, key in zip(fakes, jax.random.split(k_r2, len(fakes)))]
-      k = len(starts)
+    fakes = [rolled[:, s0:s0 + seg] for s0 in starts]
+    reals = [real[:, :f.shape[1]] for f in fakes]
+    real_conds = [real_cond.replace(actions=None if real_cond.actions is None
+                                    else real_cond.actions[:, :f.shape[1]]) for f in fakes]
+    fake_conds = [_segment_cond(r_actions, None, s0, s0 + f.shape[1])
+                  for s0, f in zip(starts, fakes)]
+    # approximate R1 / R2 inputs (objectives.adversarial.approx_r1, in one D forward)
+    noisy_reals = [adv.perturb(x, a.r1_sigma, key)
+                   for x, key in zip(reals, jax.random.split(k_r1, len(reals)))]
+    noisy_fakes = [adv.perturb(x, a.r1_sigma, key)
+                   for x, key in zip(fakes, jax.random.split(k_r2, len(fakes)))]
+    k = len(starts)
 
-      def d_loss(dp):
-        logits = _judge_all(disc, dp, reals + fakes + noisy_reals + noisy_fakes,
-                            real_conds + fake_conds + real_conds + fake_conds, t, k_dn, seg)
-        d_real, d_fake = logits[:k], logits[k:2 * k]
-        d_real_noisy, d_fake_noisy = logits[2 * k:3 * k], logits[3 * k:]
-        total = sum(adv.discriminator_loss(r, f) for r, f in zip(d_real, d_fake))
-        r1_total = sum(adv.r1_penalty(clean, noisy) for clean, noisy in
-                       zip(d_real + d_fake, d_real_noisy + d_fake_noisy))
-        return total + a.r1_weight * r1_total, (total, r1_total)
+    def d_loss(dp):
+      logits = _judge_all(disc, dp, reals + fakes + noisy_reals + noisy_fakes,
+                          real_conds + fake_conds + real_conds + fake_conds, t, k_dn, seg)
+      d_real, d_fake = logits[:k], logits[k:2 * k]
+      d_real_noisy, d_fake_noisy = logits[2 * k:3 * k], logits[3 * k:]
+      total = sum(adv.discriminator_loss(r, f) for r, f in zip(d_real, d_fake))
+      r1_total = sum(adv.r1_penalty(clean, noisy) for clean, noisy in
+                     zip(d_real + d_fake, d_real_noisy + d_fake_noisy))
+      return total + a.r1_weight * r1_total, (total, r1_total)
 
-      (d_total, (d_adv, d_r1)), d_grads = jax.value_and_grad(d_loss, has_aux=True)(d_params)
-      d_ok = jnp.isfinite(d_total) & jnp.isfinite(optax.tree.norm(d_grads))
-      d_updates, d_opt = disc_tx.update(d_grads, state.disc_opt, state.disc_params)
-      disc_params = _masked(d_ok, optax.apply_updates(state.disc_params, d_updates),
-                            state.disc_params)
-      disc_opt = _masked(d_ok, d_opt, state.disc_opt)
+    (d_total, (d_adv, d_r1)), d_grads = jax.value_and_grad(d_loss, has_aux=True)(d_params)
+    d_ok = jnp.isfinite(d_total) & jnp.isfinite(optax.tree.norm(d_grads))
+    d_updates, d_opt = disc_tx.update(d_grads, state.disc_opt, state.disc_params)
+    disc_params = _masked(d_ok, optax.apply_updates(state.disc_params, d_updates),
+                          state.disc_params)
+    disc_opt = _masked(d_ok, d_opt, state.disc_opt)
 
-      # --- generator, against the updated discriminator. The barrier orders
-      # the G phase after the whole D update: G's rollout does not depend on D,
-      # and left free to overlap, devices can start their collectives in
-      # different orders (a deadlock on CPU) and hold both phases' activations.
-      disc_params, gen_params = jax.lax.optimization_barrier((disc_params, state.gen_params))
+    # --- generator, against the updated discriminator. The barrier orders
+    # the G phase after the whole D update: G's rollout does not depend on D,
+    # and left free to overlap, devices can start their collectives in
+    # different orders (a deadlock on CPU) and hold both phases' activations.
+    disc_params, gen_params = jax.lax.optimization_barrier((disc_params, state.gen_params))
 
-      def g_loss(gp):
-        segs = ro.segment_frames(model, gp, inputs, roll_cond, starts, seg,
-                                 gradient=a.gradient, segment_gradient=a.segment_gradient)
-        segs, dp, judged_reals = jax.lax.optimization_barrier((segs, disc_params, reals))
-        logits = _judge_all(disc, dp, judged_reals + segs, real_conds + fake_conds, t, k_dn,
-                            seg)
-        return sum(adv.generator_loss(r, f) for r, f in zip(logits[:k], logits[k:]))
+    def g_loss(gp):
+      segs = ro.segment_frames(model, gp, inputs, roll_cond, starts, seg,
+                               gradient=a.gradient, segment_gradient=a.segment_gradient)
+      segs, dp, judged_reals = jax.lax.optimization_barrier((segs, disc_params, reals))
+      logits = _judge_all(disc, dp, judged_reals + segs, real_conds + fake_conds, t, k_dn,
+                          seg)
+      return sum(adv.generator_loss(r, f) for r, f in zip(logits[:k], logits[k:]))
 
-      g_total, g_grads = jax.value_and_grad(g_loss)(gen_params)
-      state, m = apply_update(state, g_grads, g_total, gen_tx, config.train.ema_decay)
-      state = state.replace(rng=jax.random.key_data(rng), disc_params=disc_params,
-                            disc_opt=disc_opt, skipped=state.skipped + (~d_ok).astype(jnp.int32))
+    g_total, g_grads = jax.value_and_grad(g_loss)(gen_params)
+    state, m = apply_update(state, g_grads, g_total, gen_tx, config.train.ema_decay)
+    state = state.replace(rng=jax.random.key_data(rng), disc_params=disc_params,
+                          disc_opt=disc_opt, skipped=state.skipped + (~d_ok).astype(jnp.int32))
     return state, {"loss": g_total, "d_loss": d_adv, "r1": d_r1, "d_finite": d_ok, **m}
 
   return step
