@@ -169,12 +169,6 @@ class Checkpointer:
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def read_config(self, step: int) -> dict[str, Any]:
-    """The config the checkpoint at `step` was saved with (a dict)."""
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        **{CONFIG: ocp.args.JsonRestore()}))
-    return dict(out[CONFIG])
-
   def has_data_state(self, step: int) -> bool:
     """Whether `step` holds this process's iterator state for this process count."""
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
@@ -202,7 +196,7 @@ class Checkpointer:
     diff = []
     if config is not None:
       try:
-        diff = config_diff(self.read_config(step), config_to_dict(config),
+        diff = config_diff(read_config(self.step_dir(step)).to_dict(), config_to_dict(config),
                            sections=("model", "diffusion", "stage"))
       except Exception:  # a checkpoint without a readable config  # noqa: BLE001
         diff = []
@@ -357,15 +351,15 @@ def resolve_step_dir(path: str) -> str:
   return os.path.join(path, str(steps[-1]))
 
 
-def read_checkpoint_config(step_dir: str) -> ml_collections.ConfigDict:
-  """The config a step directory was saved with."""
-  config_file = os.path.join(step_dir, CONFIG, "metadata")
+def read_config(step_dir: str) -> ml_collections.ConfigDict:
+  """The config a step directory was saved with (Orbax's JSON item, through
+  its API). ValueError when the checkpoint has none or it is unreadable."""
+  path = os.path.join(step_dir, CONFIG)
   try:
-    with open(config_file) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise ValueError(f"checkpoint {step_dir} has no readable config ({config_file}): {e}") \
-        from None
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+      return ml_collections.ConfigDict(checkpointer.restore(path))
+  except Exception as e:  # noqa: BLE001 - orbax raises several kinds for a missing/corrupt item
+    raise ValueError(f"checkpoint {step_dir} has no readable config ({path}): {e}") from None
 
 
 def load_generator_params(path: str, which: str = "ema_params"):
@@ -373,7 +367,7 @@ def load_generator_params(path: str, which: str = "ema_params"):
   with (a ConfigDict) and its bare `which` tree ("ema_params" — what inference
   uses — or "gen_params") on the first local device."""
   step_dir = resolve_step_dir(path)
-  config = read_checkpoint_config(step_dir)
+  config = read_config(step_dir)
   checkpointer = ocp.PyTreeCheckpointer()
   try:
     meta = checkpointer.metadata(os.path.join(step_dir, STATE)).item_metadata

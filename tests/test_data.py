@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from aapt_jax import parallel
 from aapt_jax.data import pipeline, records
 
 
@@ -266,7 +267,7 @@ def test_global_batch_from_process_local_data():
   assert jax.device_count() == 8
   batch = _take(_dataset([_example(i) for i in range(16)], batch_size=8), 1)[0]
   mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
-  sharding = pipeline.batch_sharding(mesh)
+  sharding = parallel.batch_sharding(mesh)
   assert sharding.spec == P(("data", "fsdp"))
   out = pipeline.make_global_batch(batch, sharding)
   for key, local in batch.items():

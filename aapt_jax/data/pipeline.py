@@ -297,14 +297,6 @@ def make_iterator(ds: grain.MapDataset, *, num_threads: int = 2,
 # Global arrays.
 
 
-def batch_sharding(mesh: jax.sharding.Mesh,
-                   batch_axes: Sequence[str] = ("data", "fsdp")) -> jax.sharding.NamedSharding:
-  """Shards axis 0 over those of `batch_axes` that `mesh` has."""
-  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-  spec = jax.sharding.PartitionSpec(axes if axes else None)
-  return jax.sharding.NamedSharding(mesh, spec)
-
-
 def make_global_batch(batch: Mapping[str, np.ndarray],
                       sharding: jax.sharding.Sharding | Mapping[str, jax.sharding.Sharding],
                       ) -> dict[str, jax.Array]:
