@@ -7,6 +7,7 @@ Multi-host: the same command on every host, with --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I (or config.distributed.initialize=True to let
 JAX detect the cluster). SIGTERM saves a checkpoint and exits 0.
 """
+import logging as python_logging
 import os
 import sys
 
@@ -25,8 +26,15 @@ flags.DEFINE_integer("profile_steps", None, "Trace this many steps with the JAX 
 FLAGS = flags.FLAGS
 
 
+def _not_orbax_info(record) -> bool:
+  """Orbax logs every checkpoint step at INFO; keep its warnings only."""
+  return (record.levelno >= python_logging.WARNING
+          or f"{os.sep}orbax{os.sep}" not in record.pathname)
+
+
 def main(_):
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.INFO)  # the trainer's messages (absl logging, process 0)
+  logging.get_absl_handler().addFilter(_not_orbax_info)
   from aapt_jax.cli import fail
   config = FLAGS.config
   if FLAGS.profile_steps is not None:

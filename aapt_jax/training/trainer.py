@@ -283,9 +283,9 @@ class Trainer:
         profile.before(step + 1)
         state, m = compiled(state, gbatch)
         step += 1
-        profile.after(step, (state, m))
         consume()                      # the previous step's metrics
         pending = (step, m, fp)
+        profile.after(step, (state, m))  # (the traced steps' perf/* include its overhead)
         if bar is not None:
           bar.update(1)
         if step % every == 0 or step == total:
