@@ -137,13 +137,16 @@ class TrainProgram:
     return jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
                    out_shardings=(self.shardings, None), donate_argnums=0)
 
+  @functools.cached_property
+  def _init_jit(self):
+    init = self.init
+    return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=self.shardings)
+
   def init_state(self, seed: int | None = None):
     """A fresh TrainState, each leaf created on its device shards (default
     seed: config.train.seed, the seed the abstract state was traced with)."""
     seed = int(self.config.train.seed) if seed is None else int(seed)
-    init = self.init
-    return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=self.shardings)(
-        jax.random.key(seed))
+    return self._init_jit(jax.random.key(seed))
 
   def tokens_per_step(self) -> int | None:
     """Generator tokens per step of the global batch (samples x latent frames

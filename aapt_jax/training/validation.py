@@ -23,6 +23,7 @@ def check_config(config) -> StageSpec:
       ("train.clip_frames", config.train.clip_frames, 2),
       ("train.log_every", config.train.log_every, 1),
       ("train.max_nonfinite", config.train.max_nonfinite, 1),
+      ("train.profile_steps", config.train.profile_steps, 0),
       ("checkpoint.every_steps", config.checkpoint.every_steps, 1),
       ("checkpoint.keep", config.checkpoint.keep, 1)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
