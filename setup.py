@@ -27,6 +27,7 @@ setup(
         "ml-collections>=1.0.0",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "absl-py>=2.0",       # logging (training), flags (launch scripts)
         "safetensors>=0.8.0",
         "av>=12.0",
         "ale-py>=0.12",

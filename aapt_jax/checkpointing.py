@@ -97,6 +97,18 @@ def _flatten_config(d, prefix=""):
   return out
 
 
+def read_config(step_dir: str) -> ml_collections.ConfigDict:
+  """The config a step directory was saved with (its `config` item, read
+  through Orbax's JSON handler, the API that wrote it). ValueError when the
+  checkpoint has none or it is unreadable."""
+  where = os.path.join(step_dir, CONFIG)
+  try:
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+      return ml_collections.ConfigDict(checkpointer.restore(where))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"checkpoint {step_dir} has no readable config ({where}): {e}") from None
+
+
 def config_diff(saved: dict, current: dict, sections=("model",)) -> list[str]:
   """`field: checkpoint=..., config=...` for each differing field of `sections`."""
   a, b = _flatten_config(saved), _flatten_config(current)
@@ -168,12 +180,6 @@ class Checkpointer:
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def read_config(self, step: int) -> dict[str, Any]:
-    """The config the checkpoint at `step` was saved with (a dict)."""
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        **{CONFIG: ocp.args.JsonRestore()}))
-    return dict(out[CONFIG])
-
   def has_data_state(self, step: int) -> bool:
     """Whether `step` holds this process's iterator state for this process count."""
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
@@ -201,7 +207,7 @@ class Checkpointer:
     diff = []
     if config is not None:
       try:
-        diff = config_diff(self.read_config(step), config_to_dict(config),
+        diff = config_diff(read_config(self.step_dir(step)).to_dict(), config_to_dict(config),
                            sections=("model", "diffusion", "stage"))
       except Exception:  # a checkpoint without a readable config  # noqa: BLE001
         diff = []

@@ -21,12 +21,12 @@ import os
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from aapt_jax import export as export_lib
-from aapt_jax.checkpointing import CONFIG, STATE, config_diff, config_to_dict, named_leaves
+from aapt_jax.checkpointing import (STATE, config_diff, config_to_dict, named_leaves,
+                                    read_config)
 
 STAGE_ORDER = ("vae", "diffusion", "consistency", "adversarial")
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -89,23 +89,12 @@ def resolve_step_dir(path: str) -> str:
   return os.path.join(path, str(steps[-1]))
 
 
-def read_checkpoint_config(step_dir: str) -> ml_collections.ConfigDict:
-  """The config a step directory was saved with (its `config` item, read
-  through Orbax's JSON handler as `Checkpointer.read_config` reads it)."""
-  where = os.path.join(step_dir, CONFIG)
-  try:
-    return ml_collections.ConfigDict(
-        ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(where))
-  except (OSError, ValueError) as e:
-    raise ValueError(f"checkpoint {step_dir} has no readable config ({where}): {e}") from None
-
-
 def load_generator_params(path: str, which: str = "ema_params"):
   """(config, params) of the generator in a checkpoint: the config it was saved
   with (a ConfigDict) and its bare `which` tree ("ema_params" — what inference
   uses — or "gen_params") on the first local device."""
   step_dir = resolve_step_dir(path)
-  config = read_checkpoint_config(step_dir)
+  config = read_config(step_dir)
   checkpointer = ocp.PyTreeCheckpointer()
   try:
     meta = checkpointer.metadata(os.path.join(step_dir, STATE)).item_metadata

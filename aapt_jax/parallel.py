@@ -1,4 +1,4 @@
-"""Parallelism: the one logical-axis rules table.
+"""Parallelism: the mesh, logical-axis rules from the config, shardings, processes.
 
 Glossary of logical axis names (every parameter carries them; an unnamed
 parameter would be silently replicated, so a test walks the tree):
@@ -30,7 +30,9 @@ parameter would be silently replicated, so a test walks the tree):
     frames      latent frames
     tokens      tokens inside a frame
     act_embed   the residual stream's width (replicated: FSDP shards the batch)
-    act_heads   attention heads of q/k/v activations ("tensor")
+
+The rules that map them to the mesh axes ("data", "fsdp", "tensor") are
+`config.mesh.logical_axis_rules` (configs/base.py), read by `axis_rules`.
 """
 from __future__ import annotations
 
@@ -44,38 +46,13 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("frames", None),
-    ("tokens", None),
-    ("embed", "fsdp"),
-    ("embed_out", None),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("freq", None),
-    ("text_embed", None),
-    ("vocab", None),
-    ("control", None),
-    ("modulation", None),
-    ("patch_t", None),
-    ("patch_h", None),
-    ("patch_w", None),
-    ("channels", None),
-    ("patch_out", None),
-    ("layers", None),
-    ("logit", None),
-    ("vae_t", None),
-    ("vae_h", None),
-    ("vae_w", None),
-    ("vae_in", None),
-    ("vae_out", "fsdp"),
-    ("vae_norm", None),
-    ("rgb", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-)
-
-LOGICAL_AXIS_NAMES = frozenset(name for name, _ in LOGICAL_AXIS_RULES)
+# Every logical axis name (the glossary above); config.mesh.logical_axis_rules
+# maps each to mesh axes.
+LOGICAL_AXIS_NAMES = frozenset((
+    "embed", "embed_out", "heads", "mlp", "freq", "text_embed", "vocab", "control",
+    "modulation", "patch_t", "patch_h", "patch_w", "channels", "patch_out", "layers",
+    "logit", "vae_t", "vae_h", "vae_w", "vae_in", "vae_out", "vae_norm", "rgb",
+    "batch", "frames", "tokens", "act_embed"))
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # The residual stream [B, T, P, D] is sharded over the batch only.
@@ -112,13 +89,41 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def logical_shardings(boxed_tree, mesh) -> Any:
-  """NamedShardings for a tree of (abstract) boxed values with logical axis names.
+def axis_rules(config) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+  """`config.mesh.logical_axis_rules` as a tuple of (logical name, mesh axes)
+  pairs, mesh axes a name, a tuple of names or None (replicated).
+
+  ValueError naming the field: a pair that is not (name, axes), a mesh axis
+  not in ("data", "fsdp", "tensor"), or a logical name without a rule.
+  """
+  field = "config field mesh.logical_axis_rules"
+  rules = []
+  for pair in config.mesh.logical_axis_rules:
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+      raise ValueError(f"{field}: {pair!r} is not a (logical name, mesh axes) pair")
+    name, axes = pair
+    if isinstance(axes, list):  # a config read back from JSON
+      axes = tuple(axes)
+    for axis in axes if isinstance(axes, tuple) else () if axes is None else (axes,):
+      if axis not in MESH_AXES:
+        raise ValueError(f"{field}: {name!r} -> {axis!r} is not a mesh axis; use "
+                         f"{', '.join(MESH_AXES)}, a tuple of them, or None")
+    rules.append((str(name), axes))
+  missing = LOGICAL_AXIS_NAMES - {name for name, _ in rules}
+  if missing:
+    raise ValueError(f"{field} has no rule for {', '.join(sorted(missing))}; add "
+                     "(name, mesh axis or None) pairs (configs/base.py lists them all)")
+  return tuple(rules)
+
+
+def logical_shardings(boxed_tree, mesh, rules) -> Any:
+  """NamedShardings for a tree of (abstract) boxed values with logical axis
+  names, mapped to `mesh` axes by `rules` ((logical, mesh axes) pairs).
 
   Unboxed leaves (scalars such as step counters) are replicated.
   """
   specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
 def check_divisible(abstract_tree, shardings) -> None:
@@ -170,6 +175,21 @@ def initialize_distributed(cfg: DistributedConfig | None = None) -> None:
                        "to 0 or upgrade jax")
     kwargs["heartbeat_timeout_seconds"] = int(cfg.heartbeat_timeout_s)
   jax.distributed.initialize(**kwargs)
+
+
+def is_main_process() -> bool:
+  """Process 0: the one that writes metrics, logs and the console."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str, timeout_s: float = 1800.0) -> None:
+  """Waits for every process at `name` (the coordination service's barrier,
+  not a collective: processes may arrive minutes apart, e.g. one compiling
+  while another loads the compilation cache; gloo's rendezvous waits 30 s)."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the client jax.distributed.initialize made
+  distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
 
 
 def per_device_bytes(abstract_tree, shardings) -> int:

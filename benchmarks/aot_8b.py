@@ -66,15 +66,10 @@ if ARGS is not None:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import flax.linen as nn  # noqa: E402
 
 from aapt_jax import load_config, parallel  # noqa: E402
-from aapt_jax.models import build_generator  # noqa: E402
 from aapt_jax.training import memory  # noqa: E402
-from aapt_jax.training.optimizers import make_optimizer  # noqa: E402
-from aapt_jax.models.discriminator import build_discriminator  # noqa: E402
-from aapt_jax.training.stages import make_adversarial_step, make_diffusion_step  # noqa: E402
-from aapt_jax.training.state import abstract_state, state_shardings  # noqa: E402
+from aapt_jax.training.program import build_train_program, with_stage  # noqa: E402
 
 GiB = 2**30
 LIMITS = (("H100", memory.H100_BYTES), ("v5p", memory.TPU_V5P_BYTES))
@@ -130,28 +125,17 @@ def abstract_batch(config, spec, mesh, text_len):
 
 def compile_step(config, mesh, text_len, dump=""):
   """AOT-compile the stage-1 step on `mesh`; returns (compiled, seconds, state bytes)."""
-  model = build_generator(config)
-  tx = make_optimizer(config.diffusion.optim, config.train.steps)
-  boxed, _ = abstract_state(model, tx, int(config.train.seed))
-  shardings = state_shardings(boxed, mesh)
-  abstract = nn.meta.unbox(boxed)
-  parallel.check_divisible(abstract.gen_params, shardings.gen_params)
-  state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-  batch = abstract_batch(config, model.spec, mesh, text_len)
-  step = make_diffusion_step(model, tx, config)
+  program = build_train_program(with_stage(config, "diffusion"), mesh)
+  batch = abstract_batch(config, program.model.spec, mesh, text_len)
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
-    jitted = jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                     out_shardings=(shardings, None), donate_argnums=0)
-    lowered = jitted.lower(state_in, batch)
-    compiled = lowered.compile()
+    compiled = program.step.lower(program.abstract_state, batch).compile()
   secs = time.perf_counter() - t0
   if dump:
     os.makedirs(dump, exist_ok=True)
     with open(os.path.join(dump, f"{mesh.devices.size}_{config.model.remat}.hlo.txt"), "w") as f:
       f.write(compiled.as_text())
-  state_bytes = parallel.per_device_bytes(abstract, shardings)
+  state_bytes = parallel.per_device_bytes(program.abstract, program.shardings)
   return compiled, secs, state_bytes
 
 
@@ -159,17 +143,10 @@ def compile_stage3(config, mesh):
   """AOT-compile the stage-3 step (`make_adversarial_step`: student-forcing
   rollout, discriminator, R1/R2, G and D updates); returns (compiled,
   seconds, state bytes)."""
-  model, disc = build_generator(config), build_discriminator(config)
-  gen_tx = make_optimizer(config.adversarial.gen_optim, config.train.steps)
-  disc_tx = make_optimizer(config.adversarial.disc_optim, config.train.steps)
-  boxed, _ = abstract_state(model, gen_tx, int(config.train.seed), disc=disc, disc_tx=disc_tx)
-  shardings = state_shardings(boxed, mesh)
-  abstract = nn.meta.unbox(boxed)
-  state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-  a, spec = config.adversarial, model.spec
+  program = build_train_program(with_stage(config, "adversarial"), mesh)
+  a, spec = config.adversarial, program.model.spec
   b = int(config.train.batch_size)
-  sh = parallel.batch_sharding(mesh)
+  sh = program.batch_sharding
   h, w = spec.latent_size
   frame = (h, w, spec.latent_channels)
   batch = {"latents": jax.ShapeDtypeStruct((b, a.segment_frames) + frame, jnp.float32,
@@ -179,12 +156,11 @@ def compile_stage3(config, mesh):
     batch["actions"] = jax.ShapeDtypeStruct((b, a.segment_frames), jnp.int32, sharding=sh)
     batch["rollout_actions"] = jax.ShapeDtypeStruct((b, a.rollout_frames), jnp.int32,
                                                     sharding=sh)
-  step = make_adversarial_step(model, disc, gen_tx, disc_tx, config)
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
-    compiled = jax.jit(step, in_shardings=(shardings, sh), out_shardings=(shardings, None),
-                       donate_argnums=0).lower(state_in, batch).compile()
-  return compiled, time.perf_counter() - t0, parallel.per_device_bytes(abstract, shardings)
+    compiled = program.step.lower(program.abstract_state, batch).compile()
+  return (compiled, time.perf_counter() - t0,
+          parallel.per_device_bytes(program.abstract, program.shardings))
 
 
 def mem_row(compiled):

@@ -29,13 +29,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import flax.linen as nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aapt_jax import load_config, parallel  # noqa: E402
-from aapt_jax.models import build_generator  # noqa: E402
-from aapt_jax.models.discriminator import build_discriminator  # noqa: E402
-from aapt_jax.training import optimizers, stages, state as state_lib  # noqa: E402
+from aapt_jax.training.program import build_train_program, with_stage  # noqa: E402
 from benchmarks.common import config_names, device_line  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,23 +64,15 @@ def measure(config, length, kind, time_it):
     config.adversarial.rollout_frames = length
     if adversarial:
       config.adversarial.gradient = kind
-  model = build_generator(config)
+  config = with_stage(config, "adversarial" if adversarial else "diffusion")
+  with config.unlocked():
+    config.train.steps = 10
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
+  program = build_train_program(config, mesh)
   with jax.set_mesh(mesh):
-    if adversarial:
-      disc = build_discriminator(config)
-      tx = optimizers.make_optimizer(config.adversarial.gen_optim, 10)
-      dtx = optimizers.make_optimizer(config.adversarial.disc_optim, 10)
-      step = stages.make_adversarial_step(model, disc, tx, dtx, config)
-      boxed, _ = state_lib.abstract_state(model, tx, disc=disc, disc_tx=dtx)
-    else:
-      tx = optimizers.make_optimizer(config.diffusion.optim, 10)
-      step = stages.make_diffusion_step(model, tx, config)
-      boxed, _ = state_lib.abstract_state(model, tx)
-    abstract = nn.meta.unbox(boxed)
+    abstract = program.abstract
     batch = _batch(config, length, adversarial)
-    jitted = jax.jit(step, donate_argnums=0)
-    compiled = jitted.lower(abstract, batch).compile()
+    compiled = program.step.lower(program.abstract_state, batch).compile()
     mem = compiled.memory_analysis()
     seconds = None
     if time_it:

@@ -3,8 +3,8 @@ model-FLOPs utilisation against a matmul peak measured in the same run.
 
   python benchmarks/train_throughput.py [--configs tiny,atari] [--steps 20]
 
-One device, no fake devices. Each config's stage-1 step (`make_diffusion_step`,
-jitted with the state donated, as the trainer runs it) is timed over
+One device, no fake devices. Each config's stage-1 step (`build_train_program`'s
+jitted, donated step, as the trainer runs it) is timed over
 `--steps` steps after a warm-up, with one host sync at the end.
 
 FLOPs per step come from `compiled.cost_analysis()["flops"]` of the step.
@@ -26,7 +26,6 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -36,10 +35,7 @@ sys.path.insert(0, ROOT)
 
 from common import config_names, device_line  # noqa: E402
 from aapt_jax import load_config, parallel  # noqa: E402
-from aapt_jax.models import build_generator  # noqa: E402
-from aapt_jax.training.optimizers import make_optimizer  # noqa: E402
-from aapt_jax.training.stages import make_diffusion_step  # noqa: E402
-from aapt_jax.training.state import abstract_state, create_train_state  # noqa: E402
+from aapt_jax.training.program import build_train_program  # noqa: E402
 
 CONFIGS = {"tiny": "configs/tiny.py", "atari": "configs/atari.py"}
 TEXT_LEN = 8  # text tokens per sample when the config has text
@@ -98,40 +94,28 @@ def analytic_flops(config, spec, params):
   return 6 * params * tokens + 3 * attn
 
 
-def build_step(config, mesh):
-  model = build_generator(config)
-  tx = make_optimizer(config.diffusion.optim, config.train.steps)
-  state, shardings = create_train_state(model, tx, mesh, int(config.train.seed))
-  step = make_diffusion_step(model, tx, config)
-  with jax.set_mesh(mesh):
-    jitted = jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                     out_shardings=(shardings, None), donate_argnums=0)
-  return model, state, jitted
-
-
 def bench(name, steps):
-  config = load_config(os.path.join(ROOT, CONFIGS[name]))
+  config = load_config(os.path.join(ROOT, CONFIGS[name]), {"stage": "diffusion"})
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
-  model, state, jitted = build_step(config, mesh)
-  spec = model.spec
+  program = build_train_program(config, mesh)
+  spec = program.model.spec
   batch = random_batch(config, spec, np.random.default_rng(0))
-  batch = jax.device_put(batch, parallel.batch_sharding(mesh))
-  params = sum(x.size for x in jax.tree.leaves(state.gen_params))
+  batch = jax.device_put(batch, program.batch_sharding)
+  params = program.param_count()
 
   with jax.set_mesh(mesh):
+    state = program.init_state()
     t0 = time.perf_counter()
-    compiled = jitted.lower(state, batch).compile()
+    compiled = program.step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     flops = flops_of(compiled)
     flops_src = "compiled"
     if spec.scan_layers:
-      uconfig = load_config(os.path.join(ROOT, CONFIGS[name]), {"model.scan_layers": False})
-      umodel = build_generator(uconfig)
-      utx = make_optimizer(uconfig.diffusion.optim, uconfig.train.steps)
-      ustate = nn.meta.unbox(abstract_state(umodel, utx)[0])
-      ustep = make_diffusion_step(umodel, utx, uconfig)
+      uconfig = load_config(os.path.join(ROOT, CONFIGS[name]),
+                            {"stage": "diffusion", "model.scan_layers": False})
+      unrolled = build_train_program(uconfig, mesh)
       scanned_flops = flops
-      flops = flops_of(jax.jit(ustep).lower(ustate, batch).compile())
+      flops = flops_of(unrolled.step.lower(unrolled.abstract_state, batch).compile())
       flops_src = (f"the unrolled step (the scanned step's cost_analysis counts the layer "
                    f"body once: {scanned_flops / 1e9:.4g} GF)")
 

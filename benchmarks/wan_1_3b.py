@@ -54,19 +54,14 @@ if ARGS is not None:
   import jax  # noqa: E402
   jax.config.update("jax_num_cpu_devices", ARGS.devices)
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from aot_8b import compile_stage3, compile_step, cpu_mesh, fmt_gib, mem_row  # noqa: E402
 from common import device_line  # noqa: E402
-from aapt_jax import load_config, parallel  # noqa: E402
+from aapt_jax import load_config  # noqa: E402
 from aapt_jax.models import Conditioning, abstract_params, build_generator  # noqa: E402
-from aapt_jax.models.discriminator import build_discriminator  # noqa: E402
 from aapt_jax.training import memory  # noqa: E402
-from aapt_jax.training.optimizers import make_optimizer  # noqa: E402
-from aapt_jax.training.stages import make_adversarial_step  # noqa: E402
-from aapt_jax.training.state import abstract_state, state_shardings  # noqa: E402
 
 WAN = os.path.join(ROOT, "configs", "wan2_1_1_3b.py")
 AAPT_8B = os.path.join(ROOT, "configs", "aapt_8b.py")

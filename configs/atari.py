@@ -4,8 +4,8 @@ The model works in pixel space: 64x64 RGB frames become 16x16x48 "latents"
 by 4x4 space-to-depth (data/pipeline.py), one latent frame per video frame
 (r = 1), so an action shows in the very next frame. 64 tokens per frame;
 small enough to train on 2 CPU cores and to play faster than 24 frames/s.
-The Atari VAE (configs/atari_vae.py) is not used: its streaming decode alone
-measured ~230 ms per latent frame here (8 video frames/s).
+The Atari VAE (configs/atari_vae.py) is not used: its streaming decode is too
+slow to play at that rate (measured in RESULTS.md).
 
   python launch/train.py --config=configs/atari.py        # the main job (pipeline)
   python launch/train.py --config=configs/atari.py:full   # the shipped model's run
@@ -29,12 +29,8 @@ def get_config(arg=None):
   m.control_dim = 0
   # The head predicts the clean frame: each token carries 2x2x48 = 192 noise
   # values plus 192 recycled ones into dim 192, and predicting the velocity
-  # eps - x0 means carrying that noise through to cancel it. Measured on Pong
-  # after 60 stage-1 steps, x0 MSE of the one-step frame: 0.632 (velocity)
-  # vs 0.052 (x0); copying the previous frame scores 0.0008. Also measured:
-  # frame_delta 0.030, but its one-step rollout drifts (MSE 0.03 -> 28 over 24
-  # frames; x0's stays 0.05-0.14); dim 384 x 3 layers (x0) 0.042 at 1.3x the
-  # step time. After 200 steps x0 reaches 0.012, its rollout flat at 0.012-0.019.
+  # eps - x0 means carrying that noise through to cancel it (velocity,
+  # frame_delta and a wider model compared: measured in RESULTS.md).
   m.prediction = "x0"
   c.data.world = "atari"
   c.data.game = "Pong"
@@ -45,9 +41,8 @@ def get_config(arg=None):
   c.train.clip_frames = 12
   c.train.steps = 300         # a single stage's steps (--config.stage=diffusion etc.)
   c.checkpoint.every_steps = 100
-  # Trained from scratch (the paper's 1e-5 fine-tunes a pretrained model).
-  # Measured on Pong, stage-1 loss at step 60: 0.99 at lr 3e-4, 0.61 at 1e-3
-  # (no non-finite steps; gradient norms 0.1-0.3, under the clip).
+  # Trained from scratch (the paper's 1e-5 fine-tunes a pretrained model);
+  # learning rates compared: measured in RESULTS.md.
   c.diffusion.optim.learning_rate = 1e-3
   # Stages 2 and 3, sized for this CPU (the paper: 32 teacher steps, shift 24;
   # RMSProp for G and D; 10 s segments overlapping by 1 s).
@@ -66,11 +61,10 @@ def get_config(arg=None):
   c.adversarial.gen_optim.learning_rate = 1e-5
   c.adversarial.disc_optim.learning_rate = 1e-5
   # The main job (README): record Pong, then 1 -> 2 -> 3 and a sample 10x the
-  # training clip length, in under 30 min on 2 CPU cores. Measured per step on
-  # this CPU: stage 1 3.7 s, stage 2 5.3 s, stage 3 50 s (it judges 4 kinds x
-  # 2 segments x 8 clips of 8 frames with a 6-layer D); compiles 4 + 25 + 61 s.
-  # configs/atari.py:full is the shipped model's schedule, resumable across
-  # sessions (rerun the same command; a SIGTERM saves and stops).
+  # training clip length, in under 30 min on 2 CPU cores (time per step of
+  # each stage: measured in RESULTS.md). configs/atari.py:full is the shipped
+  # model's schedule, resumable across sessions (rerun the same command; a
+  # SIGTERM saves and stops).
   c.stage = "pipeline"
   c.pipeline.diffusion_steps = 220
   c.pipeline.consistency_steps = 30

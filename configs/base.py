@@ -86,6 +86,11 @@ def get_config(arg=None):
                               # up as min(decay, (1 + step) / (10 + step))
   t.log_every = 10            # steps between metric writes (TensorBoard + console)
   t.max_nonfinite = 5         # stop after this many non-finite losses in a row
+  t.profile_steps = 0         # > 0: a JAX profiler trace of this many steps (from the
+                              # second step run) into <workdir>/<stage>/tb (TensorBoard's
+                              # profile tab); launch/train.py --profile_steps=N
+  t.peak_flops_per_device = 0.0  # for perf/mfu; 0 = a known accelerator's bfloat16 peak
+                              # when model.dtype is bfloat16, else no MFU
 
   # ------------------------------------------------ stage 1: diffusion adaptation
   df = c.diffusion = ml_collections.ConfigDict()
@@ -172,6 +177,42 @@ def get_config(arg=None):
   me.data = -1
   me.fsdp = 1
   me.tensor = 1
+  # Logical axis -> mesh axes: (logical name, mesh axis, a tuple of mesh axes,
+  # or None = replicated) pairs, one for every logical name (aapt_jax/parallel.py
+  # has the glossary). Applied once, where training/program.py builds the
+  # train program: to the state's shardings and, while the step is traced,
+  # to the activations' logical constraints.
+  me.logical_axis_rules = (
+      # activations
+      ("batch", ("data", "fsdp")),  # samples
+      ("frames", None),             # latent frames
+      ("tokens", None),             # tokens inside a frame
+      ("act_embed", None),          # the residual stream's width (FSDP shards the batch)
+      # parameters
+      ("embed", "fsdp"),            # the model width D
+      ("embed_out", None),          # a D x D matrix's second D axis
+      ("heads", "tensor"),          # attention width (heads x head dim) of q/k/v/out
+      ("mlp", "tensor"),            # MLP hidden width, the 6·D modulation projection
+      ("freq", None),
+      ("text_embed", None),
+      ("vocab", None),
+      ("control", None),
+      ("modulation", None),
+      ("patch_t", None),
+      ("patch_h", None),
+      ("patch_w", None),
+      ("channels", None),
+      ("patch_out", None),
+      ("layers", None),             # the stacked axis of scanned blocks
+      ("logit", None),
+      ("vae_t", None),
+      ("vae_h", None),
+      ("vae_w", None),
+      ("vae_in", None),
+      ("vae_out", "fsdp"),          # a VAE conv's output channels
+      ("vae_norm", None),
+      ("rgb", None),
+  )
 
   # ------------------------------------------------------------ adversarial
   a = c.adversarial = ml_collections.ConfigDict()

@@ -33,10 +33,11 @@ FLAGS = flags.FLAGS
 def _is_vae_run(checkpoint: str) -> bool:
   """True for a stage-"vae" run/stage/step directory or VAE export."""
   from aapt_jax.export import export_stage, is_export
-  from aapt_jax.loading import read_checkpoint_config, resolve_step_dir
+  from aapt_jax.checkpointing import read_config
+  from aapt_jax.loading import resolve_step_dir
   if is_export(checkpoint):
     return export_stage(checkpoint) == "vae"
-  return read_checkpoint_config(resolve_step_dir(checkpoint)).get("stage") == "vae"
+  return read_config(resolve_step_dir(checkpoint)).get("stage") == "vae"
 
 
 def _export_vae(checkpoint: str) -> None:

@@ -7,6 +7,7 @@ Multi-host: the same command on every host, with --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I (or config.distributed.initialize=True to let
 JAX detect the cluster). SIGTERM saves a checkpoint and exits 0.
 """
+import logging as python_logging
 import os
 import sys
 
@@ -20,13 +21,24 @@ flags.DEFINE_string("workdir", "runs/atari", "Run directory (checkpoints, Tensor
 flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator HOST:PORT.")
 flags.DEFINE_integer("num_processes", None, "jax.distributed: number of processes.")
 flags.DEFINE_integer("process_id", None, "jax.distributed: this process's id.")
+flags.DEFINE_integer("profile_steps", None, "Trace this many steps with the JAX profiler "
+                     "into <workdir>/<stage>/tb (sets config.train.profile_steps).")
 FLAGS = flags.FLAGS
 
 
+def _not_orbax_info(record) -> bool:
+  """Orbax logs every checkpoint step at INFO; keep its warnings only."""
+  return (record.levelno >= python_logging.WARNING
+          or f"{os.sep}orbax{os.sep}" not in record.pathname)
+
+
 def main(_):
-  logging.set_verbosity(logging.WARNING)
+  logging.set_verbosity(logging.INFO)  # the trainer's messages (absl logging, process 0)
+  logging.get_absl_handler().addFilter(_not_orbax_info)
   from aapt_jax.cli import fail
   config = FLAGS.config
+  if FLAGS.profile_steps is not None:
+    config.train.profile_steps = FLAGS.profile_steps
   d = config.distributed
   if FLAGS.coordinator_address is not None:
     d.coordinator_address = FLAGS.coordinator_address
@@ -38,7 +50,8 @@ def main(_):
                                          FLAGS.process_id))
   try:
     from aapt_jax import parallel
-    from aapt_jax.training.trainer import NonFiniteLossError, train
+    from aapt_jax.pipeline import train
+    from aapt_jax.training.metrics import NonFiniteLossError
     if explicit or d.initialize:
       if d.coordinator_address and (d.num_processes < 1 or not
                                     0 <= d.process_id < d.num_processes):

@@ -7,17 +7,15 @@ import pytest
 
 from aapt_jax import checkpointing, load_config, loading, parallel
 from aapt_jax.models import build_generator
-from aapt_jax.training import optimizers, state as train_state
+from aapt_jax.training.program import build_train_program
 from helpers import config_path
 
 
 def test_load_ema_params_from_any_level_of_a_run(tmp_path):
   config = load_config(config_path("tiny.py"), {"mesh.data": 1})
-  model = build_generator(config)
-  tx = optimizers.make_optimizer(config.diffusion.optim, 10)
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
   with jax.set_mesh(mesh):
-    state, _ = train_state.create_train_state(model, tx, mesh)
+    state = build_train_program(config, mesh).init_state()
   state = state.replace(ema_params=jax.tree.map(lambda a: a + 1.0, state.ema_params))
   run = str(tmp_path / "run")
   with checkpointing.Checkpointer(checkpointing.checkpoint_dir(run, "diffusion")) as ckpt:

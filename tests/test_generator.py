@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aapt_jax.models import Conditioning, build_generator, init_params
 from helpers import compiled, frame, random_inputs, step_all, tiny
 
 B = 2

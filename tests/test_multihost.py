@@ -10,7 +10,7 @@ import pytest
 
 from aapt_jax.data.records import write_records
 from test_training_loop import (ROOT, cli_args, cli_env, ckpt_dir, complete_steps,
-                                tiny_examples)
+                                run_summaries, tiny_examples)
 
 HEARTBEAT_S = 5
 
@@ -89,5 +89,5 @@ def test_two_processes_run_to_the_end_and_resume(data, tmp_path):
     for p, (out, err) in zip(procs, outs):
       assert p.returncode == 0, err[-3000:]
     if first is not None:
-      assert f"resuming diffusion from step {first}:" in outs[0][0]
+      assert run_summaries(workdir)[0]["resumed_from"] == first
     assert complete_steps(workdir)[-1] == steps and both_data_states(workdir, steps)

@@ -213,14 +213,12 @@ def test_export_command_from_a_run_directory(tmp_path):
   """launch/export.py on a training run: the EMA params, bf16, the emulator's
   first frame; StreamingSession.load reads it."""
   from aapt_jax import checkpointing, load_config, parallel
-  from aapt_jax.models import build_generator
-  from aapt_jax.training import optimizers, state as train_state
+  from aapt_jax.training.program import build_train_program
   config = load_config(os.path.join(ROOT, "configs", "tiny.py"),
                        {**dict(TINY_ATARI), "mesh.data": 1})
-  tx = optimizers.make_optimizer(config.diffusion.optim, 10)
-  with jax.set_mesh(parallel.make_mesh(config.mesh, jax.devices()[:1])):
-    state, _ = train_state.create_train_state(build_generator(config), tx,
-                                              parallel.make_mesh(config.mesh, jax.devices()[:1]))
+  mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    state = build_train_program(config, mesh).init_state()
   state = state.replace(ema_params=jax.tree.map(lambda a: a + 0.5, state.ema_params))
   run = str(tmp_path / "run")
   with checkpointing.Checkpointer(checkpointing.checkpoint_dir(run, "consistency")) as ckpt:

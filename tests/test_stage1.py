@@ -3,16 +3,15 @@ step equals the unsharded one, parameters and activations really sharded,
 non-finite updates skipped."""
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from aapt_jax import load_config, parallel
-from aapt_jax.models import build_generator
 from aapt_jax.objectives import flow_matching as fm
-from aapt_jax.training import optimizers, stages, state as train_state
+from aapt_jax.training import stages
+from aapt_jax.training.program import build_train_program
 from helpers import config_path
 
 
@@ -54,11 +53,8 @@ B, T = 4, 5
 
 
 def _setup(mesh_overrides):
-  config = load_config(config_path("tiny.py"), {
+  return load_config(config_path("tiny.py"), {
       "train.batch_size": B, "diffusion.optim.learning_rate": 1e-3, **mesh_overrides})
-  model = build_generator(config)
-  tx = optimizers.make_optimizer(config.diffusion.optim, 10)
-  return config, model, tx
 
 
 def _batch(spec, nan=False):
@@ -74,20 +70,20 @@ def sharded_and_single():
   out = {}
   for name, mesh_over in [("sharded", {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}),
                           ("single", {"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})]:
-    config, model, tx = _setup(mesh_over)
+    config = _setup(mesh_over)
     devices = jax.devices() if name == "sharded" else jax.devices()[:1]
     mesh = parallel.make_mesh(config.mesh, devices)
+    program = build_train_program(config, mesh)
+    model = program.model
     with jax.set_mesh(mesh):
-      state, shardings = train_state.create_train_state(model, tx, mesh)
-      bs = parallel.batch_sharding(mesh)
-      batch = jax.device_put(_batch(model.spec), bs)
+      state = program.init_state()
+      batch = jax.device_put(_batch(model.spec), program.batch_sharding)
       loss_fn = jax.jit(lambda p, b: jax.value_and_grad(
           lambda q: stages.diffusion_loss(model, q, b, jax.random.key(3), config))(p))
       loss, grads = loss_fn(state.gen_params, batch)
-      step = jax.jit(stages.make_diffusion_step(model, tx, config),
-                     in_shardings=(shardings, bs), out_shardings=(shardings, None))
-      lowered = step.lower(state, batch)
-      new_state, metrics = step(state, batch)
+      lowered = program.step.lower(state, batch)
+      # the step donates its state: step a second, equal copy
+      new_state, metrics = program.step(program.init_state(), batch)
       out[name] = dict(state=state, loss=loss, grads=grads, new_state=new_state,
                        metrics=metrics, lowered=lowered, model=model, mesh=mesh)
   return out
@@ -132,12 +128,13 @@ def test_residual_activation_is_batch_sharded_in_compiled_step(sharded_and_singl
 
 
 def test_nonfinite_loss_skips_update():
-  config, model, tx = _setup({"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
+  config = _setup({"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
+  program = build_train_program(config, mesh)
+  model, step = program.model, program.step
   with jax.set_mesh(mesh):
-    state, shardings = train_state.create_train_state(model, tx, mesh)
+    state = program.init_state()
     before = jax.tree.map(np.asarray, state.gen_params)
-    step = jax.jit(stages.make_diffusion_step(model, tx, config))
     new_state, metrics = step(state, _batch(model.spec, nan=True))
   assert not bool(metrics["finite"])
   assert int(new_state.skipped) == 1 and int(new_state.step) == 1
@@ -153,13 +150,36 @@ def test_bad_mesh_is_a_clear_error():
     parallel.make_mesh(config.mesh)
   config = load_config(config_path("tiny.py"), {"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 8,
                                                  "model.dim": 36})
-  model = build_generator(config)
-  tx = optimizers.make_optimizer(config.diffusion.optim, 10)
   with pytest.raises(ValueError, match="not divisible"):
-    train_state.create_train_state(model, tx, parallel.make_mesh(config.mesh))
+    build_train_program(config, parallel.make_mesh(config.mesh))
 
 
 def test_ema_decay_warms_up_then_holds():
   np.testing.assert_allclose(float(stages.ema_decay_at(0, 0.995)), 0.1)
   np.testing.assert_allclose(float(stages.ema_decay_at(90, 0.995)), 91 / 100)
   np.testing.assert_allclose(float(stages.ema_decay_at(10_000, 0.995)), 0.995)
+
+
+def test_sharding_rules_come_from_the_config():
+  """config.mesh.logical_axis_rules decides the shardings (here: the MLP width
+  replicated instead of split over "tensor"); a missing rule or an unknown
+  mesh axis is named. Abstract mesh: nothing compiled or allocated."""
+  from aapt_jax.training.memory import abstract_mesh
+  config = _setup({})
+  fc1 = lambda p: p.shardings.gen_params["transformer"]["blocks"]["ffn"]["fc1"]["kernel"].spec
+  mesh = abstract_mesh(1, 4, 2)
+  assert fc1(build_train_program(config, mesh)) == jax.sharding.PartitionSpec(
+      None, "fsdp", "tensor")
+  rules = tuple((n, None if n == "mlp" else a) for n, a in config.mesh.logical_axis_rules)
+  with config.unlocked():
+    config.mesh.logical_axis_rules = rules
+  assert fc1(build_train_program(config, mesh)) == jax.sharding.PartitionSpec(
+      None, "fsdp", None)
+  with config.unlocked():
+    config.mesh.logical_axis_rules = tuple(r for r in rules if r[0] != "mlp")
+  with pytest.raises(ValueError, match=r"mesh\.logical_axis_rules has no rule for mlp"):
+    build_train_program(config, mesh)
+  with config.unlocked():
+    config.mesh.logical_axis_rules = rules + (("mlp", "model"),)
+  with pytest.raises(ValueError, match=r"'mlp' -> 'model' is not a mesh axis"):
+    build_train_program(config, mesh)

@@ -8,7 +8,8 @@ import pytest
 from aapt_jax import load_config, parallel
 from aapt_jax.models import build_generator
 from aapt_jax.models.discriminator import build_discriminator
-from aapt_jax.training import optimizers, stages, state as train_state
+from aapt_jax.training import optimizers, stages
+from aapt_jax.training.program import build_train_program, with_stage
 from helpers import config_path
 
 B = 2
@@ -31,7 +32,7 @@ def test_consistency_step_updates_student_not_teacher():
   tx = optimizers.make_optimizer(config.consistency.optim, 10)
   mesh = _single_mesh(config)
   with jax.set_mesh(mesh):
-    state, _ = train_state.create_train_state(model, tx, mesh, teacher=True)
+    state = build_train_program(with_stage(config, "consistency"), mesh).init_state()
     rng = np.random.default_rng(0)
     batch = {"latents": rng.standard_normal((B, 4, 4, 4, 4)).astype(np.float32),
              "actions": rng.integers(0, 5, (B, 4)).astype(np.int32)}
@@ -91,7 +92,7 @@ def _adversarial_setup(**overrides):
   disc_tx = optimizers.make_optimizer(config.adversarial.disc_optim, 10)
   mesh = _single_mesh(config)
   with jax.set_mesh(mesh):
-    state, _ = train_state.create_train_state(model, gen_tx, mesh, disc=disc, disc_tx=disc_tx)
+    state = build_train_program(with_stage(config, "adversarial"), mesh).init_state()
   step = stages.make_adversarial_step(model, disc, gen_tx, disc_tx, config)
   return dict(config=config, model=model, disc=disc, mesh=mesh, state=state, step=step)
 

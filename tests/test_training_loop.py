@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -23,9 +22,9 @@ import pytest
 from aapt_jax import checkpointing, load_config, loading, parallel
 from aapt_jax.data.records import write_records
 from aapt_jax.models import build_generator
-from aapt_jax.training import optimizers
-from aapt_jax.training import state as state_lib
-from aapt_jax.training.trainer import NonFiniteLossError, Trainer
+from aapt_jax.training.program import build_train_program
+from aapt_jax.training.metrics import NonFiniteLossError
+from aapt_jax.training.trainer import Trainer
 from helpers import ROOT, config_path
 
 STAGE = "diffusion"
@@ -114,12 +113,15 @@ def metrics_by_step(workdir):
   return rows
 
 
+def run_summaries(workdir):
+  """The stages' summaries a launch/train.py run wrote to <workdir>/summary.json."""
+  with open(os.path.join(str(workdir), "summary.json")) as f:
+    return json.load(f)["stages"]
+
+
 def abstract_target(config, mesh):
-  model = build_generator(config)
-  tx = optimizers.make_optimizer(config.diffusion.optim, config.train.steps)
-  boxed, _ = state_lib.abstract_state(model, tx, config.train.seed)
-  shardings = state_lib.state_shardings(boxed, mesh)
-  return checkpointing.abstract_with_shardings(nn.meta.unbox(boxed), shardings), shardings
+  program = build_train_program(config, mesh)
+  return program.abstract_state, program.shardings
 
 
 def load_state(workdir, step, config):
@@ -154,6 +156,38 @@ def good_run(tiny_data, tmp_path_factory):
   return str(workdir)
 
 
+def test_summary_metrics_and_profile(tiny_data, tmp_path):
+  """A run writes <stage>/summary.json (what `run` returns: steps, losses,
+  skipped steps, the compiled step's cost and memory analysis), namespaced
+  metrics (train/*, perf/* from the second step read on) and, with
+  train.profile_steps, a profiler trace TensorBoard's profile tab reads."""
+  workdir = tmp_path / "run"
+  summary = Trainer(make_config(tiny_data, train__steps=3, train__profile_steps=1),
+                    str(workdir)).run()
+  stage_dir = checkpointing.stage_dir(str(workdir), STAGE)
+  with open(os.path.join(stage_dir, "summary.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(summary))
+  assert (summary["stage"], summary["start_step"], summary["step"], summary["steps_run"],
+          summary["nonfinite_steps"], summary["resumed_from"]) == (STAGE, 0, 3, 3, 0, None)
+  assert summary["compiled"]["cost/flops"] > 0
+  assert summary["compiled"]["memory/argument_size_in_bytes"] > 0
+  rows = metrics_by_step(workdir)
+  assert sorted(rows) == [1, 2, 3]
+  assert summary["first_loss"] == rows[1]["train/loss"]
+  assert summary["final_loss"] == rows[3]["train/loss"]
+  assert {"train/loss", "train/grad_norm", "train/finite"} <= set(rows[1])
+  assert not any(k.startswith("perf/") for k in rows[1])  # no interval before the first read
+  tokens = 8 * 5 * 4  # batch x clip frames x tokens per frame (4x4 latents, 2x2 patches)
+  for s in (2, 3):
+    assert rows[s]["perf/step_time_s"] > 0
+    np.testing.assert_allclose(rows[s]["perf/tokens_per_s"] * rows[s]["perf/step_time_s"],
+                               tokens, rtol=1e-6)
+    assert "perf/mfu" not in rows[s]  # float32 on CPU: no known peak
+  traces = [f for _, _, files in os.walk(os.path.join(stage_dir, "tb", "plugins", "profile"))
+            for f in files if f.endswith(".xplane.pb")]
+  assert traces
+
+
 # ----------------------------------------------------------------------------
 # Resume.
 
@@ -175,7 +209,8 @@ def test_resume_is_exact(tiny_data, good_run, tmp_path):
   shutil.copytree(good_run, resumed)
   r = run_cli(resumed, tiny_data, train__steps=6)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert f"resuming {STAGE} from step 3" in r.stdout
+  (s,) = run_summaries(resumed)
+  assert (s["stage"], s["resumed_from"], s["start_step"], s["step"]) == (STAGE, 3, 3, 6)
   assert complete_steps(resumed) == [3, 6]
 
   a, b = load_state(straight, 6, config), load_state(resumed, 6, config)
@@ -189,7 +224,7 @@ def test_resume_is_exact(tiny_data, good_run, tmp_path):
   ma, mb = metrics_by_step(straight), metrics_by_step(resumed)
   for s in (4, 5, 6):
     assert ma[s]["data_fingerprint"] == mb[s]["data_fingerprint"], s
-    np.testing.assert_allclose(ma[s]["loss"], mb[s]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(ma[s]["train/loss"], mb[s]["train/loss"], rtol=1e-5)
   assert len({ma[s]["data_fingerprint"] for s in (1, 2, 3, 4, 5, 6)}) == 6
   assert data_state(straight, 6) == data_state(resumed, 6)
   tb = os.path.join(checkpointing.stage_dir(str(resumed), STAGE), "tb")
@@ -204,11 +239,9 @@ def test_resume_is_exact(tiny_data, good_run, tmp_path):
 
 def test_restore_onto_other_meshes(tmp_path):
   config = load_config(config_path("tiny.py"))
-  model = build_generator(config)
-  tx = optimizers.make_optimizer(config.diffusion.optim, 10)
   mesh_a = parallel.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
   with jax.set_mesh(mesh_a):
-    state, _ = state_lib.create_train_state(model, tx, mesh_a, seed=3)
+    state = build_train_program(config, mesh_a).init_state(seed=3)
   state = state.replace(step=state.step + 7)
   saved = jax.device_get(state)
   with checkpointing.Checkpointer(str(tmp_path / "ck")) as ck:
@@ -292,17 +325,16 @@ def test_sigkill_during_save_then_sigterm(tiny_data, tmp_path):
     assert _wait(lambda: complete_steps(workdir) and complete_steps(workdir)[-1] > last,
                  240, proc, "a checkpoint after the restart")
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
   finally:
     if proc.poll() is None:
       proc.kill()
       proc.communicate()
   assert proc.returncode == 0, err[-3000:]
-  assert f"resuming {STAGE} from step {last}:" in out
-  m = re.search(r"stopped by SIGTERM at step (\d+); latest checkpoint: (\S+)\.", out)
-  assert m, out[-2000:]
-  stopped = int(m.group(1))
-  assert complete_steps(workdir)[-1] == stopped and m.group(2).endswith(f"/{stopped}")
+  (s,) = run_summaries(workdir)
+  assert s["resumed_from"] == last and s["preempted"], s
+  stopped = s["step"]
+  assert complete_steps(workdir)[-1] == stopped and s["checkpoint"].endswith(f"/{stopped}")
   assert not tmp_dirs(workdir)  # the half-written ones were cleaned up
   assert int(load_state(workdir, stopped, make_config(tiny_data)).step) == stopped
 
@@ -420,8 +452,9 @@ def test_pipeline_runs_three_stages_each_from_the_one_before(tiny_data, tmp_path
     return r.stdout + r.stderr
 
   out = run()
-  for stage in ("diffusion", "consistency", "adversarial"):
-    assert re.search(rf"{stage}: steps 0 -> 2 \(2 run\)", out), out[-3000:]
+  assert [(s["stage"], s["start_step"], s["step"], s["steps_run"])
+          for s in run_summaries(workdir)] == [
+              (stage, 0, 2, 2) for stage in ("diffusion", "consistency", "adversarial")]
   assert "next: python launch/generate.py" in out
   assert loading.resolve_step_dir(workdir).endswith(
       os.path.join("adversarial", "checkpoints", "2"))
@@ -435,14 +468,14 @@ def test_pipeline_runs_three_stages_each_from_the_one_before(tiny_data, tmp_path
   assert any(float(np.abs(np.asarray(a) - np.asarray(b)).max()) > 0
              for a, b in zip(jax.tree.leaves(gen), jax.tree.leaves(stage2)))
   # a rerun finds every stage done and trains nothing
-  out = run()
-  assert out.count("nothing to do") == 3, out[-3000:]
+  run()
+  assert [s["steps_run"] for s in run_summaries(workdir)] == [0, 0, 0]
 
 
 def test_a_preempted_pipeline_stage_ends_the_run(tiny_data, tmp_path, monkeypatch):
   """SIGTERM during a pipeline stage saves that stage and stops the run: the
   next stage must not start from a half-trained one (a rerun resumes)."""
-  from aapt_jax.training import trainer as trainer_lib
+  from aapt_jax import pipeline as pipeline_lib
   ran = []
 
   class FakeTrainer:
@@ -453,9 +486,9 @@ def test_a_preempted_pipeline_stage_ends_the_run(tiny_data, tmp_path, monkeypatc
       ran.append(self.stage)
       return {"stage": self.stage, "preempted": self.stage == "consistency"}
 
-  monkeypatch.setattr(trainer_lib, "Trainer", FakeTrainer)
+  monkeypatch.setattr(pipeline_lib, "Trainer", FakeTrainer)
   config = make_config(tiny_data, stage="pipeline", pipeline__sample_frames=0)
-  summaries = trainer_lib.train(config, str(tmp_path))
+  summaries = pipeline_lib.train(config, str(tmp_path))
   assert ran == ["diffusion", "consistency"] and summaries[-1]["preempted"]
 
 

@@ -90,15 +90,15 @@ def test_the_vae_train_state_shards_over_fsdp_and_steps_like_one_device():
   8 ways (the RGB head and norms replicated), and one step equals the step
   of the same state on one device."""
   from aapt_jax import parallel
-  from aapt_jax.training.state import create_train_state
+  from aapt_jax.training.program import build_train_program
   config = load_config(config_path("base.py"), {
       "vae.base_dim": 8, "vae.z_dim": 8, "vae.dim_mult": (1,), "vae.num_res_blocks": 1,
       "vae.temperal_downsample": (), "model.latent_size": (8, 8),
-      "vae.optim.learning_rate": 3e-3, "mesh.data": 1, "mesh.fsdp": 8})
-  vae = build_vae(config)
-  tx = make_optimizer(config.vae.optim, 10)
+      "vae.optim.learning_rate": 3e-3, "mesh.data": 1, "mesh.fsdp": 8, "stage": "vae"})
   mesh = parallel.make_mesh(config.mesh)
-  state, shardings = create_train_state(vae, tx, mesh)
+  program = build_train_program(config, mesh)
+  vae, tx, shardings = program.model, program.tx, program.shardings
+  state = program.init_state()
   kernel = state.gen_params["decoder"]["conv_in"]["kernel"]  # [3, 3, 3, 8, 8]
   assert shardings.gen_params["decoder"]["conv_in"]["kernel"].spec[-1] == "fsdp"
   assert kernel.addressable_shards[0].data.shape == (3, 3, 3, 8, 1)

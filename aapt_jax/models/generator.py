@@ -16,7 +16,6 @@ from typing import Any
 
 import flax.linen as nn
 import flax.struct
-import jax
 import jax.numpy as jnp
 
 from aapt_jax.models import kv_cache as kvc

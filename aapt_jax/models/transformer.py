@@ -16,7 +16,7 @@ from aapt_jax.models import attention as attn_ops
 from aapt_jax.models import rope
 from aapt_jax.models.layers import Dense, FeedForward, LayerNorm32, RMSNorm, logical
 from aapt_jax.models.spec import ModelSpec
-from aapt_jax.parallel import LOGICAL_AXIS_RULES, RESIDUAL
+from aapt_jax.parallel import RESIDUAL
 
 REMAT_POLICY = {
     "full": None,
@@ -104,7 +104,7 @@ class Block(nn.Module):
   def __call__(self, x, layer_kv, mod, text, text_mask, counter):
     # x [B, T, P, D]; mod [B, T, 6, D] float32 (shared time projection)
     s = self.spec
-    x = nn.with_logical_constraint(x, RESIDUAL, rules=LOGICAL_AXIS_RULES)
+    x = nn.with_logical_constraint(x, RESIDUAL)  # rules: where the program is built
     f32 = jnp.float32
     table = self.param(
         "scale_shift_table",

@@ -1,8 +1,8 @@
 """Memory per device of a training run, estimated before anything is allocated.
 
-`state_memory(model, tx, mesh)` walks the abstract train state
-(`jax.eval_shape`, no allocation) with the shardings the run will use and
-returns the bytes each device holds: params + optimizer state + EMA (+ the
+`state_memory(config, mesh)` walks the abstract stage-1 train state of
+`build_train_program` (`jax.eval_shape`, no allocation) with the shardings
+the run will use and returns the bytes each device holds: params + optimizer state + EMA (+ the
 scalars). For the state it is exact: the bytes of device 0's shards of the
 real, initialised state (tests/test_memory.py checks this).
 
@@ -43,9 +43,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from aapt_jax import parallel
 from aapt_jax.config import load_config
-from aapt_jax.models import build_generator
-from aapt_jax.training.optimizers import make_optimizer
-from aapt_jax.training.state import abstract_state
+from aapt_jax.training.program import build_train_program, with_stage
 
 GiB = 2**30
 # Accelerator sizes the messages and benchmarks/aot_8b.py compare against.
@@ -109,10 +107,10 @@ def abstract_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1) -> AbstractMesh
                       axis_types=(AxisType.Auto,) * 3)
 
 
-def state_memory_from_abstract(boxed_state, mesh) -> StateMemory:
+def state_memory_from_abstract(boxed_state, mesh, rules) -> StateMemory:
   """Per-device bytes of a boxed abstract TrainState sharded on `mesh`
-  (a `Mesh` or an `AbstractMesh`)."""
-  shardings = parallel.logical_shardings(boxed_state, mesh)
+  (a `Mesh` or an `AbstractMesh`) by the logical-axis `rules`."""
+  shardings = parallel.logical_shardings(boxed_state, mesh, rules)
   abstract = nn.meta.unbox(boxed_state)
   part = lambda name: parallel.per_device_bytes(getattr(abstract, name),
                                                 getattr(shardings, name))
@@ -121,11 +119,11 @@ def state_memory_from_abstract(boxed_state, mesh) -> StateMemory:
   return StateMemory(params=params, optimizer=opt, ema=ema, other=total - params - opt - ema)
 
 
-def state_memory(model, tx, mesh, seed: int = 0) -> StateMemory:
-  """Per-device bytes of the train state of `model` with optimizer `tx` on
-  `mesh` (`Mesh` or `AbstractMesh`): `abstract_state` + shardings, no allocation."""
-  boxed, _ = abstract_state(model, tx, seed)
-  return state_memory_from_abstract(boxed, mesh)
+def state_memory(config, mesh) -> StateMemory:
+  """Per-device bytes of `config`'s stage-1 train state on `mesh` (`Mesh` or
+  `AbstractMesh`): the program's abstract state and shardings, no allocation."""
+  program = build_train_program(with_stage(config, "diffusion"), mesh)
+  return state_memory_from_abstract(program.boxed, mesh, program.rules)
 
 
 def samples_per_device(config, mesh_shape: dict) -> int:
@@ -153,16 +151,14 @@ def activation_allowance(spec, config, mesh_shape: dict) -> tuple[int, int]:
 def estimate(config, mesh, *, _cache: dict | None = None) -> MemoryEstimate:
   """State + allowance per device for `config`'s stage 1 on `mesh` (`Mesh` or
   `AbstractMesh`); eval_shape only."""
-  if _cache is not None and "boxed" in _cache:
-    spec, boxed = _cache["spec"], _cache["boxed"]
+  if _cache is not None and "boxed" in _cache:  # the abstract state is mesh-independent
+    spec, boxed, rules = _cache["spec"], _cache["boxed"], _cache["rules"]
   else:
-    model = build_generator(config)
-    tx = make_optimizer(config.diffusion.optim, config.train.steps)
-    boxed, _ = abstract_state(model, tx, int(config.train.seed))
-    spec = model.spec
+    program = build_train_program(with_stage(config, "diffusion"), mesh)
+    spec, boxed, rules = program.model.spec, program.boxed, program.rules
     if _cache is not None:
-      _cache.update(spec=spec, boxed=boxed)
-  state = state_memory_from_abstract(boxed, mesh)
+      _cache.update(spec=spec, boxed=boxed, rules=rules)
+  state = state_memory_from_abstract(boxed, mesh, rules)
   shape = _mesh_shape(mesh)
   residuals, attention = activation_allowance(spec, config, shape)
   return MemoryEstimate(mesh_shape=shape, state=state, gradients=state.params,

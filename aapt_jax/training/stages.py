@@ -1,18 +1,18 @@
 """One pure train-step function per stage: (state, batch) -> (state, metrics).
 
-Each is jitted with the state donated by the trainer. A non-finite loss or
-gradient skips the update (params, optimizer and EMA unchanged) and is counted.
+The single-network stages are `make_step` of their loss; stage 3 updates D
+and then G. Each is jitted with the state donated (training/program.py). A
+non-finite loss or gradient skips the update (params, optimizer and EMA
+unchanged, `optimizer_update`) and is counted in `state.skipped`.
 """
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from aapt_jax.models import Conditioning
 from aapt_jax.objectives import flow_matching as fm
-from aapt_jax.parallel import LOGICAL_AXIS_RULES
 
 
 def _drop_conditions(rng, batch, p):
@@ -45,8 +45,12 @@ def ema_decay_at(step, ema_decay):
 
 
 def optimizer_update(params, opt_state, grads, loss, tx):
-  """One optimizer step -> (params, opt_state, ok, grad_norm); when the loss or
-  the gradient is non-finite (ok False) params and opt state are unchanged."""
+  """One optax step of `params`, masked: (params, opt_state, ok, grad_norm).
+
+  `ok` (a bool scalar) is False when `loss` or the gradient's global norm is
+  non-finite; then the returned params and optimizer state are the inputs,
+  unchanged (the step is skipped, not applied with NaNs).
+  """
   grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt = tx.update(grads, opt_state, params)
@@ -55,7 +59,9 @@ def optimizer_update(params, opt_state, grads, loss, tx):
 
 
 def apply_update(state, grads, loss, tx, ema_decay):
-  """Optimizer step + EMA, skipped when the loss or gradient is non-finite."""
+  """The generator's `optimizer_update` + its EMA, all skipped (and counted in
+  `state.skipped`) when the loss or gradient is non-finite; advances `state.step`.
+  Returns (state, {"grad_norm", "finite"})."""
   params, opt, ok, grad_norm = optimizer_update(state.gen_params, state.gen_opt, grads, loss, tx)
   decay = ema_decay_at(state.step, ema_decay)
   new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
@@ -64,6 +70,29 @@ def apply_update(state, grads, loss, tx, ema_decay):
       ema_params=_masked(ok, new_ema, state.ema_params),
       skipped=state.skipped + (~ok).astype(jnp.int32))
   return state, {"grad_norm": grad_norm, "finite": ok}
+
+
+def make_step(loss_fn, tx, ema_decay):
+  """The one train-step wrapper of the single-network stages: (state, batch)
+  -> (state, metrics).
+
+  loss_fn(params, state, batch, rng) -> (loss, aux): the stage's loss of the
+  trained params (`state.gen_params`), given the whole (pre-update) state for
+  frozen networks (a teacher, the EMA target) and a fresh key; `aux` is a
+  dict of scalars. The step differentiates it, applies `apply_update` with
+  `tx` and the EMA decay, advances `state.rng`, and returns
+  {"loss", **aux, "grad_norm", "finite"}. Pure: jit it with the state donated.
+  """
+
+  def step(state, batch):
+    rng, k = jax.random.split(jax.random.wrap_key_data(state.rng))
+    (loss, aux), grads = jax.value_and_grad(
+        lambda p: loss_fn(p, state, batch, k), has_aux=True)(state.gen_params)
+    state, m = apply_update(state, grads, loss, tx, ema_decay)
+    state = state.replace(rng=jax.random.key_data(rng))
+    return state, {"loss": loss, **aux, **m}
+
+  return step
 
 
 def diffusion_loss(model, params, batch, rng, config):
@@ -84,18 +113,9 @@ def diffusion_loss(model, params, batch, rng, config):
 
 
 def make_diffusion_step(model, tx, config):
-  """The stage-1 step (pure; jit it with the state donated)."""
-
-  def step(state, batch):
-    with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-      rng, k = jax.random.split(jax.random.wrap_key_data(state.rng))
-      loss, grads = jax.value_and_grad(
-          lambda p: diffusion_loss(model, p, batch, k, config))(state.gen_params)
-      state, m = apply_update(state, grads, loss, tx, config.train.ema_decay)
-      state = state.replace(rng=jax.random.key_data(rng))
-    return state, {"loss": loss, **m}
-
-  return step
+  """The stage-1 step: `make_step` of `diffusion_loss`."""
+  return make_step(lambda p, state, batch, k: (diffusion_loss(model, p, batch, k, config), {}),
+                   tx, config.train.ema_decay)
 
 
 # --------------------------------------------------------------------------
@@ -131,18 +151,11 @@ def consistency_loss(model, params, teacher_params, target_params, batch, rng, c
 
 
 def make_consistency_step(model, tx, config):
-  """The stage-2 step; the target network is `state.ema_params`."""
-
-  def step(state, batch):
-    with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-      rng, k = jax.random.split(jax.random.wrap_key_data(state.rng))
-      loss, grads = jax.value_and_grad(lambda p: consistency_loss(
-          model, p, state.teacher_params, state.ema_params, batch, k, config))(state.gen_params)
-      state, m = apply_update(state, grads, loss, tx, config.train.ema_decay)
-      state = state.replace(rng=jax.random.key_data(rng))
-    return state, {"loss": loss, **m}
-
-  return step
+  """The stage-2 step: `make_step` of `consistency_loss` against the frozen
+  `state.teacher_params` and the EMA target `state.ema_params`."""
+  return make_step(lambda p, state, batch, k: (consistency_loss(
+      model, p, state.teacher_params, state.ema_params, batch, k, config), {}),
+                   tx, config.train.ema_decay)
 
 
 # --------------------------------------------------------------------------
@@ -259,88 +272,87 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
   sg = jax.lax.stop_gradient
 
   def step(state, batch):
-    with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-      rng, k_noise, k_t, k_dn, k_r1, k_r2 = jax.random.split(
-          jax.random.wrap_key_data(state.rng), 6)
-      real = batch["latents"]                                  # [B, S, h, w, C]
-      b = real.shape[0]
-      first = batch["rollout_first"]                           # [B, h, w, C]
-      noise = jax.random.normal(k_noise, (b, length - 1) + first.shape[1:], first.dtype)
-      inputs = jnp.concatenate([first[:, None], noise], axis=1)  # [B, R, h, w, C]
-      roll_cond, real_cond = _conditions(batch, "rollout_"), _conditions(batch)
-      # D's timestep: clean frames at t = 0 (the paper's D takes frames, not
-      # noise); with disc_noise_input, per sample t ~ U[0, 1]
-      t = jax.random.uniform(k_t, (b,)) if a.disc_noise_input else jnp.zeros((b,))
+    rng, k_noise, k_t, k_dn, k_r1, k_r2 = jax.random.split(
+        jax.random.wrap_key_data(state.rng), 6)
+    real = batch["latents"]                                  # [B, S, h, w, C]
+    b = real.shape[0]
+    first = batch["rollout_first"]                           # [B, h, w, C]
+    noise = jax.random.normal(k_noise, (b, length - 1) + first.shape[1:], first.dtype)
+    inputs = jnp.concatenate([first[:, None], noise], axis=1)  # [B, R, h, w, C]
+    roll_cond, real_cond = _conditions(batch, "rollout_"), _conditions(batch)
+    # D's timestep: clean frames at t = 0 (the paper's D takes frames, not
+    # noise); with disc_noise_input, per sample t ~ U[0, 1]
+    t = jax.random.uniform(k_t, (b,)) if a.disc_noise_input else jnp.zeros((b,))
 
-      def generate(gen_params, rollout=None):
-        return ro.segment_frames(model, gen_params, inputs, roll_cond, starts, seg,
-                                 gradient=a.gradient, segment_gradient=a.segment_gradient,
-                                 rollout=rollout)
+    def generate(gen_params, rollout=None):
+      return ro.segment_frames(model, gen_params, inputs, roll_cond, starts, seg,
+                               gradient=a.gradient, segment_gradient=a.segment_gradient,
+                               rollout=rollout)
 
-      # --- the rollout, once for both phases
-      if a.gradient == "scan":  # its forward is what D judges; G pulls back through it
-        segs, pullback = jax.vjp(generate, state.gen_params)
-      else:
-        rollout = sg(ro.rollout_student_forcing(model, sg(state.gen_params), inputs, roll_cond,
-                                                cache_at=starts if truncated else ()))
-        segs = [rollout[0][:, s0:s0 + seg] for s0 in starts]
-      # D's forwards after the rollout (see the barrier before the G phase)
-      fakes, d_params = jax.lax.optimization_barrier(([sg(f) for f in segs], state.disc_params))
+    # --- the rollout, once for both phases
+    if a.gradient == "scan":  # its forward is what D judges; G pulls back through it
+      segs, pullback = jax.vjp(generate, state.gen_params)
+    else:
+      rollout = sg(ro.rollout_student_forcing(model, sg(state.gen_params), inputs, roll_cond,
+                                              cache_at=starts if truncated else ()))
+      segs = [rollout[0][:, s0:s0 + seg] for s0 in starts]
+    # D's forwards after the rollout (see the barrier before the G phase)
+    fakes, d_params = jax.lax.optimization_barrier(([sg(f) for f in segs], state.disc_params))
 
-      # --- discriminator
-      reals = [real[:, :f.shape[1]] for f in fakes]
-      real_conds = [_segment_cond(real_cond, 0, f.shape[1]) for f in fakes]
-      fake_conds = [_segment_cond(roll_cond, s0, s0 + f.shape[1]) for s0, f in zip(starts, fakes)]
-      # frame 0 of segment 0 is the real start frame, paired with a real clip
-      # frame: it is in neither loss (nor in R1/R2)
-      weights = [jnp.ones((b, f.shape[1])).at[:, 0].set(0.0 if s0 == 0 else 1.0)
-                 for s0, f in zip(starts, fakes)]
-      # approximate R1 / R2 inputs (objectives.adversarial.approx_r1, in one D forward)
-      noisy_reals = [adv.perturb(x, a.r1_sigma, key)
-                     for x, key in zip(reals, jax.random.split(k_r1, k))]
-      noisy_fakes = [adv.perturb(x, a.r1_sigma, key)
-                     for x, key in zip(fakes, jax.random.split(k_r2, k))]
-      # D's diffusion noise (disc_noise_input): one draw per judged clip, shared
-      # by its σ-perturbed copy, so D(x) - D(x + σε) measures σε alone
-      noises = None
-      if a.disc_noise_input:
-        noises = [jax.random.normal(key, x.shape, x.dtype)
-                  for x, key in zip(reals + fakes, jax.random.split(k_dn, 2 * k))]
+    # --- discriminator
+    reals = [real[:, :f.shape[1]] for f in fakes]
+    real_conds = [_segment_cond(real_cond, 0, f.shape[1]) for f in fakes]
+    fake_conds = [_segment_cond(roll_cond, s0, s0 + f.shape[1]) for s0, f in zip(starts, fakes)]
+    # frame 0 of segment 0 is the real start frame, paired with a real clip
+    # frame: it is in neither loss (nor in R1/R2)
+    weights = [jnp.ones((b, f.shape[1])).at[:, 0].set(0.0 if s0 == 0 else 1.0)
+               for s0, f in zip(starts, fakes)]
+    # approximate R1 / R2 inputs (objectives.adversarial.approx_r1, in one D forward)
+    noisy_reals = [adv.perturb(x, a.r1_sigma, key)
+                   for x, key in zip(reals, jax.random.split(k_r1, k))]
+    noisy_fakes = [adv.perturb(x, a.r1_sigma, key)
+                   for x, key in zip(fakes, jax.random.split(k_r2, k))]
+    # D's diffusion noise (disc_noise_input): one draw per judged clip, shared
+    # by its σ-perturbed copy, so D(x) - D(x + σε) measures σε alone
+    noises = None
+    if a.disc_noise_input:
+      noises = [jax.random.normal(key, x.shape, x.dtype)
+                for x, key in zip(reals + fakes, jax.random.split(k_dn, 2 * k))]
 
-      def d_loss(dp):
-        logits = _judge_all(disc, dp, reals + fakes + noisy_reals + noisy_fakes,
-                            real_conds + fake_conds + real_conds + fake_conds, t, seg,
-                            None if noises is None else noises + noises)
-        d_real, d_fake = logits[:k], logits[k:2 * k]
-        d_real_noisy, d_fake_noisy = logits[2 * k:3 * k], logits[3 * k:]
-        total = sum(adv.discriminator_loss(r, f, w) for r, f, w in zip(d_real, d_fake, weights))
-        r1_total = sum(adv.r1_penalty(clean, noisy, w) for clean, noisy, w in
-                       zip(d_real + d_fake, d_real_noisy + d_fake_noisy, weights + weights))
-        return total + a.r1_weight * r1_total, (total, r1_total)
+    def d_loss(dp):
+      logits = _judge_all(disc, dp, reals + fakes + noisy_reals + noisy_fakes,
+                          real_conds + fake_conds + real_conds + fake_conds, t, seg,
+                          None if noises is None else noises + noises)
+      d_real, d_fake = logits[:k], logits[k:2 * k]
+      d_real_noisy, d_fake_noisy = logits[2 * k:3 * k], logits[3 * k:]
+      total = sum(adv.discriminator_loss(r, f, w) for r, f, w in zip(d_real, d_fake, weights))
+      r1_total = sum(adv.r1_penalty(clean, noisy, w) for clean, noisy, w in
+                     zip(d_real + d_fake, d_real_noisy + d_fake_noisy, weights + weights))
+      return total + a.r1_weight * r1_total, (total, r1_total)
 
-      (d_total, (d_adv, d_r1)), d_grads = jax.value_and_grad(d_loss, has_aux=True)(d_params)
-      disc_params, disc_opt, d_ok, _ = optimizer_update(state.disc_params, state.disc_opt,
-                                                        d_grads, d_total, disc_tx)
+    (d_total, (d_adv, d_r1)), d_grads = jax.value_and_grad(d_loss, has_aux=True)(d_params)
+    disc_params, disc_opt, d_ok, _ = optimizer_update(state.disc_params, state.disc_opt,
+                                                      d_grads, d_total, disc_tx)
 
-      # --- generator, against the updated discriminator. The barrier orders
-      # the G phase after the whole D update: left free to overlap, devices can
-      # start their collectives in different orders (a deadlock on CPU) and
-      # hold both phases' activations.
-      disc_params, gen_params = jax.lax.optimization_barrier((disc_params, state.gen_params))
-      if a.gradient != "scan":  # one parallel pass over the rolled frames
-        segs, pullback = jax.vjp(lambda gp: generate(gp, rollout), gen_params)
+    # --- generator, against the updated discriminator. The barrier orders
+    # the G phase after the whole D update: left free to overlap, devices can
+    # start their collectives in different orders (a deadlock on CPU) and
+    # hold both phases' activations.
+    disc_params, gen_params = jax.lax.optimization_barrier((disc_params, state.gen_params))
+    if a.gradient != "scan":  # one parallel pass over the rolled frames
+      segs, pullback = jax.vjp(lambda gp: generate(gp, rollout), gen_params)
 
-      def g_loss(segs):
-        segs, dp, judged_reals = jax.lax.optimization_barrier((segs, disc_params, reals))
-        logits = _judge_all(disc, dp, judged_reals + segs, real_conds + fake_conds, t, seg,
-                            noises)
-        return sum(adv.generator_loss(r, f, w) for r, f, w in zip(logits[:k], logits[k:], weights))
+    def g_loss(segs):
+      segs, dp, judged_reals = jax.lax.optimization_barrier((segs, disc_params, reals))
+      logits = _judge_all(disc, dp, judged_reals + segs, real_conds + fake_conds, t, seg,
+                          noises)
+      return sum(adv.generator_loss(r, f, w) for r, f, w in zip(logits[:k], logits[k:], weights))
 
-      g_total, seg_grads = jax.value_and_grad(g_loss)(segs)
-      (g_grads,) = pullback(seg_grads)
-      state, m = apply_update(state, g_grads, g_total, gen_tx, config.train.ema_decay)
-      state = state.replace(rng=jax.random.key_data(rng), disc_params=disc_params,
-                            disc_opt=disc_opt, skipped=state.skipped + (~d_ok).astype(jnp.int32))
+    g_total, seg_grads = jax.value_and_grad(g_loss)(segs)
+    (g_grads,) = pullback(seg_grads)
+    state, m = apply_update(state, g_grads, g_total, gen_tx, config.train.ema_decay)
+    state = state.replace(rng=jax.random.key_data(rng), disc_params=disc_params,
+                          disc_opt=disc_opt, skipped=state.skipped + (~d_ok).astype(jnp.int32))
     return state, {"loss": g_total, "d_loss": d_adv, "r1": d_r1, "d_finite": d_ok, **m}
 
   return step

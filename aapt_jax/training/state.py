@@ -1,14 +1,12 @@
-"""TrainState and its abstract-first, sharded initialisation."""
+"""TrainState and its init function (training/program.py builds and shards it)."""
 from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from aapt_jax import parallel
 from aapt_jax.models import init_params
 
 
@@ -31,7 +29,13 @@ def _init_model(model, rng):
   return (init_vae_params if isinstance(model, VAE) else init_params)(model, rng)["params"]
 
 
-def _init_fn(model, tx, disc=None, disc_tx=None, teacher=False):
+def init_fn(model, tx, disc=None, disc_tx=None, teacher=False):
+  """rng -> a fresh TrainState, params boxed with their logical axis names.
+
+  disc/disc_tx: the discriminator and its optimizer (stage 3); teacher: keep
+  a frozen teacher copy (stage 2). training/program.py traces it with
+  `jax.eval_shape` and jits it onto the shardings (the one init recipe).
+  """
   def init(rng):
     k_params, k_state, k_disc = jax.random.split(rng, 3)
     params = _init_model(model, k_params)  # boxed with logical names (generator)
@@ -46,29 +50,3 @@ def _init_fn(model, tx, disc=None, disc_tx=None, teacher=False):
       state = state.replace(disc_params=d, disc_opt=disc_tx.init(d))
     return state
   return init
-
-
-def abstract_state(model, tx, seed: int = 0, *, disc=None, disc_tx=None, teacher=False):
-  """(abstract boxed state, init function): eval_shape, no allocation.
-
-  disc/disc_tx: the discriminator and its optimizer (stage 3); teacher: keep
-  a frozen teacher copy (stage 2).
-  """
-  init = _init_fn(model, tx, disc, disc_tx, teacher)
-  return jax.eval_shape(init, jax.random.key(seed)), init
-
-
-def state_shardings(boxed_abstract, mesh):
-  return parallel.logical_shardings(boxed_abstract, mesh)
-
-
-def create_train_state(model, tx, mesh, seed: int = 0, *, disc=None, disc_tx=None,
-                       teacher=False):
-  """Abstract-first init: eval_shape -> shardings -> jit(init, out_shardings)."""
-  boxed, init = abstract_state(model, tx, seed, disc=disc, disc_tx=disc_tx, teacher=teacher)
-  shardings = state_shardings(boxed, mesh)
-  abstract = nn.meta.unbox(boxed)
-  parallel.check_divisible(abstract.gen_params, shardings.gen_params)
-  state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(
-      jax.random.key(seed))
-  return state, shardings

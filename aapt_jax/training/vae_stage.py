@@ -7,10 +7,8 @@ weights, on the decode (unclipped) of a posterior sample.
 """
 from __future__ import annotations
 
-import jax
-
 from aapt_jax.objectives import vae as vae_objective
-from aapt_jax.training.stages import apply_update
+from aapt_jax.training.stages import make_step
 
 
 def vae_loss_fn(model, params, batch, rng, config):
@@ -24,14 +22,6 @@ def vae_loss_fn(model, params, batch, rng, config):
 
 
 def make_vae_step(model, tx, config):
-  """The stage-"vae" step (pure; jit it with the state donated)."""
-
-  def step(state, batch):
-    rng, k = jax.random.split(jax.random.wrap_key_data(state.rng))
-    (loss, terms), grads = jax.value_and_grad(
-        lambda p: vae_loss_fn(model, p, batch, k, config), has_aux=True)(state.gen_params)
-    state, m = apply_update(state, grads, loss, tx, config.train.ema_decay)
-    state = state.replace(rng=jax.random.key_data(rng))
-    return state, {"loss": loss, **terms, **m}
-
-  return step
+  """The stage-"vae" step: `make_step` of `vae_loss_fn` (its terms as metrics)."""
+  return make_step(lambda p, state, batch, k: vae_loss_fn(model, p, batch, k, config),
+                   tx, config.train.ema_decay)
