@@ -482,11 +482,10 @@ class Trainer:
     writer = None
     try:
       with jax.set_mesh(mesh):
-        latest = ckpt.latest_step()
+        target = checkpointing.abstract_with_shardings(abstract, shardings)
+        latest, state, data_restored = ckpt.restore_latest(target, iterator=iterator,
+                                                           config=config, report=_log)
         if latest is not None:
-          target = checkpointing.abstract_with_shardings(abstract, shardings)
-          ckpt.check_compatible(latest, target, config)
-          state, data_restored = ckpt.restore(latest, target, iterator=iterator)
           _log(f"resuming {self.stage} from step {latest}: {ckpt.step_dir(latest)}"
                + ("" if data_restored else
                   " (no data iterator state for this process count: the data order "
