@@ -41,7 +41,7 @@ from aapt_jax import checkpointing, loading, parallel
 from aapt_jax.data import pipeline, records
 from aapt_jax.models import build_generator, build_vae
 from aapt_jax.models.discriminator import build_discriminator, params_from_generator
-from aapt_jax.training import memory, optimizers, stages
+from aapt_jax.training import memory, optimizers, resume_check, stages
 from aapt_jax.training import state as state_lib
 
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "aapt_jax", "jax")
@@ -486,6 +486,9 @@ class Trainer:
         latest, state, data_restored = ckpt.restore_latest(target, iterator=iterator,
                                                            config=config, report=_log)
         if latest is not None:
+          resume_check.check_resume(ckpt.read_config(latest), config, workdir=self.workdir,
+                                    stage=self.stage, step=latest, log=_log,
+                                    record=is_main_process())
           _log(f"resuming {self.stage} from step {latest}: {ckpt.step_dir(latest)}"
                + ("" if data_restored else
                   " (no data iterator state for this process count: the data order "
