@@ -25,8 +25,8 @@ followed by the JPEG. A connection over
 `max_sessions` gets a JSON `full` message and a close (code 1013), not a hang.
 
 Every model call (and JPEG encode) runs on one worker thread, emulator resets
-(seed starts) on another and image decodes on the loop's default executor, so
-the event loop never blocks; each connection has its own `StreamingSession`,
+(seed starts) in a child process (ale-py holds the GIL) and image decodes on
+the loop's default executor, so the event loop never blocks; each connection has its own `StreamingSession`,
 freed when the connection closes.
 
 Edges, read as a hostile page or client would:
@@ -62,6 +62,7 @@ import simplejpeg
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from aapt_jax.inference.session import StreamingModel, StreamingSession
+from aapt_jax.inference.world_process import WorldResets
 
 log = logging.getLogger("aapt_jax.play")
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -192,9 +193,10 @@ class PlayServer:
     self.sessions: dict[int, StreamingSession] = {}
     self._next_id = 0
     self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aapt-model")
-    # emulator resets (world.reset is not thread-safe): one at a time, off the loop
-    self._world_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aapt-world")
-    self._seed0_frame = None  # the world's frame for seed 0, the default start without a stored one
+    self._world_resets = WorldResets(model.config) if model.world is not None else None
+    # the default start without a stored frame: seed 0's, computed once before serving
+    self._seed0_frame = (model.default_start_frame(None) if model.start_frame is None and
+                         model.world is not None else None)
 
   # ------------------------------------------------------------------ app
   def app(self) -> web.Application:
@@ -208,7 +210,8 @@ class PlayServer:
   async def _close(self, app):
     del app
     self._worker.shutdown(wait=False, cancel_futures=True)
-    self._world_worker.shutdown(wait=False, cancel_futures=True)
+    if self._world_resets is not None:
+      self._world_resets.close()
 
   def warm_up(self) -> None:
     """Compiles the step (one start + one step of a throwaway session)."""
@@ -328,19 +331,16 @@ class PlayServer:
       raise ValueError(f"unknown message type {kind!r}: use action, controls, start or reset")
 
   async def _start_frame(self, seed=None) -> np.ndarray:
-    """The stored start frame, else the world's frame for `seed` (an emulator
-    reset on the world thread; seed None's frame is kept after the first)."""
-    if seed is None and self.model.start_frame is None and self.model.world is None:
-      raise ValueError("this model has no stored start frame: send a start image")
-    if seed is None and self.model.start_frame is not None:
-      return self.model.start_frame
-    if seed is None and self._seed0_frame is not None:
-      return self._seed0_frame
-    frame = await asyncio.get_running_loop().run_in_executor(
-        self._world_worker, self.model.default_start_frame, seed)
+    """The stored start frame (seed None), else the world's frame for `seed`
+    (None: seed 0's, computed before serving; else an emulator reset in the
+    world process, which never holds this process's GIL)."""
     if seed is None:
-      self._seed0_frame = frame
-    return frame
+      if self.model.start_frame is not None:
+        return self.model.start_frame
+      if self._seed0_frame is None:
+        raise ValueError("this model has no stored start frame: send a start image")
+      return self._seed0_frame
+    return await self._world_resets.frame(seed)
 
   # --------------------------------------------------------------- stream
   def _advance(self, session: StreamingSession, command, action: int, vector, seq: int,
@@ -413,7 +413,7 @@ class PlayServer:
     self.sessions[session_id] = session
     log.info("session %d opened (%d live)", session_id, len(self.sessions))
     controls = _Controls(self.model.noop if self.model.num_actions else -1)
-    stream = None
+    stream, close = None, (WSCloseCode.OK, b"")
     try:
       await ws.send_json(self._hello(session_id))
       try:
@@ -425,11 +425,11 @@ class PlayServer:
         try:  # a deadline of our own: aiohttp's receive timeout restarts at every pong
           async with asyncio.timeout(self.idle_timeout or None):
             msg = await ws.receive()
-        except TimeoutError:
+        except TimeoutError:  # the slot is freed before the close handshake (finally)
           await ws.send_json({"type": "idle", "message": (
               f"closed after {self.idle_timeout:g} s without a key or message: "
               "reload to play again")})
-          await ws.close(code=WSCloseCode.GOING_AWAY, message=b"idle")
+          close = (WSCloseCode.GOING_AWAY, b"idle")
           break
         if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
           break
@@ -449,5 +449,5 @@ class PlayServer:
       if stream is not None:
         stream.cancel()
       if not ws.closed:
-        await ws.close()
+        await ws.close(code=close[0], message=close[1])
     return ws
