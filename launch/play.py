@@ -62,7 +62,10 @@ def main(_):
   try:
     _check_port(FLAGS.host, FLAGS.port)  # before the model loads and compiles
     from aiohttp import web
-    from aapt_jax.inference.server import PlayServer
+    from aapt_jax.inference.server import PlayServer, check_origins
+    check_origins(FLAGS.allow_origin)
+    if not FLAGS.idle_timeout >= 0:
+      raise ValueError(f"--idle_timeout={FLAGS.idle_timeout} must be >= 0 seconds (0 = never)")
     from aapt_jax.inference.session import StreamingModel
     model = StreamingModel.load(FLAGS.checkpoint or FLAGS.workdir or None,
                                 sampler_steps=FLAGS.steps)

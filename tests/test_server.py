@@ -322,6 +322,9 @@ def test_a_page_from_another_origin_is_refused_before_any_message():
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
       await client.ws_connect("/ws", headers={"Origin": "http://evil.example"})
     assert refused.value.status == 403 and not server.sessions
+    rebound = f"rebind.example:{client.port}"  # DNS rebinding: the page's name is Origin and Host
+    with pytest.raises(aiohttp.WSServerHandshakeError, match="403"):
+      await client.ws_connect("/ws", headers={"Origin": f"http://{rebound}", "Host": rebound})
     own = await client.ws_connect("/ws", headers={"Origin": f"http://{client.host}:{client.port}"})
     _, (hello,) = await _receive(own, texts=1)
     await own.close()
@@ -426,7 +429,10 @@ def test_an_idle_connection_is_told_and_closed_and_its_slot_freed():
 
 
 @pytest.mark.parametrize("flag, error", [("--port=70000", "--port=70000 is not a port"),
-                                         ("--host=no.such.host.invalid", "--host=")])
+                                         ("--host=no.such.host.invalid", "--host="),
+                                         ("--allow_origin=evil.example", "is not an origin"),
+                                         ("--idle_timeout=-1", "--idle_timeout=-1")])
 def test_play_command_bad_flags_are_one_line(flag, error):
-  _, err = _play(flag).communicate(timeout=120)
+  port = f"--port={portpicker.pick_unused_port()}"
+  _, err = _play(port, flag).communicate(timeout=120)
   assert err.strip().count("\n") == 0 and error in err, err

@@ -31,9 +31,11 @@ freed when the connection closes.
 
 Edges, read as a hostile page or client would:
   - Origin: a browser's handshake from another origin than the page's own
-    (scheme://host:port of the request) is refused with 403 before any message,
-    unless listed in `allow_origins` ("*" = any). A handshake without an Origin
-    header (not a browser: scripts, tests) is served.
+    (scheme://host:port of the request, the host an IP address or localhost)
+    is refused with 403 before any message, unless listed in `allow_origins`
+    ("*" = any). A page served under a host name (a DNS-rebinding page
+    included) must be listed. A handshake without an Origin header (not a
+    browser: scripts, tests) is served.
   - No absolute path leaves the server: the `hello` names the checkpoint by its
     last path component, and errors show paths the same way.
   - Image starts: the JPEG header is read first; more than MAX_IMAGE_SIDE pixels
@@ -49,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ipaddress
 import concurrent.futures
 import json
 import logging
@@ -92,12 +95,31 @@ def public_source(source: str) -> str:
 def origin_allowed(origin: str | None, scheme: str, host: str, allow_origins) -> bool:
   """Whether a WebSocket handshake with header `Origin: origin` to `host` (the
   request's Host header, with its port) over `scheme` may proceed: no Origin
-  (not a browser), the page's own origin, or one in `allow_origins` ("*" = any)."""
+  (not a browser), one in `allow_origins` ("*" = any), or the page's own
+  origin when its host is an IP address or "localhost" (a named host must be
+  listed: a DNS-rebinding page has its own name as both Origin and Host)."""
   if origin is None:
     return True
   origin = origin.strip().rstrip("/").lower()
   allowed = {o.strip().rstrip("/").lower() for o in allow_origins}
-  return "*" in allowed or origin in allowed or origin == f"{scheme}://{host}".lower()
+  if "*" in allowed or origin in allowed:
+    return True
+  name = host.lower().rsplit(":", 1)[0] if not host.endswith("]") else host.lower()
+  name = name.strip("[]")
+  try:
+    literal = name == "localhost" or bool(ipaddress.ip_address(name))
+  except ValueError:
+    literal = False
+  return literal and origin == f"{scheme}://{host}".lower()
+
+
+def check_origins(allow_origins) -> tuple[str, ...]:
+  """`allow_origins` as a tuple; ValueError naming one that is no origin."""
+  for origin in allow_origins:
+    if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin.strip().rstrip("/")):
+      raise ValueError(f"--allow_origin {origin!r} is not an origin: give scheme://host[:port] "
+                       "(e.g. http://localhost:3000) or *")
+  return tuple(allow_origins)
 
 
 def jpeg_size(data: bytes) -> tuple[int, int]:
@@ -180,11 +202,7 @@ class PlayServer:
       raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
     if not idle_timeout >= 0:
       raise ValueError(f"idle_timeout must be >= 0 seconds (0 = never), got {idle_timeout}")
-    for origin in allow_origins:
-      if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin.strip().rstrip("/")):
-        raise ValueError(f"allow_origin {origin!r} is not an origin: give scheme://host[:port] "
-                         "(e.g. http://localhost:3000) or *")
-    self.allow_origins = tuple(allow_origins)
+    self.allow_origins = check_origins(allow_origins)
     self.idle_timeout = float(idle_timeout)
     self.model = model
     self.max_sessions = int(max_sessions)
