@@ -3,7 +3,8 @@ inputs, checkpoints against damage and failed saves, resume against a
 changed config. One table: scenario, outcome, peak memory added, time to
 recover.
 
-  python benchmarks/fault_figures.py [--attempts 50] [--state_mb 64]
+  python benchmarks/fault_figures.py [--attempts 50] [--state_mb 64] [--clients 4]
+                                     [--soak_seconds 30]
 
 Runs in one process on CPU with a tiny random-weight Pong world (16x16
 frames) served by `PlayServer` over aiohttp's test server on 127.0.0.1.
@@ -13,7 +14,10 @@ allocated before it (numpy buffers included; the XLA heap is not traced).
 serving (or training) state: the error answered, the slot freed, the run
 restored. The 11000x11000 bomb is a real uniform-grey JPEG; its "unchecked"
 row decodes it as the server did before the header check (simplejpeg +
-resize_area), the reference for the checked row in the same run.
+resize_area), the reference for the checked row in the same run. The soak
+row: concurrent tabs sending actions, junk and bombs, dropping connections,
+one over capacity; frames served, errors answered, action-to-frame p95
+latency and the process's RSS at start and end.
 """
 from __future__ import annotations
 
@@ -162,6 +166,78 @@ async def server_scenarios(model, bomb_url, attempts):
         time.perf_counter() - t0)
 
 
+def rss_mib() -> float:
+  with open("/proc/self/status") as f:
+    return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+
+
+async def soak(model, bomb_url, clients, seconds):
+  """`clients` tabs for `seconds` against max_sessions = clients - 1: each
+  sends actions (latency = send -> first frame acknowledging it), malformed
+  JSON, a bomb now and then, drops its TCP connection mid-stream and
+  reconnects; the tab over capacity gets `full`."""
+  import random
+  from aiohttp.test_utils import TestClient, TestServer
+  from aapt_jax.inference.server import FRAME_HEADER
+  server = PlayServer(model, fps=30.0, max_sessions=clients - 1)
+  stats = {"frames": 0, "errors": 0, "full": 0, "drops": 0, "latencies": []}
+  junk = ["[" * 50_000, "{", '{"type": "controls", "controls": [1e308, 0, 0]}',
+          '{"type": "action", "action": 99}', '{"type": "start", "seed": -1}']
+
+  async def tab(client, index):
+    rng = random.Random(index)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+      ws = await client.ws_connect("/ws")
+      sent, seq = {}, 0
+
+      async def read():
+        async for msg in ws:
+          if msg.type.name == "BINARY":
+            stats["frames"] += 1
+            ack = FRAME_HEADER.unpack_from(msg.data)[1]
+            for s in [s for s in sent if s <= ack]:
+              stats["latencies"].append(time.perf_counter() - sent.pop(s))
+          elif msg.type.name == "TEXT":
+            kind = json.loads(msg.data)["type"]
+            stats["errors"] += kind == "error"
+            stats["full"] += kind == "full"
+
+      reader = asyncio.create_task(read())
+      life = time.perf_counter() + rng.uniform(2, 6)
+      while time.perf_counter() < min(life, deadline) and not ws.closed:
+        r = rng.random()
+        if r < 0.8:
+          seq += 1
+          sent[seq] = time.perf_counter()
+          await ws.send_json({"type": "action", "action": rng.randrange(6), "seq": seq})
+        elif r < 0.99:
+          await ws.send_str(rng.choice(junk))
+        else:
+          await ws.send_json({"type": "start", "image": bomb_url})
+        await asyncio.sleep(0.05)
+      if not ws.closed and rng.random() < 0.5:  # vanish mid-stream, no close handshake
+        ws._response.connection.transport.abort()
+        stats["drops"] += 1
+      else:
+        await ws.close()
+      reader.cancel()
+      await asyncio.sleep(0.1)
+
+  async with TestClient(TestServer(server.app())) as client:
+    rss0 = rss_mib()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(tab(client, i) for i in range(clients)))
+    wall = time.perf_counter() - t0
+    rss1 = rss_mib()
+  lat = np.sort(stats["latencies"]) * 1e3
+  p95 = lat[int(0.95 * (len(lat) - 1))] if len(lat) else float("nan")
+  row(f"soak: {clients} tabs x {seconds:g} s (max_sessions {clients - 1}): actions, junk, "
+      "bombs, drops", f"{stats['frames']} frames ({stats['frames'] / wall:.0f}/s), "
+      f"{stats['errors']} errors answered, {stats['full']} full, {stats['drops']} drops; "
+      f"action->frame p95 {p95:.0f} ms; RSS {rss0:.0f} -> {rss1:.0f} MiB")
+
+
 def checkpoint_scenarios(state_mb):
   work = tempfile.mkdtemp(prefix="fault_figures_")
   n = state_mb * 2**20 // 4
@@ -226,6 +302,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--attempts", type=int, default=50)
   parser.add_argument("--state_mb", type=int, default=64)
+  parser.add_argument("--clients", type=int, default=4, help="soak: concurrent tabs")
+  parser.add_argument("--soak_seconds", type=float, default=30, help="soak: 0 = no soak")
   args = parser.parse_args()
   logging.getLogger("aapt_jax.play").setLevel(logging.ERROR)  # one warning per refusal
   logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax logs the injected failure
@@ -242,6 +320,10 @@ def main():
   row(f"{BOMB_SIDE}x{BOMB_SIDE} grey JPEG decoded unchecked (the old path)", "decoded", t.peak,
       t.seconds)
   asyncio.run(server_scenarios(model, bomb_url, args.attempts))
+  tracemalloc.stop()
+  if args.soak_seconds > 0:
+    asyncio.run(soak(model, bomb_url, args.clients, args.soak_seconds))
+  tracemalloc.start()
   checkpoint_scenarios(args.state_mb)
   widths = [max(len(r[i]) for r in ROWS + [("scenario", "outcome", "peak mem added",
                                               "time to recover")]) for i in range(4)]
