@@ -62,8 +62,8 @@ def test_check_resume_refuses_then_records_with_the_flag(tmp_path):
   assert harmless == [] and len(json.loads((tmp_path / CHANGES_FILE).read_text())) == 2
 
 
-def test_trainer_refuses_a_changed_learning_rate_and_resumes_with_the_flag(tiny_data, good_run,
-                                                                           tmp_path):
+def test_trainer_refuses_a_changed_learning_rate_and_resumes_with_the_flag(  # noqa: F811
+    tiny_data, good_run, tmp_path):  # noqa: F811 - fixtures of test_training_loop
   run = str(tmp_path / "run")
   shutil.copytree(good_run, run)
   with pytest.raises(ValueError, match=r"diffusion\.optim\.learning_rate: checkpoint=1e-05, "
