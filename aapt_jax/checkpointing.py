@@ -19,6 +19,15 @@ the checkpoint's array shapes with the target's before anything is restored
 or trained, so a config with another model shape fails with the fields that
 differ instead of training (and saving) over the checkpoint.
 
+Damage: `restore_latest` tries the committed steps newest first; a step that
+fails to restore (a truncated or deleted shard, unreadable metadata) is
+reported, renamed ``<step>.damaged`` (kept for inspection, never listed
+again) and the previous kept step is used. A failed save surfaces at once:
+`raise_save_error` (cheap, called by `PreemptionGuard.requested` every step)
+raises `CheckpointSaveError` as soon as the background write has failed, with
+the first error kept; `save`, `wait` and `close` raise it too, and `close`
+never replaces an error already raised with a later one.
+
 Preemption: `PreemptionGuard` turns a SIGTERM (or a first Ctrl-C) into a
 flag in single-process runs and asks Orbax's `reached_preemption` (JAX's
 preemption service, which owns SIGTERM under `jax.distributed`) in
@@ -32,6 +41,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 import grain
@@ -41,6 +51,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 STATE, DATA, CONFIG = "state", "data", "config"
+DAMAGED_SUFFIX = ".damaged"  # a step that failed to restore, set aside
+
+
+class CheckpointMismatch(ValueError):
+  """The checkpoint is sound but holds another model than the config builds."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint save (possibly in the background) failed; its cause chained."""
 
 # Replicated shards are split across replicas for writing (replica-parallel)
 # only where a replica's slice is at least this big: slicing costs one small
@@ -86,12 +105,13 @@ def config_to_dict(config) -> dict[str, Any]:
   return json.loads(json.dumps(config, default=str))
 
 
-def _flatten_config(d, prefix=""):
+def flatten_config(d, prefix=""):
+  """{"a.b.c": value} of a nested dict (a config's `config_to_dict`)."""
   out = {}
   for k, v in d.items():
     key = f"{prefix}{k}"
     if isinstance(v, dict):
-      out.update(_flatten_config(v, key + "."))
+      out.update(flatten_config(v, key + "."))
     else:
       out[key] = v
   return out
@@ -111,7 +131,7 @@ def read_config(step_dir: str) -> ml_collections.ConfigDict:
 
 def config_diff(saved: dict, current: dict, sections=("model",)) -> list[str]:
   """`field: checkpoint=..., config=...` for each differing field of `sections`."""
-  a, b = _flatten_config(saved), _flatten_config(current)
+  a, b = flatten_config(saved), flatten_config(current)
   keys = sorted(k for k in set(a) | set(b) if k.split(".")[0] in sections)
   return [f"{k}: checkpoint={a.get(k, '<absent>')!r}, config={b.get(k, '<absent>')!r}"
           for k in keys if a.get(k) != b.get(k)]
@@ -166,6 +186,9 @@ class Checkpointer:
         item_handlers={STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
                        DATA: grain.checkpoint.CheckpointHandler(),
                        CONFIG: ocp.JsonCheckpointHandler()})
+    self._save_error: CheckpointSaveError | None = None  # the first failed save
+    self._save_error_raised = False
+    self._saving_step: int | None = None  # the save in flight, if any
 
   # -------------------------------------------------------------- queries
 
@@ -220,7 +243,7 @@ class Checkpointer:
       lines.append(f"  ... and {len(problems) - 6} more")
     lines.append("Use the config the checkpoint was written with, or a new --workdir; "
                  "nothing was trained or saved.")
-    raise ValueError("\n".join(lines))
+    raise CheckpointMismatch("\n".join(lines))
 
   # -------------------------------------------------------------- save / restore
 
@@ -231,6 +254,7 @@ class Checkpointer:
     devices before this returns, so `state` may be donated right after.
     """
     step = int(step)
+    self.raise_save_error()
     if step in self.manager.all_steps():
       return False
     items = {STATE: ocp.args.PyTreeSave(state)}
@@ -238,7 +262,36 @@ class Checkpointer:
       items[DATA] = grain.checkpoint.CheckpointSave(iterator)
     if config is not None:
       items[CONFIG] = ocp.args.JsonSave(config_to_dict(config))
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # noqa: BLE001 - an earlier background save's error lands here too
+      self._raise(e, self._saving_step if self._saving_step is not None else step)
+    self._saving_step = step if saved else self._saving_step
+    return saved
+
+  def _raise(self, error: BaseException, step: int | None):
+    """Raises the first save error (recorded now if it is the first)."""
+    if self._save_error is None:
+      self._save_error = CheckpointSaveError(
+          f"saving the checkpoint of step {step} in {self.directory} failed: "
+          f"{type(error).__name__}: {error}")
+      self._save_error.__cause__ = error
+    self._save_error_raised = True
+    raise self._save_error
+
+  def raise_save_error(self) -> None:
+    """Raises `CheckpointSaveError` if a save failed (the first error, at
+    every call) once the background save is over; cheap and non-blocking:
+    call it every step."""
+    if self._save_error is not None:
+      self._raise(self._save_error, None)
+    if self._saving_step is None or self.manager.is_saving_in_progress():
+      return
+    try:  # the save is over: joining its finished thread re-raises what it raised
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - orbax raises what the writer raised
+      self._raise(e, self._saving_step)
+    self._saving_step = None
 
   def restore(self, step: int, abstract_state, *, iterator=None):
     """The state at `step` on `abstract_state`'s shardings (any mesh); with
@@ -252,17 +305,79 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     return out[STATE], data
 
+  def restore_latest(self, abstract_state, *, iterator=None, config=None, report=None):
+    """(step, state, iterator_restored) of the newest committed step that
+    restores (`check_compatible`, then `restore`), or (None, None, False)
+    when there is none. A step that fails to restore is set aside as
+    `<step>.damaged` (process 0) and `report`ed (default: stderr) naming it,
+    the error and the step used instead. `CheckpointMismatch` (a sound
+    checkpoint of another model) is raised, never skipped; ValueError when
+    every kept step is damaged."""
+    report = report or (lambda m: print(m, file=sys.stderr, flush=True))
+    damaged = []
+    for step in reversed(self.all_steps()):
+      try:
+        self.check_compatible(step, abstract_state, config)
+        state, data = self.restore(step, abstract_state, iterator=iterator)
+      except CheckpointMismatch:
+        raise
+      except Exception as e:  # noqa: BLE001 - any read error means a damaged step
+        damaged.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"))
+        continue
+      if damaged:
+        self._set_aside([d for d, _ in damaged])
+        report("\n".join(f"checkpoint step {d} in {self.directory} failed to restore ({why}); "
+                         f"set aside as {d}{DAMAGED_SUFFIX}" for d, why in damaged)
+               + f"\nresuming from step {step}, the previous kept step, instead of step "
+               f"{damaged[0][0]} ({damaged[0][0] - step} steps lost)")
+      return step, state, data
+    if damaged:
+      raise ValueError(f"no kept checkpoint in {self.directory} restores: "
+                       + "; ".join(f"step {d}: {why}" for d, why in damaged)
+                       + ". Move the directory away (or use a new --workdir) to start afresh.")
+    return None, None, False
+
+  def _set_aside(self, steps) -> None:
+    """Renames the `steps` directories to `<step>.damaged` so that no later
+    listing, save or restore sees them, and re-reads the manager's steps."""
+    if jax.process_index() == 0:
+      for step in steps:
+        target = self.step_dir(step) + DAMAGED_SUFFIX
+        if os.path.exists(target):
+          target += f".{int(time.time())}"
+        os.rename(self.step_dir(step), target)
+    self.manager.reload()
+
   def reached_preemption(self, step: int) -> bool:
     """Orbax's preemption sync point (only ever True under jax.distributed)."""
     return self.manager.reached_preemption(int(step))
 
   def wait(self) -> None:
-    """Blocks until the pending async save is committed."""
-    self.manager.wait_until_finished()
+    """Blocks until the pending async save is committed; raises
+    `CheckpointSaveError` (the first one) if a save failed."""
+    self.raise_save_error()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      self._raise(e, self._saving_step)
+    self._saving_step = None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the pending save and closes the manager. Raises the first
+    save error unless it was raised already (so a `finally: close()` never
+    replaces the error the loop is propagating with itself or a later one)."""
+    raised_before, error = self._save_error_raised, None
+    try:
+      self.wait()
+    except CheckpointSaveError as e:
+      error = e
+    try:
+      self.manager.close()
+    except Exception:  # noqa: BLE001 - after a failed save, the first error is the one to see
+      if self._save_error is None:
+        raise
+    if error is not None and not raised_before:
+      raise error
 
   def __enter__(self):
     return self
@@ -313,6 +428,11 @@ class PreemptionGuard:
     self.flag.set()
 
   def requested(self, step: int) -> bool:
+    """Whether the loop should save and stop now. Also raises
+    `CheckpointSaveError` as soon as a background save has failed, so the
+    loop stops at the next step instead of training on without checkpoints."""
+    if self.checkpointer is not None:
+      self.checkpointer.raise_save_error()
     if self.flag.is_set():
       return True
     if jax.process_count() > 1 and self.checkpointer is not None:

@@ -37,6 +37,12 @@ def get_config(arg=None):
   c.init_from = ""
   # Where the discriminator starts from (stage 3); "" = the stage-1 dir.
   c.disc_init_from = ""
+  # A rerun resumes from the stage's latest checkpoint and refuses when the
+  # config changes what the run trains (optimizer, schedule, seed, data,
+  # model, objectives; training/resume_check.py lists the harmless fields:
+  # logging, checkpointing, mesh, ...). True = resume anyway, recording the
+  # diff in <workdir>/config_changes.json.
+  c.resume_with_changes = False
 
   # ------------------------------------------------------------------ model
   m = c.model = ml_collections.ConfigDict()

@@ -7,6 +7,7 @@ directory, an inference export (launch/export.py) or a shipped export's name;
 empty = the shipped export (aapt_jax/assets/atari). Each browser tab gets its
 own stream, up to --max_sessions at once.
 """
+import errno
 import os
 import socket
 import sys
@@ -25,18 +26,32 @@ flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on (0.0.0.0 = all)
 flags.DEFINE_integer("port", 8000, "Port to listen on.")
 flags.DEFINE_integer("max_sessions", 4, "Streams (browser tabs) served at once.")
 flags.DEFINE_float("fps", 0, "Video frames/s streamed; 0 = the world's frame rate.")
+flags.DEFINE_multi_string("allow_origin", [], "Origins (scheme://host:port, or *) whose "
+                          "pages may open a stream besides this server's own page; repeatable.")
+flags.DEFINE_float("idle_timeout", 600.0, "Seconds without a key or message before a tab's "
+                   "stream is closed and its slot freed; 0 = never.")
 flags.DEFINE_integer("steps", 0, "Forwards per latent frame: 1 = 1NFE; 0 = auto (16 Euler "
                      "steps for a stage-1 diffusion checkpoint, else 1).")
 FLAGS = flags.FLAGS
 
 
 def _check_port(host: str, port: int) -> None:
-  """OSError with a one-line reason when host:port cannot be listened on."""
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+  """ValueError/OSError with a one-line reason when host:port cannot be listened on."""
+  if not 1 <= port <= 65535:
+    raise ValueError(f"--port={port} is not a port: give 1..65535")
+  try:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+  except (socket.gaierror, UnicodeError) as e:
+    raise ValueError(f"--host={host!r} is not an address of this machine ({e}): give e.g. "
+                     "127.0.0.1 or 0.0.0.0") from None
+  with socket.socket(family, socket.SOCK_STREAM) as s:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp: TIME_WAIT is free
     try:
       s.bind((host, port))
     except OSError as e:
+      if e.errno == errno.EADDRNOTAVAIL:
+        raise OSError(f"--host={host} is not an address of this machine ({e.strerror}): give "
+                      "e.g. 127.0.0.1 or 0.0.0.0") from None
       raise OSError(f"cannot listen on {host}:{port} ({e.strerror}): is another server "
                     "running there? pick another --port") from None
 
@@ -47,13 +62,17 @@ def main(_):
   try:
     _check_port(FLAGS.host, FLAGS.port)  # before the model loads and compiles
     from aiohttp import web
-    from aapt_jax.inference.server import PlayServer
+    from aapt_jax.inference.server import PlayServer, check_origins
+    check_origins(FLAGS.allow_origin)
+    if not FLAGS.idle_timeout >= 0:
+      raise ValueError(f"--idle_timeout={FLAGS.idle_timeout} must be >= 0 seconds (0 = never)")
     from aapt_jax.inference.session import StreamingModel
     model = StreamingModel.load(FLAGS.checkpoint or FLAGS.workdir or None,
                                 sampler_steps=FLAGS.steps)
     if FLAGS.config is not None:
       model.check_config(FLAGS.config)
-    server = PlayServer(model, max_sessions=FLAGS.max_sessions, fps=FLAGS.fps or None)
+    server = PlayServer(model, max_sessions=FLAGS.max_sessions, fps=FLAGS.fps or None,
+                        allow_origins=FLAGS.allow_origin, idle_timeout=FLAGS.idle_timeout)
     print(f"play: {model.source} ({model.sampler_steps} forward(s) per latent frame); "
           "compiling ...", flush=True)
     server.warm_up()

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 
+import aiohttp
 import numpy as np
 import portpicker
 import pytest
@@ -107,6 +108,9 @@ def test_malformed_messages_get_an_error_and_the_stream_goes_on():
          ('{"type": "start", "image": "data:image/jpeg;base64,AAAA"}', "not a readable JPEG"),
          ('{"type": "start", "image": 7}', "data URL"),
          ('{"type": "controls", "controls": [1.0]}', "takes actions, not control vectors"),
+         ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # RecursionError in json
+         ('{"type": "action", "action": 1, "seq": ' + "9" * 5000 + "}", "not JSON"),
+         ('{"type": "start", "seed": ' + "9" * 4000 + "}", "integer of 4000 digits"),
          (b"\x00\x01", "binary messages")]
   image = np.zeros((32, 32, 3), np.uint8)
   image[:, 16:] = 255  # left black, right white
@@ -159,6 +163,10 @@ def test_control_vectors_steer_the_stream_and_bad_ones_are_named():
     frames, _ = await _receive(ws, frames=2)
     for message, error in (({"type": "controls", "controls": [1, 2]}, "list of 3 finite"),
                            ({"type": "controls", "controls": [1, "x", 2]}, "list of 3 finite"),
+                           # float32(1e308) = inf; 10**400 has no float (OverflowError)
+                           ({"type": "controls", "controls": [1e308, 0, 0]}, "in [-1, 1]"),
+                           ({"type": "controls", "controls": [10 ** 400, 0, 0]}, "in [-1, 1]"),
+                           ({"type": "controls", "controls": [0, -1.5, 0]}, "in [-1, 1]"),
                            ({"type": "action", "action": 1}, "control vectors, not action")):
       await ws.send_json(message)
       while True:
@@ -305,3 +313,126 @@ def test_play_command_serves_and_its_bad_input_is_one_line(tmp_path):
   _, err = other.communicate(timeout=300)
   assert other.returncode == 2 and err.strip().count("\n") == 0, err
   assert "trained with a different config" in err and "model.dim" in err
+
+
+# ----------------------------------------------------------------- hostile pages and inputs
+
+def test_a_page_from_another_origin_is_refused_before_any_message():
+  async def test(client, server):
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+      await client.ws_connect("/ws", headers={"Origin": "http://evil.example"})
+    assert refused.value.status == 403 and not server.sessions
+    rebound = f"rebind.example:{client.port}"  # DNS rebinding: the page's name is Origin and Host
+    with pytest.raises(aiohttp.WSServerHandshakeError, match="403"):
+      await client.ws_connect("/ws", headers={"Origin": f"http://{rebound}", "Host": rebound})
+    own = await client.ws_connect("/ws", headers={"Origin": f"http://{client.host}:{client.port}"})
+    _, (hello,) = await _receive(own, texts=1)
+    await own.close()
+    await _until(lambda: not server.sessions)
+    listed = await client.ws_connect("/ws", headers={"Origin": "http://friend.example:3000"})
+    _, (hello_listed,) = await _receive(listed, texts=1)
+    await listed.close()
+    return hello["type"], hello_listed["type"], refused.value.status
+
+  assert _serve(test, allow_origins=["http://friend.example:3000"]) == ("hello", "hello", 403)
+  with pytest.raises(ValueError, match="allow_origin"):
+    PlayServer(tiny_streaming_model(), allow_origins=["evil.example"])
+
+
+def test_hello_names_the_checkpoint_without_its_absolute_path():
+  model = tiny_streaming_model()
+  model.source = "/home/someone/runs/atari/consistency/700"
+  server = PlayServer(model, fps=240.0)
+
+  async def main():
+    async with TestClient(TestServer(server.app())) as client:
+      ws = await client.ws_connect("/ws")
+      msg = await asyncio.wait_for(ws.receive(), TIMEOUT)
+      await ws.close()
+      return msg.data
+
+  hello = asyncio.run(main())
+  assert "/home" not in hello and json.loads(hello)["source"] == "consistency/700"
+
+
+def _bomb_jpeg(height: int, width: int) -> bytes:
+  """A 16x16 grey JPEG whose SOF0 header claims height x width pixels: what a
+  decompression bomb's header says, in a few hundred bytes."""
+  data = bytearray(simplejpeg.encode_jpeg(np.full((16, 16, 3), 128, np.uint8), quality=50,
+                                          colorspace="RGB"))
+  sof = data.index(b"\xff\xc0")  # SOF0: marker, length(2), precision(1), height(2), width(2)
+  data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+  return bytes(data)
+
+
+def test_an_oversized_jpeg_is_refused_from_its_header_without_decoding(monkeypatch):
+  bomb = _bomb_jpeg(11000, 11000)
+  assert simplejpeg.decode_jpeg_header(bomb)[:2] == (11000, 11000)
+  decoded = []
+  real_decode = simplejpeg.decode_jpeg
+  monkeypatch.setattr(simplejpeg, "decode_jpeg",
+                      lambda data, *a, **k: decoded.append(len(data)) or real_decode(data, *a, **k))
+  url = "data:image/jpeg;base64," + base64.b64encode(bomb).decode()
+
+  async def test(client, server):
+    ws = await client.ws_connect("/ws")
+    await _receive(ws, frames=1, texts=1)
+    await ws.send_json({"type": "start", "image": url})
+    while True:
+      _, (text,) = await _receive(ws, texts=1)
+      if text["type"] == "error":
+        break
+    frames, _ = await _receive(ws, frames=2)  # still streaming
+    await ws.close()
+    return text["message"]
+
+  message = _serve(test)
+  assert "11000x11000" in message and "4096" in message
+  assert len(bomb) not in decoded  # never handed to the decoder
+
+
+def test_seed_starts_are_rate_limited_per_connection():
+  async def test(client, server):
+    ws = await client.ws_connect("/ws")
+    await _receive(ws, frames=1, texts=1)
+    for seed in range(6):
+      await ws.send_json({"type": "start", "seed": seed})
+    errors = []
+    while not errors:
+      _, (text,) = await _receive(ws, texts=1)
+      if text["type"] == "error":
+        errors.append(text["message"])
+    await ws.close()
+    return errors[0]
+
+  assert "too many starts" in _serve(test)
+
+
+def test_an_idle_connection_is_told_and_closed_and_its_slot_freed():
+  async def test(client, server):
+    ws = await client.ws_connect("/ws")
+    await _receive(ws, frames=1, texts=1)
+    while True:  # frames stream on; no message from us
+      msg = await ws.receive()
+      if msg.type == WSMsgType.TEXT:
+        break
+    closed = await ws.receive()
+    await _until(lambda: not server.sessions)
+    again = await client.ws_connect("/ws")  # the one slot is free again
+    _, (hello,) = await _receive(again, texts=1)
+    await again.close()
+    return json.loads(msg.data), closed.type, closed.data, hello["type"]
+
+  idle, kind, code, again = _serve(test, max_sessions=1, idle_timeout=0.5)
+  assert idle["type"] == "idle" and "0.5 s" in idle["message"]
+  assert (kind, code, again) == (WSMsgType.CLOSE, 1001, "hello")
+
+
+@pytest.mark.parametrize("flag, error", [("--port=70000", "--port=70000 is not a port"),
+                                         ("--host=no.such.host.invalid", "--host="),
+                                         ("--allow_origin=evil.example", "is not an origin"),
+                                         ("--idle_timeout=-1", "--idle_timeout=-1")])
+def test_play_command_bad_flags_are_one_line(flag, error):
+  port = f"--port={portpicker.pick_unused_port()}"
+  _, err = _play(port, flag).communicate(timeout=120)
+  assert err.strip().count("\n") == 0 and error in err, err

@@ -381,7 +381,8 @@ def test_bad_inputs_leave_the_checkpoint_alone(tiny_data, good_run, tmp_path):
   nan = tmp_path / "nan"
   write_records(str(nan / "clips.array_record"), tiny_examples(16, nan=True))
   fails(NonFiniteLossError, r"2 non-finite losses in a row \(train\.max_nonfinite=2\)",
-        data=str(nan), train__max_nonfinite=2, checkpoint__every_steps=1)
+        data=str(nan), train__max_nonfinite=2, checkpoint__every_steps=1,
+        resume_with_changes=True)  # other data than the checkpoint's: allowed explicitly
 
 
 def test_cli_errors_are_one_line(tiny_data, tmp_path):

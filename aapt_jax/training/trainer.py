@@ -40,7 +40,7 @@ from aapt_jax import checkpointing, loading, parallel
 from aapt_jax.data import pipeline, records
 from aapt_jax.models.discriminator import params_from_generator
 from aapt_jax.parallel import barrier, is_main_process
-from aapt_jax.training import memory
+from aapt_jax.training import memory, resume_check
 from aapt_jax.training.data_files import episode_files, resolve_data
 from aapt_jax.training.metrics import (MetricWriter, NonFiniteWatcher, ProfileWindow,
                                        StepTimer, compiled_analysis, data_fingerprint,
@@ -117,11 +117,12 @@ class Trainer:
     writer = None
     try:
       with jax.set_mesh(mesh):
-        latest = ckpt.latest_step()
+        latest, state, data_restored = ckpt.restore_latest(
+            program.abstract_state, iterator=iterator, config=config, report=log)
         if latest is not None:
-          target = program.abstract_state
-          ckpt.check_compatible(latest, target, config)
-          state, data_restored = ckpt.restore(latest, target, iterator=iterator)
+          resume_check.check_resume(checkpointing.read_config(ckpt.step_dir(latest)), config,
+                                    workdir=self.workdir, stage=self.stage, step=latest,
+                                    log=log, record=is_main_process())
           log(f"resuming {self.stage} from step {latest}: {ckpt.step_dir(latest)}"
               + ("" if data_restored else
                  " (no data iterator state for this process count: the data order "
