@@ -126,3 +126,38 @@ def test_prepare_data_script_doom(tmp_path):
   assert "doom/freedoom2: wrote 2 clips" in r.stdout
   meta = json.load(open(out + "/metadata.json"))
   assert meta["frame_skip"] == 2 and meta["game"] == "freedoom2"
+
+
+@pytest.mark.parametrize("variant", ["", ":full"])
+def test_doom_config_validates_and_fits_its_records(variant, world):
+  import jax
+  from aapt_jax import load_config
+  from aapt_jax.models import build_generator, init_params
+  from aapt_jax.training import trainer
+  c = load_config(os.path.join(REPO, "configs", "doom.py") + variant)
+  assert c.model.control_dim == 3 and c.model.num_actions == 0 and c.stage == "pipeline"
+  assert c.data.world == "doom" and worlds.world_from_config(c).control_dim == 3
+  for stage in trainer.PIPELINE:
+    trainer.check_config(trainer.stage_config(c, stage))
+  shapes = jax.eval_shape(lambda: init_params(build_generator(c), jax.random.key(0)))
+  assert shapes  # the generator builds with controls and no actions
+  ep = worlds.make_world("doom", c.data.game, size=c.data.frame_size,
+                         frame_skip=c.data.frame_skip).record_episode(0, max_frames=3)
+  trainer.check_example({"video": ep.frames, "controls": ep.controls}, c, "doom record",
+                        min_frames=3)
+  with pytest.raises(ValueError, match="unknown variant"):
+    load_config(os.path.join(REPO, "configs", "doom.py") + ":fast")
+
+
+def test_video_inputs_of_a_camera_world(tmp_path, world):
+  from aapt_jax.inference.video import load_actions
+  controls = load_actions("random", world, 10, seed=2)
+  np.testing.assert_array_equal(np.stack(controls),
+                                world.record_episode(2, max_frames=10).controls)
+  path = tmp_path / "controls.json"
+  path.write_text(json.dumps([[0.0, 0.0, 0.0], [1.0, 0.5, -0.25]]))
+  np.testing.assert_array_equal(np.stack(load_actions(str(path), world, 2, 0)),
+                                [[0, 0, 0], [1, 0.5, -0.25]])
+  path.write_text(json.dumps([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0]]))
+  with pytest.raises(ValueError, match="invalid control vector"):
+    load_actions(str(path), world, 2, 0)
