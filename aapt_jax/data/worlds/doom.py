@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -156,6 +157,8 @@ class DoomWorld:
   def _make_game(self):
     g = vzd.DoomGame()
     g.load_config(self._config_path)
+    # ZDoom writes its settings file; keep it out of the working directory.
+    g.set_doom_config_path(os.path.join(tempfile.gettempdir(), "aapt_jax_vizdoom.ini"))
     g.set_window_visible(False)
     g.set_sound_enabled(False)
     g.set_screen_resolution(vzd.ScreenResolution.RES_160X120)
