@@ -18,10 +18,16 @@ level) has:
                                         only the world gets
   ram() -> uint8 array                  the emulator's state, ground truth for
                                         evaluation (where the emulator has one)
+  pose() -> float32 [5]                 a camera world's camera: x, y, z, yaw, pitch
+  control_names                         a camera world's control dimensions
+                                        ("yaw", "forward", "strafe": the page
+                                        steers them by mouse look and WASD)
 
 Registered: `atari` (ale-py, `atari.AtariWorld`), `doom` (vizdoom,
-`doom.DoomWorld`: a first-person camera, control_dim 3, num_actions 0). A world's module is
-imported when it is first asked for, so `worlds` loads without its emulator.
+`doom.DoomWorld`: a first-person camera, control_dim 3, num_actions 0). A
+world's module is imported when it is first asked for, so `worlds` loads
+without its emulator. `policies.default_policy(world, seed)` is the policy a
+world is recorded with.
 """
 from __future__ import annotations
 
