@@ -48,3 +48,36 @@ def test_camera_following_scores_the_emulator_above_a_model_that_ignores_yaw(wor
   assert abs(fake["pixels_per_unit_yaw"]) < 1.0
   with pytest.raises(ValueError, match="yaw has 3 entries"):
     camera.camera_following(ep.frames[:4], yaw[:3])
+
+
+def test_suite_scores_camera_following_of_a_camera_world(tmp_path):
+  """The evaluation suite on a tiny random-weight doom-like model: the explorer's
+  controls drive the emulator and the model (open loop and teacher forced),
+  and camera following is scored per horizon beside PSNR/SSIM."""
+  import json
+  from aapt_jax.evaluation import suite, teacher_forced
+  from aapt_jax.evaluation.report import write_report
+  from aapt_jax.inference.session import StreamingSession
+  from streaming_helpers import TINY_DOOM, tiny_streaming_model
+
+  session = StreamingSession(tiny_streaming_model(TINY_DOOM))
+  settings = suite.Settings(seeds=(0, 1), frames=16, teacher_forced_frames=6, fvd=False)
+  result = suite.evaluate(session, settings)
+  follow = result["table"]["camera_follow"]
+  assert set(follow) == {"model", "hold_start", "copy_previous", "model_1step", "emulator"}
+  turned = [c for c in follow["emulator"] if c["n"]]
+  assert turned and all(c["mean"] > 0.6 for c in turned)   # the emulator turns with the yaw
+  for name in ("hold_start", "copy_previous"):             # a still picture never does
+    assert all(c["mean"] == 0 for c in follow[name] if c["n"])
+  strip = result["strip"]
+  np.testing.assert_array_equal(strip["one_step"][1], strip["generated"][1])
+  # the teacher-forced prediction takes the controls: other controls, another frame
+  real = strip["real"][None, :4]
+  controls = np.zeros((1, 4, 3), np.float32)
+  still = teacher_forced.one_step_predictions(session.model, real, controls, [0])
+  controls[0, 1:] = [1.0, 1.0, 0.0]
+  turning = teacher_forced.one_step_predictions(session.model, real, controls, [0])
+  assert np.abs(still[0, 1].astype(int) - turning[0, 1]).mean() > 0
+  paths = write_report(result, str(tmp_path))
+  assert "picture turns against the yaw" in open(paths["report.md"]).read()
+  assert "camera_follow" in json.load(open(paths["report.json"]))["table"]

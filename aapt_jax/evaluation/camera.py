@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 YAW_THRESHOLD = 0.2     # |yaw| below this counts as "not turning"
-MOTION_THRESHOLD = 0.5  # pixels: a smaller shift counts as "not moving"
+MOTION_FRACTION = 1 / 128  # of the frame width (0.5 px at 64): a smaller shift
+                           # counts as "not moving"
 
 
 def _gray(frame: np.ndarray) -> np.ndarray:
@@ -65,8 +66,8 @@ def camera_following(frames: np.ndarray, yaw: np.ndarray) -> dict[str, float]:
   shows (controls[:, 0] of a record: yaw[0] is ignored). Returns:
 
   * ``sign_agreement``: among frames turned with |yaw| >= YAW_THRESHOLD, the
-    fraction whose shift is at least MOTION_THRESHOLD pixels against the
-    turn (right turn -> content moves left); NaN when none turned;
+    fraction whose shift is at least MOTION_FRACTION of the width against
+    the turn (right turn -> content moves left); NaN when none turned;
   * ``correlation``: Pearson correlation of -shift with yaw over all frames
     (NaN when either is constant);
   * ``pixels_per_unit_yaw``: least-squares slope of -shift on yaw (how many
@@ -81,7 +82,7 @@ def camera_following(frames: np.ndarray, yaw: np.ndarray) -> dict[str, float]:
   against = -horizontal_motion(frames)              # [T - 1], + = content moved left
   u = yaw[1:]
   turning = np.abs(u) >= YAW_THRESHOLD
-  agree = (np.sign(u) * against >= MOTION_THRESHOLD)[turning]
+  agree = (np.sign(u) * against >= MOTION_FRACTION * np.shape(frames)[2])[turning]
   if np.std(u) > 0 and np.std(against) > 0:
     correlation = float(np.corrcoef(u, against)[0, 1])
   else:
@@ -99,3 +100,21 @@ def compare_camera_following(generated: np.ndarray, emulator: np.ndarray,
   n = min(len(generated), len(emulator), len(yaw))
   return {"generated": camera_following(generated[:n], yaw[:n]),
           "emulator": camera_following(emulator[:n], yaw[:n])}
+
+
+def follow_series(frames: np.ndarray, previous: np.ndarray, yaw: np.ndarray,
+                  made: np.ndarray) -> np.ndarray:
+  """float [T+1]: per frame i, 1.0 when the picture moved from `previous[i]`
+  to `frames[i]` ([T+1, H, W, 3] each) by at least MOTION_FRACTION of the width
+  against the turn yaw[i] (right turn -> content left), 0.0 when it did not;
+  NaN where |yaw[i]| < YAW_THRESHOLD, frame i was not made (`made` bool
+  [T+1]), and at i = 0. Its mean over frames is `camera_following`'s
+  sign_agreement; the evaluation suite averages it per horizon."""
+  yaw = np.asarray(yaw, np.float64)
+  out = np.full(len(frames), np.nan)
+  threshold = MOTION_FRACTION * np.shape(frames)[2]
+  for i in range(1, len(frames)):
+    if made[i] and abs(yaw[i]) >= YAW_THRESHOLD:
+      against = -image_shift(previous[i], frames[i])[0]
+      out[i] = float(np.sign(yaw[i]) * against >= threshold)
+  return out
