@@ -31,6 +31,7 @@ setup(
         "safetensors>=0.8.0",
         "av>=12.0",
         "ale-py>=0.12",
+        "vizdoom>=1.3.2",
         "array-record>=0.5",
         "msgpack>=1.0",
         "tensorboardX>=2.6",

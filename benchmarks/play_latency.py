@@ -9,7 +9,8 @@ decode), `session` (StreamingSession.step: generator + decode + uint8 frames
 on the host), `session+jpeg` (plus the page's JPEG encode: what the server
 does per step). The action-to-frame latency of a step is its wall time: the
 action goes in with the call and the first frame showing it comes out (the
-page adds network and display). `atari` is the pixel-space world (decode =
+page adds network and display). `atari` and `doom` (a camera world: random
+control vectors) are pixel-space worlds (decode =
 depth-to-space); `atari_vae` decodes with the causal VAE (r = 2 video frames
 per latent frame). The shipped export is used where it exists; otherwise the
 weights are random (same compute: speed does not depend on the values).
@@ -36,7 +37,8 @@ from aapt_jax.inference.session import StreamingModel, StreamingSession  # noqa:
 from aapt_jax.inference.session import make_frame_fn  # noqa: E402
 from aapt_jax.models import build_generator, build_vae, init_params, init_vae_params  # noqa: E402
 
-CONFIGS = {"atari": "configs/atari.py", "atari_vae": "configs/atari_vae.py"}
+CONFIGS = {"atari": "configs/atari.py", "atari_vae": "configs/atari_vae.py",
+           "doom": "configs/doom.py"}
 BAR_FPS = 24.0
 WARMUP = 5
 
@@ -67,7 +69,10 @@ def timed(fn, n):
 def bench(name, frames, samples):
   model, source = load_model(name)
   rng = np.random.default_rng(0)
-  act = lambda: int(rng.integers(model.num_actions))
+  if model.num_actions:
+    act = lambda: int(rng.integers(model.num_actions))
+  else:  # a camera world: a random control vector in [-1, 1]
+    act = lambda: rng.uniform(-1, 1, model.control_dim).astype(np.float32)
   k = model.frames_per_latent
   rows = []
 
@@ -81,7 +86,8 @@ def bench(name, frames, samples):
   controls = jax.numpy.zeros((1, 1, s.control_dim)) if s.control_dim else None
 
   def generator_step():
-    a = jax.numpy.full((1, 1), act(), jax.numpy.int32) if s.num_actions else None
+    a = jax.numpy.full((1, 1), int(rng.integers(s.num_actions)), jax.numpy.int32) \
+        if s.num_actions else None
     state["x"], state["cache"] = gen(model.params, key, jax.numpy.int32(state["i"]),
                                      state["x"], state["cache"], a, controls, None, None)
     state["i"] += 1

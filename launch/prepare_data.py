@@ -2,6 +2,8 @@
 
   python launch/prepare_data.py --world=atari --game=Pong --episodes=8 \
       --frames_per_episode=1000 --clip_frames=16 --size=64 --out=data/pong
+  python launch/prepare_data.py --world=doom --episodes=8 \
+      --frames_per_episode=1000 --out=data/doom     # controls, not actions
 
 writes DIR/clips-*.array_record, DIR/episodes-*.array_record and
 DIR/metadata.json (see aapt_jax/data/prepare.py). With --vae_checkpoint=RUN
@@ -18,15 +20,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--world", default="atari", help="a world in aapt_jax.data.worlds: atari")
-  p.add_argument("--game", default="Pong", help="the world's game, e.g. Pong, Breakout")
+  p.add_argument("--world", default="atari",
+                 help="a world in aapt_jax.data.worlds: atari, doom")
+  p.add_argument("--game", default="",
+                 help="the world's game, e.g. Pong, Breakout (atari), freedoom2 (doom); "
+                      "empty = the world's default (Pong, freedoom2)")
   p.add_argument("--episodes", type=int, default=8)
   p.add_argument("--frames_per_episode", type=int, default=0,
                  help="cap on frames per episode; 0 = play until game over")
   p.add_argument("--clip_frames", type=int, default=16)
   p.add_argument("--clip_stride", type=int, default=0, help="0 = clip_frames")
   p.add_argument("--size", type=int, default=64, help="square frame size")
-  p.add_argument("--frame_skip", type=int, default=4)
+  p.add_argument("--frame_skip", type=int, default=0,
+                 help="emulator frames per recorded frame; 0 = the world's default "
+                      "(atari 4, doom 2)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--repeat_prob", type=float, default=0.75,
                  help="policy: probability of keeping the previous action")
@@ -43,15 +50,19 @@ def main(argv=None) -> int:
     if args.world not in prepare.WORLDS:
       raise ValueError(f"--world={args.world!r} is not supported; choose from "
                        f"{', '.join(prepare.WORLDS)}")
+    from aapt_jax.data import worlds
+    world_class = worlds.world_class(args.world)
+    game = args.game or world_class.DEFAULT_GAME
+    frame_skip = args.frame_skip or world_class.DEFAULT_FRAME_SKIP
     pixels_dir = os.path.join(args.out, "pixels") if args.vae_checkpoint else args.out
     if args.vae_checkpoint:
       from aapt_jax.loading import load_trained_vae
       load_trained_vae(args.vae_checkpoint)  # a bad checkpoint fails before any recording
     summary = prepare.prepare_world(
-        pixels_dir, world=args.world, game=args.game, episodes=args.episodes,
+        pixels_dir, world=args.world, game=game, episodes=args.episodes,
         frames_per_episode=args.frames_per_episode or None,
         clip_frames=args.clip_frames, clip_stride=args.clip_stride or None,
-        size=args.size, frame_skip=args.frame_skip, seed=args.seed,
+        size=args.size, frame_skip=frame_skip, seed=args.seed,
         repeat_prob=args.repeat_prob, num_shards=args.num_shards,
         overwrite=args.overwrite, progress=True)
   except (ValueError, OSError, ImportError) as e:

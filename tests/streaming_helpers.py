@@ -15,6 +15,12 @@ from helpers import config_path
 TINY_ATARI = (("stage", "consistency"), ("model.latent_channels", 48), ("model.text_dim", 0),
               ("model.control_dim", 0), ("model.num_actions", 18), ("data.world", "atari"),
               ("data.game", "Pong"), ("data.frame_size", 16), ("data.space_to_depth", 4))
+# A tiny Doom-like camera world: 16x16 frames, control_dim 3 (yaw, forward,
+# strafe), no actions.
+TINY_DOOM = (("stage", "consistency"), ("model.latent_channels", 48), ("model.text_dim", 0),
+             ("model.control_dim", 3), ("model.num_actions", 0), ("data.world", "doom"),
+             ("data.game", "freedoom2"), ("data.frame_size", 16), ("data.frame_skip", 2),
+             ("data.space_to_depth", 4))
 
 
 @functools.lru_cache(maxsize=None)

@@ -75,8 +75,8 @@ def test_world_registry_builds_atari_from_a_config_and_replays_its_ram():
   from aapt_jax import load_config
   from aapt_jax.data import worlds
   assert worlds.world_class("atari") is atari.AtariWorld
-  with pytest.raises(ValueError, match="unknown world 'doom': choose from atari"):
-    worlds.world_class("doom")
+  with pytest.raises(ValueError, match="unknown world 'minecraft': choose from atari, doom"):
+    worlds.world_class("minecraft")
   config = load_config(os.path.join(REPO, "configs", "tiny.py"),
                        {"data.world": "atari", "data.game": "Pong", "data.frame_size": 16})
   world = worlds.world_from_config(config)

@@ -118,3 +118,69 @@ def test_page_plays_in_headless_chromium(tmp_path):
     finally:
       browser.quit()
     wait.until(lambda _: not server.sessions)  # the browser is gone: every session is freed
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_camera_world_page_steers_by_mouse_look_and_wasd(tmp_path):
+  """A camera world (a tiny random-weight doom-like model: control_dim 3, no
+  actions): pointer-lock mouse look drives controls[0], W/S and A/D drive
+  forward and strafe, smoothed so that a held key is a steady full speed."""
+  from selenium.webdriver.common.action_chains import ActionChains
+  from selenium.webdriver.support.ui import WebDriverWait
+  from streaming_helpers import TINY_DOOM
+
+  model = StreamingModel.load(write_tiny_export(tmp_path / "export", TINY_DOOM))
+  server = PlayServer(model, max_sessions=1, fps=30.0)
+  server.warm_up()
+  with _ServerThread(server) as url:
+    browser = _chromium()
+    try:
+      wait = WebDriverWait(browser, TIMEOUT, poll_frequency=0.05)
+      stats = lambda key: browser.execute_script(f"return window.playStats.{key}")
+      browser.get(url)
+      wait.until(lambda _: stats("frames") >= 5)
+      hello = stats("hello")
+      assert hello["control_names"] == ["yaw", "forward", "strafe"]
+      assert hello["num_actions"] == 0
+      legend = browser.find_element("id", "keys").text
+      assert "mouse look" in legend and "W/S = forward/back" in legend
+      assert "A/D = strafe" in legend and "steady full speed" in legend
+      labels = browser.find_element("id", "controls").text
+      assert "yaw" in labels and "forward" in labels and "strafe" in labels
+      body = browser.find_element("tag name", "body")
+
+      def hold(key, index, value):
+        ActionChains(browser).key_down(key, body).perform()
+        wait.until(lambda _: (stats("controls") or [0, 0, 0])[index] == value)
+        n = len(stats("sent"))
+        ramp = [v[index] for v in stats("sent")][-n:]
+        frames = stats("frames")
+        wait.until(lambda _: stats("frames") >= frames + 5)
+        assert stats("controls")[index] == value  # held: a steady speed, no drift
+        ActionChains(browser).key_up(key, body).perform()
+        wait.until(lambda _: stats("controls")[index] == 0)
+        return ramp
+
+      ramp = hold("w", 1, 1)
+      ups = [x for x in ramp if 0 < x < 1]
+      assert ups and ups == sorted(ups)  # smoothed: intermediate speeds, rising
+      hold("s", 1, -1)
+      hold("d", 2, 1)
+      hold("a", 2, -1)
+      # Mouse look: capture the pointer on the picture, then move it right / left.
+      canvas = browser.find_element("id", "screen")
+      ActionChains(browser).move_to_element(canvas).click().perform()
+      wait.until(lambda _: stats("pointerLocked"))
+      for dx, sign in ((80, 1), (-80, -1)):
+        start = len(stats("sent"))
+        for _ in range(4):
+          ActionChains(browser).move_by_offset(dx, 0).perform()
+        wait.until(lambda _: any(sign * v[0] > 0.2 for v in stats("sent")[start:]))
+        wait.until(lambda _: stats("controls")[0] == 0)  # the mouse stopped: it eases off
+        assert all(v[1] == 0 and v[2] == 0 for v in stats("sent")[start:])
+      assert stats("ack") > 0 and stats("action").startswith("controls")
+      os.makedirs(ARTIFACTS, exist_ok=True)
+      browser.save_screenshot(os.path.join(ARTIFACTS, "play_camera.png"))
+    finally:
+      browser.quit()

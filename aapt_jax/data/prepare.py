@@ -4,12 +4,16 @@
 
 * ``clips-NNNNN-of-MMMMM.array_record``: fixed-length clips of
   `clip_frames` frames (cut every `clip_stride` frames from each episode),
-  fields ``video, actions, fps, world, game, episode, start, seed``;
+  fields ``video, fps, world, game, episode, start, seed`` and the
+  episode's conditions: ``actions`` int32 ``[T]`` (a world of discrete
+  actions) or ``controls`` float32 ``[T, A]`` (a camera world), with the
+  camera's ``poses`` float32 ``[T, 5]`` where the world has them;
 * ``episodes-NNNNN-of-MMMMM.array_record``: the whole episodes (same fields,
   ``start = 0``) -- later stages roll out longer than any clip and take their
   action sequences (and, via ``seed``, exact emulator replays) from them;
-* ``metadata.json``: world, game, num_actions, action_names, size, frame_skip, fps,
-  counts, the files, and everything skipped with the reason.
+* ``metadata.json``: world, game, num_actions, action_names, control_dim (and
+  control_names), size, frame_skip, fps, counts, the files, and everything
+  skipped with the reason.
 
 A bad item never stops the run silently: it is skipped, counted, and
 reported with its reason in the summary and in metadata.json.
@@ -25,7 +29,7 @@ from tqdm import tqdm
 
 from aapt_jax.data import records
 from aapt_jax.data import worlds
-from aapt_jax.data.worlds.policies import StickyRandomPolicy
+from aapt_jax.data.worlds.policies import default_policy
 
 WORLDS = worlds.NAMES
 
@@ -74,8 +78,9 @@ def prepare_world(out_dir: str, *, world: str = "atari", game: str, episodes: in
   `out_dir`; returns the summary (also in metadata.json).
 
   `frames_per_episode` caps each episode (None/0: until game over); episode
-  k is played from seed `seed + k` by a sticky-random policy keeping its
-  previous action with probability `repeat_prob`.
+  k is played from seed `seed + k` by the world's recording policy
+  (`policies.default_policy`: sticky-random keeping its previous action with
+  probability `repeat_prob`, or the camera explorer for a camera world).
   """
   for name, value, low in (("episodes", episodes, 1), ("clip_frames", clip_frames, 1),
                            ("size", size, 1), ("frame_skip", frame_skip, 1),
@@ -99,7 +104,7 @@ def prepare_world(out_dir: str, *, world: str = "atari", game: str, episodes: in
     for k in range(episodes):
       ep_seed = seed + k
       try:
-        policy = StickyRandomPolicy(world.num_actions, repeat_prob, seed=ep_seed)
+        policy = default_policy(world, seed=ep_seed, repeat_prob=repeat_prob)
         ep = world.record_episode(ep_seed, policy, max_frames=frames_per_episode or None)
       except (RuntimeError, ValueError) as e:
         skipped.append(f"episode {k} (seed {ep_seed}): emulator error: {e}")
@@ -109,8 +114,12 @@ def prepare_world(out_dir: str, *, world: str = "atari", game: str, episodes: in
 
       def write(writer, kind, start, stop, label):
         """Writes frames start..stop of the episode; counts it or records why not."""
-        example = dict(base, video=ep.frames[start:stop], actions=ep.actions[start:stop],
-                       episode=k, start=start, seed=ep_seed)
+        example = dict(base, video=ep.frames[start:stop], episode=k, start=start,
+                       seed=ep_seed)
+        for key in ("actions", "controls", "poses"):
+          value = getattr(ep, key, None)
+          if value is not None:
+            example[key] = value[start:stop]
         try:
           writer.write(example, source=label)
           counts[kind + "s"] += 1
@@ -132,6 +141,8 @@ def prepare_world(out_dir: str, *, world: str = "atari", game: str, episodes: in
   summary = {
       "world": name, "game": world.game, "rom_id": getattr(world, "rom_id", None),
       "num_actions": world.num_actions, "action_names": world.action_names,
+      "control_dim": world.control_dim,
+      **({"control_names": world.control_names} if world.control_dim else {}),
       "size": list(world.size), "frame_skip": world.frame_skip, "fps": world.fps,
       "clip_frames": clip_frames, "clip_stride": clip_stride, "seed": seed,
       "repeat_prob": repeat_prob, "frames_per_episode": frames_per_episode or None,

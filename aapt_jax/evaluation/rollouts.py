@@ -6,6 +6,11 @@ truth), and the model, started from the emulator's frame 0, is stepped with
 the same actions and never sees another real frame (open loop). The game may
 end (Pong under random play lasts ~800-1000 frames): the emulator's frames stop
 there while the policy keeps drawing actions for the model's rollout.
+
+A camera world (control_dim > 0, e.g. doom) is played by its explorer policy
+instead (`world.record_episode`): `actions` holds its control vectors
+[T+1, A] (zeros after its episode ends) and `ram` is empty ([R, 0]); the
+camera poses are in `poses`.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from aapt_jax.data.worlds.atari import AtariWorld, StickyRandomPolicy
+from aapt_jax.data.worlds.policies import StickyRandomPolicy
 
 
 @dataclasses.dataclass
@@ -22,10 +27,11 @@ class Episode:
   """One seed's frames. `actions[i]` is the action whose effect frame i shows
   (actions[0] = NOOP, the start frame's)."""
   seed: int
-  actions: np.ndarray     # int32 [T+1]
+  actions: np.ndarray     # int32 [T+1]; a camera world: float32 controls [T+1, A]
   real: np.ndarray        # uint8 [R, H, W, 3], R <= T+1 (the game may end)
   ram: np.ndarray         # uint8 [R, 128]
   generated: np.ndarray | None = None   # uint8 [T+1, H, W, 3]
+  poses: np.ndarray | None = None       # float32 [R, 5]: a camera world's camera
 
   @property
   def frames(self) -> int:
@@ -33,10 +39,16 @@ class Episode:
     return len(self.actions) - 1
 
 
-def play_emulator(world: AtariWorld, seed: int, frames: int,
+def play_emulator(world, seed: int, frames: int,
                   repeat_prob: float = 0.75) -> Episode:
   """`frames` actions of the sticky-random policy seeded with `seed` and the
-  emulator's frames and RAM for them (until its game ends)."""
+  emulator's frames and RAM for them (until its game ends); in a camera world
+  the explorer's controls, frames and poses (module docstring)."""
+  if world.control_dim:
+    ep = world.record_episode(seed, max_frames=frames + 1)
+    pad = np.zeros((frames + 1 - len(ep), world.control_dim), np.float32)
+    return Episode(seed=int(seed), actions=np.concatenate([ep.controls, pad]),
+                   real=ep.frames, ram=np.zeros((len(ep), 0), np.uint8), poses=ep.poses)
   policy = StickyRandomPolicy(world.num_actions, repeat_prob, seed=seed)
   actions = [world.noop] + [policy() for _ in range(frames)]
   real, ram = [world.reset(seed)], [world.ram()]
@@ -59,7 +71,7 @@ def roll_out(session, episode: Episode, on_frame: Callable[[], None] | None = No
                      f"model decodes {session.model.frames_per_latent} (a VAE world)")
   out = [session.start(first_frame=episode.real[0], seed=episode.seed)[0]]
   for a in episode.actions[1:]:
-    out.append(session.step(int(a))[0])
+    out.append(session.step(a if np.ndim(a) else int(a))[0])  # a control vector or an id
     if on_frame:
       on_frame()
   return np.stack(out)

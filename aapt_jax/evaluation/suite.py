@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from aapt_jax.evaluation import fvd as fvd_lib
-from aapt_jax.evaluation import metrics, objects, ram_objects, rollouts, teacher_forced
+from aapt_jax.evaluation import camera, metrics, objects, ram_objects, rollouts, teacher_forced
 
 OPEN_LOOP = ("model", "hold_start")
 TEACHER_FORCED = ("copy_previous", "model_1step")
@@ -87,6 +87,11 @@ def _score_seed(game, action_names, episode, predictions, frame_size):
           [None] + list(real_found) + [None] * (len(found) - r))[:len(found)]
       series["follow"] = objects.follow_series(game, action_names, episode.actions, found,
                                                before)
+    if episode.actions.ndim == 2:  # a camera world: does the picture turn with the yaw?
+      before = (np.concatenate([frames[:1], frames[:-1]]) if previous == "own" else
+                predictions["copy_previous"][0])
+      series["camera_follow"] = camera.follow_series(frames, before, episode.actions[:, 0],
+                                                     made)
     out[name] = series
   return out
 

@@ -22,13 +22,14 @@ from aapt_jax.models import Conditioning
 
 def make_one_step_fn(model):
   """jitted fn(params, latents [B, T+1, h, w, C], actions int32 [B, T+1] or
-  None, noise [B, T+1, h, w, C]) -> x0 [B, T+1, h, w, C] (frame 0 unused)."""
-  def predict(params, latents, actions, noise):
+  None, noise [B, T+1, h, w, C], controls float32 [B, T+1, A] or None) ->
+  x0 [B, T+1, h, w, C] (frame 0 unused)."""
+  def predict(params, latents, actions, noise, controls=None):
     b, n = latents.shape[:2]                                        # latents [B, T+1, h, w, C]
     inputs = jnp.concatenate([latents[:, :1], noise[:, 1:]], axis=1)
     previous = jnp.concatenate([jnp.zeros_like(latents[:, :1]), latents[:, :-1]], axis=1)
     t = jnp.ones((b, n)).at[:, 0].set(0.0)                          # [B, T+1]
-    cond = Conditioning(previous=previous, actions=actions)
+    cond = Conditioning(previous=previous, actions=actions, controls=controls)
     v = model.apply({"params": params}, inputs, t, cond)
     return inputs - v                                               # x0 at t = 1 (frame 0: unused)
   return jax.jit(predict)
@@ -41,7 +42,8 @@ def one_step_predictions(streaming_model, real: np.ndarray, actions: np.ndarray,
 
   streaming_model: an `inference.session.StreamingModel` of a pixel-space
   world; real uint8 [B, T+1, H, W, 3]; actions int [B, T+1] (actions[:, 0] is
-  the start frame's, NOOP); seeds: B noise seeds; one_step_fn: a
+  the start frame's, NOOP), or in a camera world (model.control_dim > 0) the
+  control vectors float [B, T+1, A]; seeds: B noise seeds; one_step_fn: a
   `make_one_step_fn(streaming_model.generator)` to reuse (else one is compiled).
   """
   if not isinstance(streaming_model.decoder, PixelDecoder):
@@ -53,9 +55,11 @@ def one_step_predictions(streaming_model, real: np.ndarray, actions: np.ndarray,
   noise = jnp.stack([jnp.concatenate(
       [jax.random.normal(jax.random.fold_in(jax.random.key(int(seed)), i), shape)
        for i in range(latents.shape[1])], axis=1)[0] for seed in seeds])
-  acts = jnp.asarray(actions, jnp.int32) if streaming_model.generator.spec.num_actions else None
+  spec = streaming_model.generator.spec
+  acts = jnp.asarray(actions, jnp.int32) if spec.num_actions else None
+  controls = jnp.asarray(actions, jnp.float32) if spec.control_dim else None
   one_step_fn = one_step_fn or make_one_step_fn(streaming_model.generator)
-  x0 = one_step_fn(streaming_model.params, latents, acts, noise)
+  x0 = one_step_fn(streaming_model.params, latents, acts, noise, controls)
   pixels = np.asarray(streaming_model.decoder.decode_step(None, x0, ())[0])
   pixels = np.clip(np.round((pixels + 1.0) * 127.5), 0, 255).astype(np.uint8)
   pixels[:, 0] = real[:, 0]

@@ -14,11 +14,12 @@ WebSocket protocol. Client -> server, JSON text messages:
   {"type": "start", "image": "data:image/jpeg;base64,..."}  ... from an image
   {"type": "reset"}                                    back to right after the last start
 
-Server -> client: a JSON `hello` (action names, fps, frame size, limits), JSON
-`error` messages for bad input (the stream goes on; every malformed message,
-however deep or large its numbers, gets one), an `idle` message before the
-server closes a connection that sent nothing for `idle_timeout` seconds
-(code 1001, its slot freed), and binary frames:
+Server -> client: a JSON `hello` (action names, control names -- a camera
+world's ["yaw", "forward", "strafe"] make the page steer by mouse look and
+WASD --, fps, frame size, limits), JSON `error` messages for bad input (the
+stream goes on; every malformed message, however deep or large its numbers,
+gets one), an `idle` message before the server closes a connection that sent
+nothing for `idle_timeout` seconds (code 1001, its slot freed), and binary frames:
 header `<IIi` (video frame number, seq of the last action or controls
 message applied, the action id it shows; -1 = none, -2 = a control vector)
 followed by the JPEG. A connection over
@@ -249,6 +250,7 @@ class PlayServer:
     m = self.model
     return {"type": "hello", "session": session_id, "actions": m.action_names,
             "num_actions": m.num_actions, "control_dim": m.control_dim,
+            "control_names": list(getattr(m.world, "control_names", None) or []),
             "noop": m.noop if m.num_actions else -1, "fps": self.fps,
             "frame_size": list(m.frame_size), "frames_per_latent": m.frames_per_latent,
             "stored_start_frame": m.start_frame is not None, "world": m.world is not None,

@@ -23,9 +23,19 @@ from aapt_jax.inference.session import StreamingModel, StreamingSession
 from aapt_jax.models import build_generator, build_vae, init_params, init_vae_params
 
 
-def load_actions(spec: str, world, num_frames: int, seed: int) -> list[int]:
-  """'random' (sticky-random policy) or a JSON file with a list of ids or names."""
+def load_actions(spec: str, world, num_frames: int, seed: int) -> list:
+  """The `num_frames` inputs of a video: action ids, or in a camera world
+  (control_dim > 0) control vectors (float32 [control_dim]).
+
+  'random': the world's recording policy (sticky-random ids; in a camera
+  world the explorer, played in the emulator from `seed`, zeros after its
+  episode ends); else a JSON file with a list of ids or names (or of
+  control vectors)."""
   if spec == "random":
+    if world.control_dim:
+      controls = world.record_episode(seed, max_frames=num_frames).controls  # [T, A]
+      pad = np.zeros((num_frames - len(controls), world.control_dim), np.float32)
+      return list(np.concatenate([controls, pad]))
     from aapt_jax.data.worlds.policies import StickyRandomPolicy
     policy = StickyRandomPolicy(world.num_actions, seed=seed)
     return [world.noop] + [policy() for _ in range(num_frames - 1)]
@@ -37,7 +47,13 @@ def load_actions(spec: str, world, num_frames: int, seed: int) -> list[int]:
     raise ValueError(f"--actions file {spec} must hold a list of at least {num_frames} actions")
   out = []
   for a in raw[:num_frames]:
-    if isinstance(a, str):
+    if world.control_dim:
+      u = np.asarray(a, np.float32) if isinstance(a, list) else None
+      if u is None or u.shape != (world.control_dim,) or np.any(np.abs(u) > 1):
+        raise ValueError(f"invalid control vector {a!r}: {world.game} takes lists of "
+                         f"{world.control_dim} floats in [-1, 1]")
+      out.append(u)
+    elif isinstance(a, str):
       if a.upper() not in world.action_names:
         raise ValueError(f"unknown action name {a!r}; {world.game} has {world.action_names}")
       out.append(world.action_names.index(a.upper()))

@@ -47,8 +47,8 @@ def prepare_world_data(config, out_dir: str) -> None:
         f"{frames} frames of {world}/{config.data.game} at "
         f"{config.data.frame_size}x{config.data.frame_size} into {out_dir} "
         f"(clips of {clip} frames); set data.path to use other data")
-    summary = prepare.prepare_atari(
-        out_dir, game=config.data.game, episodes=episodes,
+    summary = prepare.prepare_world(
+        out_dir, world=world, game=config.data.game, episodes=episodes,
         frames_per_episode=frames, clip_frames=clip,
         clip_stride=config.train.clip_frames, size=config.data.frame_size,
         frame_skip=config.data.frame_skip, seed=config.train.seed,

@@ -14,17 +14,27 @@ level) has:
   record_episode(seed, policy, max_frames, action_hold) -> Episode
   game_over() -> bool
   fps, game, size, frame_skip, num_actions, action_names, noop, control_dim
+  DEFAULT_GAME, DEFAULT_FRAME_SKIP      class attributes: what a user who names
+                                        only the world gets
   ram() -> uint8 array                  the emulator's state, ground truth for
                                         evaluation (where the emulator has one)
+  pose() -> float32 [5]                 a camera world's camera: x, y, z, yaw, pitch
+  control_names                         a camera world's control dimensions
+                                        ("yaw", "forward", "strafe": the page
+                                        steers them by mouse look and WASD)
 
-Registered: `atari` (ale-py, `atari.AtariWorld`). A world's module is
-imported when it is first asked for, so `worlds` loads without its emulator.
+Registered: `atari` (ale-py, `atari.AtariWorld`), `doom` (vizdoom,
+`doom.DoomWorld`: a first-person camera, control_dim 3, num_actions 0). A
+world's module is imported when it is first asked for, so `worlds` loads
+without its emulator. `policies.default_policy(world, seed)` is the policy a
+world is recorded with.
 """
 from __future__ import annotations
 
 import importlib
 
-REGISTRY = {"atari": "aapt_jax.data.worlds.atari:AtariWorld"}
+REGISTRY = {"atari": "aapt_jax.data.worlds.atari:AtariWorld",
+            "doom": "aapt_jax.data.worlds.doom:DoomWorld"}
 NAMES = tuple(REGISTRY)
 
 

@@ -103,6 +103,8 @@ class AtariWorld:
       never end under a random policy).
     mode, difficulty: optional ALE game mode / difficulty.
   """
+  DEFAULT_GAME = "Pong"
+  DEFAULT_FRAME_SKIP = 4
 
   def __init__(self, game: str, *, size: int | tuple[int, int] = 64,
                frame_skip: int = 4, max_emulator_frames: int = MAX_EMULATOR_FRAMES,
