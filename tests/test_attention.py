@@ -172,3 +172,30 @@ def test_gradient_memory_is_linear_in_tokens_per_frame():
   new_ratio, ref_ratio = new[1] / new[0], ref[1] / ref[0]
   assert new_ratio < 5.0, (new, ref)
   assert ref_ratio > new_ratio + 1.0, (new, ref)
+
+
+@pytest.mark.parametrize("counter", [0, 1, 2, N + 1, 3 * N + 2])
+def test_fused_step_layout_equals_step(counter):
+  """The cudnn backend's streaming step ([sink | self | ring] keys, a valid
+  prefix instead of a mask), run through XLA's dot_product_attention here,
+  equals the XLA step at every fill level of the ring."""
+  q, k, v = _qkv(counter + 1, seed=4)
+  sink, ring = _cache_for(k, v, counter)
+  q, k, v = (a[:, counter:] * (D ** -0.5 if a is q else 1.0) for a in (q, k, v))
+  c = jnp.int32(counter)
+  got = attention._one_block_fused(q, k, v, c, N, THETA, sink, ring, "xla")
+  want = attention._one_block(q, k, v, c, N, THETA, sink, ring)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend,match", [("splash", "one of"), ("cudnn", "needs a GPU")])
+def test_unknown_or_unavailable_backend_is_a_config_error(backend, match):
+  from aapt_jax import load_config
+  from aapt_jax.models import build_generator
+  from helpers import config_path
+  config = load_config(config_path("tiny.py"), {"model.attention_backend": backend,
+                                                "model.dtype": "bfloat16"})
+  if jax.default_backend() == "gpu" and backend == "cudnn":
+    pytest.skip("cudnn is available here")
+  with pytest.raises(ValueError, match=f"model.attention_backend.*{match}"):
+    build_generator(config)

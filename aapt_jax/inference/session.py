@@ -29,7 +29,8 @@ import numpy as np
 
 from aapt_jax.inference import export as export_lib
 from aapt_jax.inference.decoders import build_decoder, uses_vae
-from aapt_jax.models import Conditioning, Generator, KVCache, abstract_params, build_generator
+from aapt_jax.models import (Conditioning, Generator, KVCache, abstract_params, build_generator,
+                             with_text_kv)
 from aapt_jax.objectives.flow_matching import shift_timesteps
 
 DIFFUSION_SAMPLER_STEPS = 16  # Euler steps per frame for a stage-1 (diffusion) model
@@ -57,6 +58,7 @@ def make_session_step(model: Generator, decoder, sampler_steps: int = 1,
 
   step(params, decoder_params, key, state, actions, controls, text, text_mask)
       -> (frames uint8 [k, H, W, 3], state)
+  text: the prompt's TextKV (`with_text_kv`, once per prompt) or None.
 
   index 0 (the prefill) writes state.latent (latent 0, clean, t = 0) as the
   sink and decodes it; index i >= 1 draws eps_i = N(fold_in(key, i)) and makes
@@ -69,7 +71,7 @@ def make_session_step(model: Generator, decoder, sampler_steps: int = 1,
            text_mask):
     first = state.index == 0
     given = state.latent                                          # [1, 1, h, w, C]
-    cond = Conditioning(previous=jnp.where(first, 0.0, given), text=text,
+    cond = Conditioning(previous=jnp.where(first, 0.0, given), text_kv=text,
                         text_mask=text_mask, actions=actions, controls=controls)
     ones = jnp.ones(given.shape[:2])                               # [1, 1]
     x = jax.random.normal(jax.random.fold_in(key, state.index), given.shape, given.dtype)
@@ -269,7 +271,9 @@ class StreamingSession:
     emb = np.asarray(text, np.float32)
     if emb.ndim != 2 or emb.shape[1] != spec.text_dim or not emb.shape[0]:
       raise ValueError(f"text embedding must be [L, {spec.text_dim}], got {emb.shape}")
-    return jnp.asarray(emb)[None], jnp.ones((1, emb.shape[0]), bool)
+    cond = with_text_kv(self.model.model, self.model.params,
+                        Conditioning(text=jnp.asarray(emb)[None]))
+    return cond.text_kv, jnp.ones((1, emb.shape[0]), bool)  # text keys/values once per prompt
 
   def _control_inputs(self, controls):
     """(actions int32 [1, 1] or None, controls float32 [1, 1, A] or None): fixed

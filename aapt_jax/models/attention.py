@@ -11,8 +11,10 @@ continues a cached prefix, and the one-frame `step`. Its gradient is a custom
 VJP that recomputes each part's scores from the saved log-sum-exp (flash-
 attention style), so training memory is linear in frames and tokens per frame.
 
-This is the XLA backend (CPU, and any device); flash/splash backends can
-slot in behind `block_causal_attention` with the same arguments.
+Backends (`model.attention_backend`): "xla" everywhere (any device);
+"cudnn" runs the streaming step's one-frame attention (over sink + ring +
+self, a prefix of valid keys, no mask) with cuDNN's fused kernel on GPU
+(`jax.nn.dot_product_attention`; not yet verified on a GPU).
 """
 from __future__ import annotations
 
@@ -71,7 +73,8 @@ QUERY_CHUNK = 128
 
 
 def block_causal_attention(q, k, v, *, counter, window: int, theta: float,
-                           sink=None, ring=None, query_chunk: int = QUERY_CHUNK):
+                           sink=None, ring=None, query_chunk: int = QUERY_CHUNK,
+                           backend: str = "xla"):
   """Block-causal attention for blocks counter .. counter + T - 1.
 
   q, k, v: [B, T, P, H, Dh], q/k normed and spatially rotated, no temporal
@@ -84,6 +87,7 @@ def block_causal_attention(q, k, v, *, counter, window: int, theta: float,
   ring: (k, v) [B, H, N, P, Dh] of the cached previous blocks, or None.
   query_chunk: query tokens of a frame handled at once (a cap; P is split
     into equal chunks no larger than it).
+  backend: "xla", or "cudnn" for the streaming step (T = 1 with a ring).
   Returns [B, T, P, H, Dh] in q.dtype.
 
   Memory is linear in T and P (flash-attention style): the queries are
@@ -97,6 +101,8 @@ def block_causal_attention(q, k, v, *, counter, window: int, theta: float,
   b, t, p, h, d = q.shape
   q = q * jnp.asarray(d ** -0.5, q.dtype)
   if ring is not None and t == 1:
+    if backend == "cudnn":
+      return _one_block_fused(q, k, v, counter, window, theta, sink, ring, "cudnn")
     return _one_block(q, k, v, counter, window, theta, sink, ring)
   chunks = -(-p // max(1, query_chunk))
   return _blockwise(window, theta, -(-p // chunks), q, k, v, jnp.asarray(counter, jnp.int32),
@@ -312,6 +318,34 @@ def _one_block(q, k, v, counter, n, theta, sink, ring):
          + jnp.einsum("bhpk,bhkd->bhpd", p_ring, ring_v, preferred_element_type=f32)
          + jnp.einsum("bhpk,bhkd->bhpd", p_self, v1, preferred_element_type=f32))
   return jnp.swapaxes(out, 1, 2)[:, None].astype(q.dtype)
+
+
+def _one_block_fused(q, k, v, counter, n, theta, sink, ring, implementation: str):
+  """The streaming step as one `jax.nn.dot_product_attention` (a fused kernel).
+
+  Keys in the order [sink | self | ring slots]: ring slot s holds block
+  s + 1 until the ring wraps, so the valid keys are always a prefix, of
+  P (1 + [counter >= 1] + min(counter - 1, N)) tokens (at counter 0 the sink
+  is this block itself and self is left out): a sequence length, no mask.
+  Same distances as `_one_block`; q is already scaled.
+  """
+  b, _, p, h, d = q.shape
+  seq = lambda a: jnp.swapaxes(a, 1, 2)                          # [B, H, P, D] -> [B, P, H, D]
+  q1, k1, v1 = q[:, 0], k[:, 0], v[:, 0]                         # [B, P, H, D]
+  first = counter == 0
+  sink_k = jnp.where(first, k1, seq(sink[0]).astype(k.dtype))
+  sink_v = jnp.where(first, v1, seq(sink[1]).astype(v.dtype))
+  sink_k = rotate_time(sink_k, -jnp.minimum(counter, n + 1), theta)
+  ahead = counter - kvc.ring_block_indices(counter, n)          # [N]
+  ring_k = rotate_time(ring[0].astype(k.dtype), -ahead[None, None, :, None], theta)
+  by_token = lambda a: jnp.transpose(a, (0, 2, 3, 1, 4)).reshape(b, n * p, h, d)
+  keys = jnp.concatenate([sink_k, k1, by_token(ring_k)], axis=1)   # [B, (N + 2) P, H, D]
+  values = jnp.concatenate([sink_v, v1, by_token(ring[1].astype(v.dtype))], axis=1)
+  valid = p * (1 + (counter >= 1).astype(jnp.int32) + jnp.clip(counter - 1, 0, n))
+  out = jax.nn.dot_product_attention(q1, keys, values, scale=1.0,
+                                     key_value_seq_lengths=jnp.full((b,), valid, jnp.int32),
+                                     implementation=implementation)
+  return out[:, None].astype(q.dtype)
 
 
 def full_attention(q, k, v, *, theta: float):
