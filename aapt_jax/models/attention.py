@@ -69,7 +69,7 @@ def _finish(state: _OnlineSoftmax, dtype):
 
 # Query tokens per chunk: the scores live at once are a few [B, T, H, C, P]
 # per part, so memory is linear in P once P > C.
-QUERY_CHUNK = 128
+QUERY_CHUNK = 64
 
 
 def block_causal_attention(q, k, v, *, counter, window: int, theta: float,
