@@ -192,7 +192,7 @@ def _chunk_forward(qc, keys, parts, theta):
     key, value = _operands(part, keys)
     scores = _scores(part, qc[:, part.start:], key, theta)
     state = _add(state, scores, part.valid, value, part.pv_spec, part.start)
-    qc, state = jax.lax.optimization_barrier((qc, state))  # one part's scores live at a time
+    qc, state = jax.lax.optimization_barrier((qc, state))  # ask for one part at a time
   lse = jnp.where(state.l > 0, state.m + jnp.log(jnp.where(state.l > 0, state.l, 1.0)), jnp.inf)
   return _finish(state, qc.dtype), lse
 
@@ -225,7 +225,7 @@ def _chunk_backward(qc, out, lse, d_out, keys, d_keys, parts, theta):
         d_keys[i] = d_keys[i] + grad.astype(f32)
       else:
         d_keys[i] = d_keys[i].at[:, :part.stop].add(grad.astype(f32))
-    qc, dq, d_keys = jax.lax.optimization_barrier((qc, dq, d_keys))  # one part at a time
+    qc, dq, d_keys = jax.lax.optimization_barrier((qc, dq, d_keys))  # (XLA:CPU ignores it)
   return dq, tuple(d_keys)
 
 
