@@ -67,8 +67,8 @@ def _finish(state: _OnlineSoftmax, dtype):
   return out.astype(dtype)
 
 
-# Query tokens per chunk: the scores live at once are a few [B, T, H, C, P]
-# per part, so memory is linear in P once P > C.
+# Query tokens per chunk: the scores alive at once are [B, T', H, C, P] per
+# part (a few parts at once), so memory is linear in P once P > C.
 QUERY_CHUNK = 64
 
 
@@ -91,8 +91,8 @@ def block_causal_attention(q, k, v, *, counter, window: int, theta: float,
   Returns [B, T, P, H, Dh] in q.dtype.
 
   Memory is linear in T and P (flash-attention style): the queries are
-  processed in chunks of at most `query_chunk` tokens, each against the
-  parts one at a time; the gradient (a custom VJP) saves only q, k, v, the
+  processed in chunks of at most `query_chunk` tokens (a scan), each against
+  the parts in turn; the gradient (a custom VJP) saves only q, k, v, the
   output and the log-sum-exp per query token and recomputes each part's
   scores. Gradients reach q, k, v and the cached sink/ring keys/values (the
   callers pass a detached cache, so that last one is normally unused and
