@@ -118,11 +118,41 @@ def bench_config(name, frames, repeats):
               rss=rss, marks=marks, compiles=step._cache_size())
 
 
+def text_kv_interleaved(frame, steps):
+  """`peer` vs `peer_kv` at `frame` (a full window), their steps interleaved so
+  that both see the same machine load: {label: (median ms, min ms)}."""
+  path, overrides, text_tokens, _ = CONFIGS["peer"]
+  model = build_generator(load_config(os.path.join(ROOT, path), overrides))
+  s = model.spec
+  params = nn.meta.unbox(init_params(model, jax.random.key(0)))
+  rng = np.random.default_rng(0)
+  h, w = s.latent_size
+  x = jnp.asarray(rng.standard_normal((1, 1, h, w, s.latent_channels)), jnp.float32)
+  cond = Conditioning(previous=x, text=jnp.asarray(
+      rng.standard_normal((1, text_tokens, s.text_dim)), jnp.float32))
+  step = jax.jit(lambda p, x, c, k: model.apply(p, x, jnp.ones((1, 1)), c, k, method="step"),
+                 donate_argnums=3)
+  runs = {"text per step": [cond, None, []],
+          "text K/V once": [with_text_kv(model, params["params"], cond), None, []]}
+  for run in runs.values():  # the cost of a step does not depend on what the cache holds
+    v, run[1] = step(params, x, run[0], model.init_cache(1).replace(counter=jnp.int32(frame)))
+    v.block_until_ready()
+  for _ in range(steps):
+    for run in runs.values():
+      t0 = time.perf_counter()
+      v, run[1] = step(params, x, run[0], run[1])
+      v.block_until_ready()
+      run[2].append((time.perf_counter() - t0) * 1e3)
+  return {k: (float(np.median(r[2])), min(r[2])) for k, r in runs.items()}
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--configs", default="tiny,atari,bar,bar32,peer,peer_kv")
   ap.add_argument("--frames", type=int, default=1440)
   ap.add_argument("--repeats", type=int, default=20, help="steps timed at each mark")
+  ap.add_argument("--interleaved", type=int, default=60,
+                  help="steps of each of peer / peer_kv in the interleaved comparison")
   args = ap.parse_args()
   names = config_names(args.configs, CONFIGS)
   print(device_line())
@@ -148,6 +178,10 @@ def main():
     a, b = by_name["peer"]["lat"], by_name["peer_kv"]["lat"]
     print("peer / peer_kv (text keys/values once per prompt): "
           + ", ".join(f"f{m}: {a[m] / b[m]:.2f}x" for m in sorted(a) if m in b))
+    ab = text_kv_interleaved(args.frames, args.interleaved)
+    print(f"interleaved at frame {args.frames} ({args.interleaved} steps each, same load): "
+          + ", ".join(f"{k} median {med:.2f} ms (min {lo:.2f})" for k, (med, lo) in ab.items())
+          + f"; ratio {ab['text per step'][0] / ab['text K/V once'][0]:.2f}x")
   print("latency: median ms per latent frame (one step = one forward, 1NFE) at that frame;"
         " flat = last / 4N; recompute = one forward over sink + N + current without a cache;"
         " ratio = recompute / cached at the last frame; cache = KV cache size; temp = XLA"
