@@ -25,7 +25,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from aapt_jax.models import Conditioning, Generator
+from aapt_jax.models import Conditioning, Generator, with_text_kv
 
 GRADIENTS = ("scan", "recompute")
 SEGMENT_GRADIENTS = ("end_to_end", "truncated")
@@ -50,6 +50,7 @@ def _shift(frames, first_previous=None):
 def _scan_frames(model: Generator, params, inputs, cond: Conditioning, cache, previous):
   """Generates frames for inputs [B, n, ...] (all noise) from `cache`; returns (frames, cache)."""
   b = inputs.shape[0]
+  cond = with_text_kv(model, params, cond)  # the text's keys/values once, not per step
 
   def body(carry, xs):
     cache, prev = carry

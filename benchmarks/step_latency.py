@@ -1,11 +1,15 @@
 """Per-latent-frame latency of `Generator.step` (1NFE, KV cache) deep into a
 stream, against recomputing the whole window without a cache, in one run.
 
-  python benchmarks/step_latency.py [--configs tiny,atari,bar,bar32] [--frames 1440]
+  python benchmarks/step_latency.py [--configs tiny,atari,bar,bar32,peer,peer_kv] [--frames 1440]
 
 `bar` is the peer-comparison shape (dim 256, 8 layers, 4 heads, ffn 1024, 64
 tokens per latent frame, fp32, window 8); `bar32` the same with a window of 32.
-Each step runs the real stream: frame 1440 is reached by 1440 committed steps.
+`peer` is the peer's full setting (Self-Forcing's causal Wan at these dims):
+the same with window 20 and 512 text tokens of width 64, every step projecting
+the text's keys/values in every layer; `peer_kv` the same with the prompt's
+TextKV computed once (`with_text_kv`) as a stream does. Each step runs the
+real stream: frame 1440 is reached by 1440 committed steps.
 """
 from __future__ import annotations
 
@@ -25,13 +29,17 @@ sys.path.insert(0, ROOT)
 
 from common import config_names, device_line  # noqa: E402
 from aapt_jax import load_config  # noqa: E402
-from aapt_jax.models import Conditioning, build_generator, init_params  # noqa: E402
+from aapt_jax.models import Conditioning, build_generator, init_params, with_text_kv  # noqa: E402
 
+PEER = {"model.window_frames": 20, "model.text_dim": 64}
+# name: (config, overrides, text tokens, text keys/values once per prompt)
 CONFIGS = {
-    "tiny": ("configs/tiny.py", {}),
-    "atari": ("configs/atari.py", {}),
-    "bar": ("configs/base.py", {"model.window_frames": 8}),
-    "bar32": ("configs/base.py", {"model.window_frames": 32}),
+    "tiny": ("configs/tiny.py", {}, 8, False),
+    "atari": ("configs/atari.py", {}, 8, False),
+    "bar": ("configs/base.py", {"model.window_frames": 8}, 8, False),
+    "bar32": ("configs/base.py", {"model.window_frames": 32}, 8, False),
+    "peer": ("configs/base.py", PEER, 512, False),
+    "peer_kv": ("configs/base.py", PEER, 512, True),
 }
 
 
@@ -44,7 +52,7 @@ def rss_mib():
 
 
 def bench_config(name, frames, repeats):
-  path, overrides = CONFIGS[name]
+  path, overrides, text_tokens, text_once = CONFIGS[name]
   config = load_config(os.path.join(ROOT, path), overrides)
   model = build_generator(config)
   s = model.spec
@@ -55,7 +63,8 @@ def bench_config(name, frames, repeats):
   def cond_for(t):
     return Conditioning(
         previous=jnp.asarray(rng.standard_normal((1, t, h, w, s.latent_channels)), jnp.float32),
-        text=jnp.zeros((1, 8, s.text_dim)) if s.text_dim else None,
+        text=jnp.asarray(rng.standard_normal((1, text_tokens, s.text_dim)), jnp.float32)
+        if s.text_dim else None,
         actions=jnp.zeros((1, t), jnp.int32) if s.num_actions else None,
         controls=jnp.zeros((1, t, s.control_dim)) if s.control_dim else None)
 
@@ -64,6 +73,8 @@ def bench_config(name, frames, repeats):
   noise = jnp.asarray(rng.standard_normal((1, 1, h, w, s.latent_channels)), jnp.float32)
   one = jnp.ones((1, 1))
   cond1 = cond_for(1)
+  if text_once:  # once per prompt, outside the timed steps (as a stream does at start)
+    cond1 = with_text_kv(model, params["params"], cond1)
   cache = model.init_cache(1)
   compiled = step.lower(params, noise, one, cond1, cache).compile()
   mem = compiled.memory_analysis()
@@ -107,11 +118,41 @@ def bench_config(name, frames, repeats):
               rss=rss, marks=marks, compiles=step._cache_size())
 
 
+def text_kv_interleaved(frame, steps):
+  """`peer` vs `peer_kv` at `frame` (a full window), their steps interleaved so
+  that both see the same machine load: {label: (median ms, min ms)}."""
+  path, overrides, text_tokens, _ = CONFIGS["peer"]
+  model = build_generator(load_config(os.path.join(ROOT, path), overrides))
+  s = model.spec
+  params = nn.meta.unbox(init_params(model, jax.random.key(0)))
+  rng = np.random.default_rng(0)
+  h, w = s.latent_size
+  x = jnp.asarray(rng.standard_normal((1, 1, h, w, s.latent_channels)), jnp.float32)
+  cond = Conditioning(previous=x, text=jnp.asarray(
+      rng.standard_normal((1, text_tokens, s.text_dim)), jnp.float32))
+  step = jax.jit(lambda p, x, c, k: model.apply(p, x, jnp.ones((1, 1)), c, k, method="step"),
+                 donate_argnums=3)
+  runs = {"text per step": [cond, None, []],
+          "text K/V once": [with_text_kv(model, params["params"], cond), None, []]}
+  for run in runs.values():  # the cost of a step does not depend on what the cache holds
+    v, run[1] = step(params, x, run[0], model.init_cache(1).replace(counter=jnp.int32(frame)))
+    v.block_until_ready()
+  for _ in range(steps):
+    for run in runs.values():
+      t0 = time.perf_counter()
+      v, run[1] = step(params, x, run[0], run[1])
+      v.block_until_ready()
+      run[2].append((time.perf_counter() - t0) * 1e3)
+  return {k: (float(np.median(r[2])), min(r[2])) for k, r in runs.items()}
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--configs", default="tiny,atari,bar,bar32")
+  ap.add_argument("--configs", default="tiny,atari,bar,bar32,peer,peer_kv")
   ap.add_argument("--frames", type=int, default=1440)
   ap.add_argument("--repeats", type=int, default=20, help="steps timed at each mark")
+  ap.add_argument("--interleaved", type=int, default=60,
+                  help="steps of each of peer / peer_kv in the interleaved comparison")
   args = ap.parse_args()
   names = config_names(args.configs, CONFIGS)
   print(device_line())
@@ -132,6 +173,15 @@ def main():
           + f" | {flat:>5.2f} | {r['recompute']:>7.2f}ms {r['recompute'] / r['lat'][args.frames]:>5.1f}x"
           f" | {r['cache_mib']:>5.1f}Mi {r['temp_mib']:>5.1f}Mi {r['rss'][4 * r['window']]:>5.0f}Mi"
           f" {r['rss'][args.frames]:>5.0f}Mi | {r['compiles']}")
+  by_name = {r["name"]: r for r in rows}
+  if "peer" in by_name and "peer_kv" in by_name:
+    a, b = by_name["peer"]["lat"], by_name["peer_kv"]["lat"]
+    print("peer / peer_kv (text keys/values once per prompt): "
+          + ", ".join(f"f{m}: {a[m] / b[m]:.2f}x" for m in sorted(a) if m in b))
+    ab = text_kv_interleaved(args.frames, args.interleaved)
+    print(f"interleaved at frame {args.frames} ({args.interleaved} steps each, same load): "
+          + ", ".join(f"{k} median {med:.2f} ms (min {lo:.2f})" for k, (med, lo) in ab.items())
+          + f"; ratio {ab['text per step'][0] / ab['text K/V once'][0]:.2f}x")
   print("latency: median ms per latent frame (one step = one forward, 1NFE) at that frame;"
         " flat = last / 4N; recompute = one forward over sink + N + current without a cache;"
         " ratio = recompute / cached at the last frame; cache = KV cache size; temp = XLA"

@@ -71,7 +71,9 @@ def get_config(arg=None):
   m.scan_layers = True        # run blocks under nn.scan (one compiled layer)
   m.remat = "none"            # jax.checkpoint policy per block: none | full |
                               # dots_saveable | dots_with_no_batch_dims_saveable
-  m.attention_backend = "xla"  # xla (the only one on CPU)
+  m.attention_backend = "xla"  # xla (every device) | cudnn (GPU with bf16/fp16 only: the
+                              # streaming step's attention as cuDNN's fused kernel;
+                              # UNVERIFIED on a GPU so far, and training still uses xla)
   # What the output head predicts: "velocity" (Wan, flow matching's v = eps - x0),
   # "x0" (the clean frame), or "frame_delta" (x0 - x_{i-1}: the change from the
   # recycled frame, added back in the generator). x0 becomes v = (x_t - x0) /

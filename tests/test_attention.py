@@ -12,6 +12,7 @@ import pytest
 
 from aapt_jax.models import attention, kv_cache
 from aapt_jax.models.rope import rope_split
+from attention_reference import reference_block_causal_attention
 
 THETA = 10000.0
 N = 3
@@ -106,3 +107,95 @@ def test_cross_attention_mask_and_empty_rows():
   want = attention.cross_attention(q[:1], k[:1, :2], v[:1, :2])
   np.testing.assert_allclose(np.asarray(out[:1]), np.asarray(want), atol=1e-6)
   assert float(jnp.abs(out[1]).max()) == 0.0  # all keys masked -> zeros, not NaN
+
+
+# ---------------------------------------------------------------- the custom VJP
+# Values and gradients against the plain-autodiff implementation it replaced
+# (tests/attention_reference.py), and the compiled memory of the gradient.
+
+P5 = 5  # tokens per frame: chunks of 2 leave a padded last chunk
+
+
+def _cache_for(k, v, prefix):
+  cache = kv_cache.init_cache(1, B, N, k.shape[2], H, D)
+  for j in range(prefix):
+    cache = kv_cache.write_block(cache, [(jnp.swapaxes(k[:, j], 1, 2), jnp.swapaxes(v[:, j], 1, 2))])
+  layer = cache.layers[0]
+  return (layer.sink_k, layer.sink_v), (layer.ring_k, layer.ring_v)
+
+
+def _value_and_grads(attend, q, k, v, w, counter, sink, ring, **kw):
+  def loss(q, k, v, sink, ring):
+    out = attend(q, k, v, counter=counter, window=N, theta=THETA, sink=sink, ring=ring, **kw)
+    return jnp.sum(out * w)
+  argnums = (0, 1, 2) if sink is None else (0, 1, 2, 3, 4)
+  return jax.jit(jax.value_and_grad(loss, argnums=argnums))(q, k, v, sink, ring)
+
+
+@pytest.mark.parametrize("prefix,t,chunk", [(0, 3 * N + 1, 2), (0, N + 2, 128), (N + 2, 2 * N, 2),
+                                            (1, 3, 3), (0, 4, 2)])
+def test_custom_vjp_matches_autodiff_reference(prefix, t, chunk):
+  """Values and d/d(q, k, v, cached sink, cached ring) equal plain autodiff
+  (fp32): T past the window, a cached prefix with counter > 0, a fresh cache
+  at counter 0 (its sink comes from this sequence), padded query chunks."""
+  ks = jax.random.split(jax.random.key(prefix * 7 + t), 4)
+  q, k, v = (jax.random.normal(kk, (B, prefix + t, P5, H, D)) for kk in ks[:3])
+  sink, ring = (None, None)
+  if prefix or t == 4:  # t == 4: a cache at counter 0
+    sink, ring = _cache_for(k, v, prefix)
+  q, k, v = q[:, prefix:], k[:, prefix:], v[:, prefix:]
+  w = jax.random.normal(ks[3], q.shape)
+  counter = jnp.int32(prefix)
+  got = _value_and_grads(attention.block_causal_attention, q, k, v, w, counter, sink, ring,
+                         query_chunk=chunk)
+  want = _value_and_grads(reference_block_causal_attention, q, k, v, w, counter, sink, ring)
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-5, rtol=2e-5)
+  if prefix > 1:  # the cached sink and ring do carry gradient when a caller lets them
+    assert float(jnp.abs(got[1][3][0]).max()) > 1e-3 and float(jnp.abs(got[1][4][0]).max()) > 1e-3
+
+
+def _grad_temp_bytes(attend, p, t=6, **kw):
+  x = jax.ShapeDtypeStruct((1, t, p, H, 32), jnp.float32)
+  loss = lambda q, k, v, w: jnp.sum(
+      attend(q, k, v, counter=0, window=N, theta=THETA, **kw) * w)
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, x).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_gradient_memory_is_linear_in_tokens_per_frame():
+  """4x the tokens per frame: the custom VJP's compiled temp memory grows < 5x
+  (linear, query chunks of 16), plain autodiff's by more (it keeps every
+  offset's [P, P] probabilities)."""
+  new = [_grad_temp_bytes(attention.block_causal_attention, p, query_chunk=16) for p in (16, 64)]
+  ref = [_grad_temp_bytes(reference_block_causal_attention, p) for p in (16, 64)]
+  new_ratio, ref_ratio = new[1] / new[0], ref[1] / ref[0]
+  assert new_ratio < 5.0, (new, ref)
+  assert ref_ratio > new_ratio + 1.0, (new, ref)
+
+
+@pytest.mark.parametrize("counter", [0, 1, 2, N + 1, 3 * N + 2])
+def test_fused_step_layout_equals_step(counter):
+  """The cudnn backend's streaming step ([sink | self | ring] keys, a valid
+  prefix instead of a mask), run through XLA's dot_product_attention here,
+  equals the XLA step at every fill level of the ring."""
+  q, k, v = _qkv(counter + 1, seed=4)
+  sink, ring = _cache_for(k, v, counter)
+  q, k, v = (a[:, counter:] * (D ** -0.5 if a is q else 1.0) for a in (q, k, v))
+  c = jnp.int32(counter)
+  got = attention._one_block_fused(q, k, v, c, N, THETA, sink, ring, "xla")
+  want = attention._one_block(q, k, v, c, N, THETA, sink, ring)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend,match", [("splash", "one of"), ("cudnn", "needs a GPU")])
+def test_unknown_or_unavailable_backend_is_a_config_error(backend, match):
+  from aapt_jax import load_config
+  from aapt_jax.models import build_generator
+  from helpers import config_path
+  config = load_config(config_path("tiny.py"), {"model.attention_backend": backend,
+                                                "model.dtype": "bfloat16"})
+  if jax.default_backend() == "gpu" and backend == "cudnn":
+    pytest.skip("cudnn is available here")
+  with pytest.raises(ValueError, match=f"model.attention_backend.*{match}"):
+    build_generator(config)

@@ -215,3 +215,23 @@ def test_x0_prediction_is_the_head_turned_into_a_velocity(rollout, prediction):
                              atol=1e-5)
   stepped, _ = step_all(step, params, x0_model.init_cache(B), latents, t, cond5)
   np.testing.assert_allclose(np.asarray(stepped), np.asarray(v), atol=1e-3, rtol=1e-4)
+
+
+def test_precomputed_text_kv_equals_text(rollout):
+  """Steps and calls with the prompt's TextKV (computed once) equal those that
+  project the text themselves; a TextKV of the wrong shape is refused."""
+  model, params, step, call = rollout["model"], rollout["params"], rollout["step"], rollout["call"]
+  latents, timesteps, cond = rollout["latents"], rollout["timesteps"], rollout["cond"]
+  text_kv = jax.jit(lambda p, t: model.apply(p, t, method="text_kv"))(params, cond.text)
+  s = model.spec
+  assert text_kv.k.shape == (s.num_layers, B, cond.text.shape[1], s.num_heads, s.head_dim)
+  with_kv = cond.replace(text=None, text_kv=text_kv)  # the text itself is not read
+  t = s.window_frames + 2
+  stepped, _ = step_all(step, params, model.init_cache(B), latents[:, :t], timesteps[:, :t],
+                        with_kv)
+  np.testing.assert_allclose(np.asarray(stepped), np.asarray(rollout["stepped"][:, :t]), **TOL)
+  full = call(params, latents, timesteps, with_kv)
+  np.testing.assert_allclose(np.asarray(full), np.asarray(rollout["stepped"]), **TOL)
+  bad = with_kv.replace(text_kv=jax.tree.map(lambda a: a[:1], text_kv))
+  with pytest.raises(ValueError, match="cond.text_kv"):
+    model.apply(params, latents, timesteps, bad)

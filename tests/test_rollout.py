@@ -154,3 +154,30 @@ def test_weighted_losses_leave_out_zero_weight_pairs():
     want = float(loss(real[:, 1:], fake[:, 1:]))
     assert float(loss(real, fake, w)) == pytest.approx(want, rel=1e-6)
     assert float(loss(moved(real), moved(moved(fake)), w)) == pytest.approx(want, rel=1e-6)
+
+
+def test_text_keys_values_once_per_rollout_same_gradient(monkeypatch):
+  """The rollout computes the prompt's text keys/values once before its scan:
+  frames and parameter gradients equal a rollout whose every step projects the
+  text itself."""
+  _, model, params = tiny()
+  s = model.spec
+  ks = jax.random.split(jax.random.key(12), 4)
+  inputs = jax.random.normal(ks[0], (B, 4, *s.latent_size, s.latent_channels))
+  cond = Conditioning(text=jax.random.normal(ks[1], (B, 5, s.text_dim)),
+                      text_mask=jnp.arange(5)[None] < jnp.array([[3], [5]]),
+                      actions=jax.random.randint(ks[2], (B, 4), 0, s.num_actions),
+                      controls=jax.random.normal(ks[3], (B, 4, s.control_dim)))
+
+  def loss(params):
+    frames, _ = ro.rollout_student_forcing(model, params, inputs, cond)
+    return jnp.mean(frames[:, 1:] * inputs[:, 1:]), frames
+
+  (l0, f0), g0 = jax.jit(jax.value_and_grad(loss, has_aux=True))(params["params"])
+  monkeypatch.setattr(ro, "with_text_kv", lambda model, params, cond: cond)
+  (l1, f1), g1 = jax.jit(jax.value_and_grad(loss, has_aux=True))(params["params"])
+  np.testing.assert_allclose(np.asarray(f0), np.asarray(f1), atol=2e-5, rtol=2e-5)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+  text_grad = g0["transformer"]["blocks"]["attn2"]["to_k"]["kernel"]
+  assert float(jnp.abs(text_grad).max()) > 0  # the text path does get gradient

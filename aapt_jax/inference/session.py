@@ -31,7 +31,8 @@ from aapt_jax import loading
 from aapt_jax.data.worlds import world_from_config
 from aapt_jax.export import check_params
 from aapt_jax.inference.decoders import build_decoder, uses_vae
-from aapt_jax.models import Conditioning, Generator, KVCache, abstract_params, build_generator
+from aapt_jax.models import (Conditioning, Generator, KVCache, TextKV, abstract_params,
+                             build_generator, with_text_kv)
 from aapt_jax.objectives.flow_matching import shift_timesteps
 
 DIFFUSION_SAMPLER_STEPS = 16  # Euler steps per frame for a stage-1 (diffusion) model
@@ -64,14 +65,17 @@ def sample_frame(model: Generator, params, key, index, latent, cache: KVCache, *
   eps_i = N(fold_in(key, i)) and returns x_i = eps_i - v(eps_i, t=1 | x_{i-1})
   (sampler_steps K = 1, 1NFE), or takes K - 1 Euler peek steps down
   `sampler_grid(K, shift)` with the cache untouched and commits at t_1.
-  actions [B, 1] int32 / controls [B, 1, A] / text [B, L, D] + text_mask
-  [B, L] condition the frame (None = the model takes none).
+  actions [B, 1] int32 / controls [B, 1, A] / text (an embedding [B, L, D],
+  or the prompt's `TextKV` from `with_text_kv`, computed once per prompt) +
+  text_mask [B, L] condition the frame (None = the model takes none).
   Returns (latent [B, 1, h, w, C], the cache with this frame's block written).
   """
   grid = sampler_grid(sampler_steps, shift)
   first = index == 0
-  cond = Conditioning(previous=jnp.where(first, 0.0, latent), text=text, text_mask=text_mask,
-                      actions=actions, controls=controls)
+  text_kv = text if isinstance(text, TextKV) else None
+  cond = Conditioning(previous=jnp.where(first, 0.0, latent),
+                      text=None if text_kv is not None else text, text_kv=text_kv,
+                      text_mask=text_mask, actions=actions, controls=controls)
   ones = jnp.ones(latent.shape[:2])                                # [B, 1]
   x = jax.random.normal(jax.random.fold_in(key, index), latent.shape, latent.dtype)
   for k in range(sampler_steps, 1, -1):  # peek steps: the cache is not written
@@ -140,6 +144,7 @@ def make_session_step(model: Generator, decoder, sampler_steps: int = 1,
 
   step(params, decoder_params, key, state, actions, controls, text, text_mask)
       -> (frames uint8 [k, H, W, 3], state)
+  text: the prompt's TextKV (`with_text_kv`, once per prompt) or None.
   """
   sampler_grid(sampler_steps, shift)  # a bad step count fails here, not at the first step
 
@@ -286,7 +291,9 @@ class StreamingSession:
     emb = np.asarray(text, np.float32)
     if emb.ndim != 2 or emb.shape[1] != spec.text_dim or not emb.shape[0]:
       raise ValueError(f"text embedding must be [L, {spec.text_dim}], got {emb.shape}")
-    return jnp.asarray(emb)[None], jnp.ones((1, emb.shape[0]), bool)
+    cond = with_text_kv(self.model.generator, self.model.params,
+                        Conditioning(text=jnp.asarray(emb)[None]))
+    return cond.text_kv, jnp.ones((1, emb.shape[0]), bool)  # text keys/values once per prompt
 
   def _control_inputs(self, controls):
     """(actions int32 [1, 1] or None, controls float32 [1, 1, A] or None): fixed

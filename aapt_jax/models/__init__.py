@@ -4,9 +4,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from aapt_jax.models.generator import Conditioning, Generator, build_generator, init_params
+from aapt_jax.models.generator import (Conditioning, Generator, build_generator, init_params,
+                                      with_text_kv)
 from aapt_jax.models.kv_cache import KVCache
 from aapt_jax.models.spec import ModelSpec
+from aapt_jax.models.transformer import TextKV
 from aapt_jax.models.vae import VAE, build_vae
 from aapt_jax.models.vae import init_params as init_vae_params
 
@@ -30,5 +32,5 @@ def abstract_params(config, kind: str = "generator"):
   return nn.meta.unbox(boxed)["params"]
 
 
-__all__ = ["Conditioning", "Generator", "KVCache", "ModelSpec", "VAE", "abstract_params",
-           "build_generator", "build_vae", "init_params"]
+__all__ = ["Conditioning", "Generator", "KVCache", "ModelSpec", "TextKV", "VAE", "abstract_params",
+           "build_generator", "build_vae", "init_params", "with_text_kv"]

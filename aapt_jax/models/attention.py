@@ -7,12 +7,18 @@ max(1, i - N) .. i at distance i - j. The parts — the sink, the cached ring,
 and the in-sequence window one block offset at a time — are merged with an
 online (log-sum-exp) softmax, so memory per part is one block-pair of scores.
 The same function serves the full-sequence call (no cache), a call that
-continues a cached prefix, and the one-frame `step`.
+continues a cached prefix, and the one-frame `step`. Its gradient is a custom
+VJP that recomputes each part's scores from the saved log-sum-exp (flash-
+attention style), so training memory is linear in frames and tokens per frame.
 
-This is the XLA backend (CPU, and any device); flash/splash backends can
-slot in behind `block_causal_attention` with the same arguments.
+Backends (`model.attention_backend`): "xla" everywhere (any device);
+"cudnn" runs the streaming step's one-frame attention (over sink + ring +
+self, a prefix of valid keys, no mask) with cuDNN's fused kernel on GPU
+(`jax.nn.dot_product_attention`; not yet verified on a GPU).
 """
 from __future__ import annotations
+
+import functools
 
 import flax.struct
 import jax
@@ -61,8 +67,14 @@ def _finish(state: _OnlineSoftmax, dtype):
   return out.astype(dtype)
 
 
+# Query tokens per chunk: the scores alive at once are [B, T', H, C, P] per
+# part (a few parts at once), so memory is linear in P once P > C.
+QUERY_CHUNK = 64
+
+
 def block_causal_attention(q, k, v, *, counter, window: int, theta: float,
-                           sink=None, ring=None):
+                           sink=None, ring=None, query_chunk: int = QUERY_CHUNK,
+                           backend: str = "xla"):
   """Block-causal attention for blocks counter .. counter + T - 1.
 
   q, k, v: [B, T, P, H, Dh], q/k normed and spatially rotated, no temporal
@@ -73,49 +85,203 @@ def block_causal_attention(q, k, v, *, counter, window: int, theta: float,
     cache stores it), or None when block 0 is the first block of this
     sequence (counter == 0).
   ring: (k, v) [B, H, N, P, Dh] of the cached previous blocks, or None.
+  query_chunk: query tokens of a frame handled at once (a cap; P is split
+    into equal chunks no larger than it).
+  backend: "xla", or "cudnn" for the streaming step (T = 1 with a ring).
   Returns [B, T, P, H, Dh] in q.dtype.
+
+  Memory is linear in T and P (flash-attention style): the queries are
+  processed in chunks of at most `query_chunk` tokens (a scan), each against
+  the parts in turn; the gradient (a custom VJP) saves only q, k, v, the
+  output and the log-sum-exp per query token and recomputes each part's
+  scores. Gradients reach q, k, v and the cached sink/ring keys/values (the
+  callers pass a detached cache, so that last one is normally unused and
+  compiled away).
   """
   b, t, p, h, d = q.shape
-  n = window
   q = q * jnp.asarray(d ** -0.5, q.dtype)
-  block_index = counter + jnp.arange(t)  # absolute index of each query block [T]
   if ring is not None and t == 1:
-    return _one_block(q, k, v, counter, n, theta, sink, ring)
-  state = _init(q)
+    if backend == "cudnn":
+      return _one_block_fused(q, k, v, counter, window, theta, sink, ring, "cudnn")
+    return _one_block(q, k, v, counter, window, theta, sink, ring)
+  chunks = -(-p // max(1, query_chunk))
+  return _blockwise(window, theta, -(-p // chunks), q, k, v, jnp.asarray(counter, jnp.int32),
+                    sink, ring)
 
-  # 1. The sink, once, at distance min(i, N + 1): rotate the queries by it.
+
+def _keys(k, v, counter, sink, ring, window: int, theta: float):
+  """What the parts read: (sink_k, sink_v [B, P, H, Dh], ring_k, ring_v [B, H, N P, Dh]
+  or None, k, v [B, T, P, H, Dh]).
+
+  The sink is block 0 of this sequence when counter == 0, else the cached
+  one. Ring slot s holds block j_s at distance (i' + e_s) from query block i'
+  (e_s = counter - j_s): its keys carry R(-e_s) here, the queries R(i').
+  """
+  b, t, p, h, d = k.shape
   if sink is None:
     sink_k, sink_v = k[:, 0], v[:, 0]
   else:
     first = counter == 0
     sink_k = jnp.where(first, k[:, 0], jnp.swapaxes(sink[0], 1, 2).astype(k.dtype))
     sink_v = jnp.where(first, v[:, 0], jnp.swapaxes(sink[1], 1, 2).astype(v.dtype))
-  q_sink = rotate_time(q, jnp.minimum(block_index, n + 1)[None, :, None, None], theta)
-  scores = jnp.einsum("btphd,bkhd->bthpk", q_sink, sink_k, preferred_element_type=jnp.float32)
-  state = _add(state, scores, True, sink_v, "bthpk,bkhd->btphd")
-
-  # 2. The cached ring: slot s holds block j_s at distance (i' + e_s) from
-  #    query block i' (e_s = counter - j_s), i.e. R(-e_s) on the key, R(i') on the query.
+  ring_k = ring_v = None
   if ring is not None:
-    ring_k, ring_v = ring[0].astype(k.dtype), ring[1].astype(v.dtype)  # [B, H, N, P, Dh]
-    held = kvc.ring_block_indices(counter, n)                 # [N]
-    ahead = counter - held                                     # e_s in 1..N where valid
-    k_r = rotate_time(ring_k, -ahead[None, None, :, None], theta)
-    q_r = rotate_time(q, jnp.arange(t)[None, :, None, None], theta)
-    scores = jnp.einsum("btphd,bhnkd->bthpnk", q_r, k_r, preferred_element_type=jnp.float32)
-    valid = (held[None, :] >= 1) & (jnp.arange(t)[:, None] + ahead[None, :] <= n)  # [T, N]
-    state = _add(state, scores.reshape(b, t, h, p, n * p),
-                 jnp.repeat(valid, p, axis=1)[None, :, None, None, :],
-                 ring_v.reshape(b, h, n * p, d), "bthpk,bhkd->btphd")
+    ahead = counter - kvc.ring_block_indices(counter, window)  # [N]
+    ring_k = rotate_time(ring[0].astype(k.dtype), -ahead[None, None, :, None], theta)
+    ring_k = ring_k.reshape(b, h, window * p, d)
+    ring_v = ring[1].astype(v.dtype).reshape(b, h, window * p, d)
+  return sink_k, sink_v, ring_k, ring_v, k, v
 
-  # 3. The in-sequence window, one block offset o at a time: query block i
-  #    reads key block i - o (if it is not the sink), at distance o.
+
+@flax.struct.dataclass
+class _Part:
+  """One group of keys the queries attend to (the sink, the ring, or one block offset)."""
+  key: int = flax.struct.field(pytree_node=False)    # index into `_keys`' tuple (value: key + 1)
+  start: int = flax.struct.field(pytree_node=False)  # first query block that reads it
+  stop: int | None = flax.struct.field(pytree_node=False)  # keys[:, :stop] (offsets), else all
+  offset: int | None = flax.struct.field(pytree_node=False)  # block offset o, or None
+  spec: str = flax.struct.field(pytree_node=False)   # scores einsum "query,key->scores"
+  pv_spec: str = flax.struct.field(pytree_node=False)  # "scores,value->out"
+  distance: jax.Array | None = None  # the queries' temporal rotation (sink, ring)
+  valid: jax.Array | bool = True     # broadcastable to the scores [B, T', H, C, K]
+
+
+def _parts(t: int, p: int, counter, window: int, has_ring: bool):
+  """The sink (at distance min(i, N + 1)), the ring, then the in-sequence
+  window one block offset o at a time (query block i reads block i - o at
+  distance o, if it is not the sink), in the order they are merged."""
+  n = window
+  block_index = counter + jnp.arange(t)  # absolute index of each query block [T]
+  parts = [_Part(0, 0, None, None, "btphd,bkhd->bthpk", "bthpk,bkhd->btphd",
+                 jnp.minimum(block_index, n + 1)[None, :, None, None])]
+  if has_ring:
+    held = kvc.ring_block_indices(counter, n)  # [N]
+    valid = (held[None, :] >= 1) & (jnp.arange(t)[:, None] + (counter - held)[None, :] <= n)
+    parts.append(_Part(2, 0, None, None, "btphd,bhkd->bthpk", "bthpk,bhkd->btphd",
+                       jnp.arange(t)[None, :, None, None],
+                       jnp.repeat(valid, p, axis=1)[None, :, None, None, :]))
   for o in range(min(n, t - 1) + 1):
-    k_o = k[:, :t - o] if o == 0 else rotate_time(k[:, :t - o], -o, theta)
-    scores = jnp.einsum("btphd,btkhd->bthpk", q[:, o:], k_o, preferred_element_type=jnp.float32)
-    valid = (block_index[:t - o] >= 1)[None, :, None, None, None]
-    state = _add(state, scores, valid, v[:, :t - o], "bthpk,btkhd->btphd", start=o)
-  return _finish(state, q.dtype)
+    parts.append(_Part(4, o, t - o, o, "btphd,btkhd->bthpk", "bthpk,btkhd->btphd", None,
+                       (block_index[:t - o] >= 1)[None, :, None, None, None]))
+  return parts
+
+
+def _scores(part: _Part, q, key, theta: float):
+  """Scores [B, T', H, C, K] of queries q [B, T', C, H, Dh] (blocks start..) and `key`.
+
+  <R(a) q, R(b) k> = <R(a - b) q, k>: an offset's distance goes on the query.
+  """
+  if part.distance is not None:
+    q = rotate_time(q, part.distance[:, part.start:], theta)
+  elif part.offset:
+    q = rotate_time(q, part.offset, theta)
+  return jnp.einsum(part.spec, q, key, preferred_element_type=jnp.float32)
+
+
+def _operands(part: _Part, keys):
+  key, value = keys[part.key], keys[part.key + 1]
+  if part.stop is not None:
+    key, value = key[:, :part.stop], value[:, :part.stop]
+  return key, value
+
+
+def _chunk_forward(qc, keys, parts, theta):
+  """Queries qc [B, T, C, H, Dh] -> (out [B, T, C, H, Dh], log-sum-exp [B, T, H, C])."""
+  state = _init(qc)
+  for part in parts:
+    key, value = _operands(part, keys)
+    scores = _scores(part, qc[:, part.start:], key, theta)
+    state = _add(state, scores, part.valid, value, part.pv_spec, part.start)
+    qc, state = jax.lax.optimization_barrier((qc, state))  # ask for one part at a time
+  lse = jnp.where(state.l > 0, state.m + jnp.log(jnp.where(state.l > 0, state.l, 1.0)), jnp.inf)
+  return _finish(state, qc.dtype), lse
+
+
+def _chunk_backward(qc, out, lse, d_out, keys, d_keys, parts, theta):
+  """One query chunk's gradient: returns (dq [B, T, C, H, Dh] f32, d_keys + its share).
+
+  Per part: p = exp(s - lse), dv += p^T do, ds = p (do v^T - rowsum(do * out)),
+  and ds pulled back through the scores (with their rotations) to q and the keys.
+  """
+  f32 = jnp.float32
+  delta = jnp.einsum("btphd,btphd->bthp", d_out.astype(f32), out.astype(f32))  # [B, T, H, C]
+  dq = jnp.zeros(qc.shape, f32)
+  d_keys = list(d_keys)
+  for part in parts:
+    a = part.start
+    key, value = _operands(part, keys)
+    scores, pull = jax.vjp(lambda q_, k_, part=part: _scores(part, q_, k_, theta), qc[:, a:], key)
+    probs = jnp.exp(jnp.where(part.valid, scores, _NEG_INF) - lse[:, a:, ..., None])
+    s_spec, v_spec, o_spec = part.pv_spec.replace("->", ",").split(",")
+    d_value = jnp.einsum(f"{s_spec},{o_spec}->{v_spec}", probs.astype(value.dtype), d_out[:, a:],
+                         preferred_element_type=f32)
+    d_probs = jnp.einsum(f"{o_spec},{v_spec}->{s_spec}", d_out[:, a:], value,
+                         preferred_element_type=f32)
+    d_scores = probs * (d_probs - delta[:, a:, ..., None])
+    d_q, d_key = pull(d_scores)
+    dq = dq.at[:, a:].add(d_q.astype(f32))
+    for i, grad in ((part.key, d_key), (part.key + 1, d_value)):
+      if part.stop is None:
+        d_keys[i] = d_keys[i] + grad.astype(f32)
+      else:
+        d_keys[i] = d_keys[i].at[:, :part.stop].add(grad.astype(f32))
+    qc, dq, d_keys = jax.lax.optimization_barrier((qc, dq, d_keys))  # (XLA:CPU ignores it)
+  return dq, tuple(d_keys)
+
+
+def _split(x, chunk):
+  """[B, T, P, ...] -> [P' / C, B, T, C, ...], P zero-padded to a multiple P' of C."""
+  b, t, p = x.shape[:3]
+  chunks = -(-p // chunk)
+  x = jnp.pad(x, [(0, 0), (0, 0), (0, chunks * chunk - p)] + [(0, 0)] * (x.ndim - 3))
+  return jnp.moveaxis(x.reshape(b, t, chunks, chunk, *x.shape[3:]), 2, 0)
+
+
+def _merge(x, p):
+  """The inverse of `_split`: [P' / C, B, T, C, ...] -> [B, T, P, ...]."""
+  x = jnp.moveaxis(x, 0, 2)
+  return x.reshape(*x.shape[:2], -1, *x.shape[4:])[:, :, :p]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _blockwise(window, theta, chunk, q, k, v, counter, sink, ring):
+  """The general path of `block_causal_attention` (q already scaled)."""
+  return _blockwise_fwd(window, theta, chunk, q, k, v, counter, sink, ring)[0]
+
+
+def _blockwise_fwd(window, theta, chunk, q, k, v, counter, sink, ring):
+  b, t, p = q.shape[:3]
+  keys = _keys(k, v, counter, sink, ring, window, theta)
+  parts = _parts(t, p, counter, window, ring is not None)
+  qs = _split(q, chunk)  # [P' / C, B, T, C, H, Dh]
+  _, (outs, lses) = jax.lax.scan(lambda c, qc: (c, _chunk_forward(qc, keys, parts, theta)),
+                                 None, qs, unroll=qs.shape[0] == 1)
+  return _merge(outs, p), (q, k, v, counter, sink, ring, outs, lses)
+
+
+def _blockwise_bwd(window, theta, chunk, residuals, d_out):
+  q, k, v, counter, sink, ring, outs, lses = residuals
+  b, t, p = q.shape[:3]
+  keys, keys_vjp = jax.vjp(
+      lambda k_, v_, sink_, ring_: _keys(k_, v_, counter, sink_, ring_, window, theta),
+      k, v, sink, ring)
+  parts = _parts(t, p, counter, window, ring is not None)
+  zeros = tuple(None if a is None else jnp.zeros(a.shape, jnp.float32) for a in keys)
+
+  def body(d_keys, xs):
+    qc, out, lse, d_oc = xs
+    dq, d_keys = _chunk_backward(qc, out, lse, d_oc, keys, d_keys, parts, theta)
+    return d_keys, dq
+
+  qs = _split(q, chunk)
+  d_keys, dqs = jax.lax.scan(body, zeros, (qs, outs, lses, _split(d_out, chunk)),
+                             unroll=qs.shape[0] == 1)
+  d_keys = tuple(None if g is None else g.astype(a.dtype) for g, a in zip(d_keys, keys))
+  dk, dv, d_sink, d_ring = keys_vjp(d_keys)
+  return _merge(dqs, p).astype(q.dtype), dk, dv, None, d_sink, d_ring
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 def _one_block(q, k, v, counter, n, theta, sink, ring):
@@ -152,6 +318,34 @@ def _one_block(q, k, v, counter, n, theta, sink, ring):
          + jnp.einsum("bhpk,bhkd->bhpd", p_ring, ring_v, preferred_element_type=f32)
          + jnp.einsum("bhpk,bhkd->bhpd", p_self, v1, preferred_element_type=f32))
   return jnp.swapaxes(out, 1, 2)[:, None].astype(q.dtype)
+
+
+def _one_block_fused(q, k, v, counter, n, theta, sink, ring, implementation: str):
+  """The streaming step as one `jax.nn.dot_product_attention` (a fused kernel).
+
+  Keys in the order [sink | self | ring slots]: ring slot s holds block
+  s + 1 until the ring wraps, so the valid keys are always a prefix, of
+  P (1 + [counter >= 1] + min(counter - 1, N)) tokens (at counter 0 the sink
+  is this block itself and self is left out): a sequence length, no mask.
+  Same distances as `_one_block`; q is already scaled.
+  """
+  b, _, p, h, d = q.shape
+  seq = lambda a: jnp.swapaxes(a, 1, 2)                          # [B, H, P, D] -> [B, P, H, D]
+  q1, k1, v1 = q[:, 0], k[:, 0], v[:, 0]                         # [B, P, H, D]
+  first = counter == 0
+  sink_k = jnp.where(first, k1, seq(sink[0]).astype(k.dtype))
+  sink_v = jnp.where(first, v1, seq(sink[1]).astype(v.dtype))
+  sink_k = rotate_time(sink_k, -jnp.minimum(counter, n + 1), theta)
+  ahead = counter - kvc.ring_block_indices(counter, n)          # [N]
+  ring_k = rotate_time(ring[0].astype(k.dtype), -ahead[None, None, :, None], theta)
+  by_token = lambda a: jnp.transpose(a, (0, 2, 3, 1, 4)).reshape(b, n * p, h, d)
+  keys = jnp.concatenate([sink_k, k1, by_token(ring_k)], axis=1)   # [B, (N + 2) P, H, D]
+  values = jnp.concatenate([sink_v, v1, by_token(ring[1].astype(v.dtype))], axis=1)
+  valid = p * (1 + (counter >= 1).astype(jnp.int32) + jnp.clip(counter - 1, 0, n))
+  out = jax.nn.dot_product_attention(q1, keys, values, scale=1.0,
+                                     key_value_seq_lengths=jnp.full((b,), valid, jnp.int32),
+                                     implementation=implementation)
+  return out[:, None].astype(q.dtype)
 
 
 def full_attention(q, k, v, *, theta: float):

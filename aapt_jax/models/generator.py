@@ -22,7 +22,7 @@ from aapt_jax.models import kv_cache as kvc
 from aapt_jax.models.layers import (Dense, LayerNorm32, PatchEmbed, TextProjection,
                                     TimestepEmbedding, logical, unpatchify)
 from aapt_jax.models.spec import ModelSpec
-from aapt_jax.models.transformer import Transformer
+from aapt_jax.models.transformer import TextKV, Transformer
 
 
 @flax.struct.dataclass
@@ -36,6 +36,8 @@ class Conditioning:
   text_mask: Any = None  # [B, L] bool, True = attend (ignored in plain-Wan mode)
   actions: Any = None    # int32 [B, T]: the action whose effect frame i shows (-1 = none)
   controls: Any = None   # float32 [B, T, control_dim]
+  text_kv: Any = None    # TextKV of `text` from Generator.text_kv (then `text` is not read):
+                         # a prompt's per-layer text keys/values, computed once
 
 
 def _shape_error(what, expected, got):
@@ -112,6 +114,17 @@ class Generator(nn.Module):
         raise _shape_error("cond.text", (b, "L", s.text_dim), cond.text.shape)
       if cond.text_mask is not None and tuple(cond.text_mask.shape) != tuple(cond.text.shape[:2]):
         raise _shape_error("cond.text_mask", tuple(cond.text.shape[:2]), cond.text_mask.shape)
+    if cond.text_kv is not None:
+      if not isinstance(cond.text_kv, TextKV):
+        raise ValueError(f"cond.text_kv must be a TextKV (from Generator.text_kv), got "
+                         f"{type(cond.text_kv).__name__}")
+      kv = cond.text_kv.k
+      if kv.ndim != 5 or tuple(kv.shape[:2]) != (s.num_layers, b) or \
+          tuple(kv.shape[3:]) != (s.num_heads, s.head_dim):
+        raise _shape_error("cond.text_kv.k [layers, B, L, H, Dh]",
+                           (s.num_layers, b, "L", s.num_heads, s.head_dim), kv.shape)
+      if cond.text_mask is not None and tuple(cond.text_mask.shape) != (b, kv.shape[2]):
+        raise _shape_error("cond.text_mask", (b, kv.shape[2]), cond.text_mask.shape)
 
   def _check_cache(self, cache: kvc.KVCache, batch):
     s = self.spec
@@ -150,7 +163,9 @@ class Generator(nn.Module):
     mod = mod.reshape(*mod.shape[:2], 6, s.dim)
 
     text = None
-    if s.text_dim and cond.text is not None:
+    if s.text_dim and cond.text_kv is not None:
+      text = cond.text_kv
+    elif s.text_dim and cond.text is not None:
       text = self.text_embedder(cond.text)
     elif s.text_dim and self.is_initializing():
       self.text_embedder(jnp.zeros((latents.shape[0], 1, s.text_dim)))
@@ -212,6 +227,18 @@ class Generator(nn.Module):
     velocity, _ = self._run(latents, timesteps, cond, cache, commit=False)
     return velocity
 
+  def text_kv(self, text) -> TextKV:
+    """Every layer's cross-attention keys/values of text [B, L, text_dim], once
+    per prompt: `cond.replace(text_kv=...)` then skips the text projection and
+    the per-layer to_k/to_v in every call and step (same values)."""
+    s = self.spec
+    if not s.text_dim:
+      raise ValueError("text_kv needs text but model.text_dim=0 (the model takes no text)")
+    if text.ndim != 3 or text.shape[2] != s.text_dim:
+      raise _shape_error("text", ("B", "L", s.text_dim), text.shape)
+    return self.transformer(None, None, self.text_embedder(text), None, None,
+                            text_kv_only=True)
+
   def step(self, latent, timestep, cond: Conditioning | None, cache: kvc.KVCache,
            commit: bool = True):
     """One latent frame [B, 1, h, w, C] at timestep [B, 1] against the cache.
@@ -240,6 +267,14 @@ class Generator(nn.Module):
       raise ValueError("a KV cache needs model.block_causal=True (plain-Wan mode is bidirectional)")
     return kvc.init_cache(s.num_layers, batch_size, s.window_frames, s.tokens_per_frame,
                           s.num_heads, s.head_dim, s.compute_dtype)
+
+
+def with_text_kv(model: Generator, params, cond: Conditioning) -> Conditioning:
+  """`cond` with its text's TextKV computed once (unchanged without text or
+  when it has one): for loops of calls or steps over one prompt."""
+  if cond.text is None or cond.text_kv is not None:
+    return cond
+  return cond.replace(text_kv=model.apply({"params": params}, cond.text, method="text_kv"))
 
 
 def build_generator(config) -> Generator:

@@ -4,11 +4,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PREDICTIONS = ("velocity", "x0", "frame_delta")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+ATTENTION_BACKENDS = ("xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,5 +113,10 @@ class ModelSpec:
          "'frame_delta' predicts the change from the recycled frame: it needs "
          "model.frame_recycling=True")
     need(0.0 < self.x0_min_t <= 1.0, "x0_min_t", f"must be in (0, 1], got {self.x0_min_t}")
-    need(self.attention_backend in ("xla",), "attention_backend",
-         f"only 'xla' is implemented, got {self.attention_backend!r}")
+    need(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
+         f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+    if self.attention_backend == "cudnn":
+      need(jax.default_backend() == "gpu", "attention_backend",
+           f"'cudnn' needs a GPU, but JAX runs on {jax.default_backend()!r}: use 'xla'")
+      need(self.dtype in ("bfloat16", "float16"), "attention_backend",
+           f"'cudnn' needs model.dtype bfloat16 or float16, got {self.dtype!r}: use 'xla'")

@@ -9,6 +9,7 @@ so that weight import is a rename.
 from __future__ import annotations
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -63,31 +64,51 @@ class SelfAttention(nn.Module):
     else:
       out = attn_ops.block_causal_attention(
           q, k, v, counter=counter, window=s.window_frames, theta=s.rope_theta,
-          sink=(layer_kv.sink_k, layer_kv.sink_v), ring=(layer_kv.ring_k, layer_kv.ring_v))
+          sink=(layer_kv.sink_k, layer_kv.sink_v), ring=(layer_kv.ring_k, layer_kv.ring_v),
+          backend=s.attention_backend)
       if self.commit:  # this block's keys/values for the cache, heads-major [B, H, P, Dh]
         new_kv = (jnp.swapaxes(k[:, 0], 1, 2), jnp.swapaxes(v[:, 0], 1, 2))
     out = Dense(s.dim, ("heads", "embed"), name="to_out", **kw)(out.reshape(b, t, p, s.dim))
     return out, new_kv
 
 
+@flax.struct.dataclass
+class TextKV:
+  """Every layer's cross-attention keys/values of one prompt (after norm_k),
+  computed once by `Generator.text_kv` and reused by every call or step."""
+  k: jax.Array  # [L, B, Lt, H, Dh]
+  v: jax.Array  # [L, B, Lt, H, Dh]
+
+
 class CrossAttention(nn.Module):
-  """Tokens [B, T, P, D] attend to text [B, L, D] (already projected)."""
+  """Tokens [B, T, P, D] attend to text [B, L, D] (already projected).
+
+  `text` is either the projected text or this layer's precomputed (k, v)
+  [B, L, H, Dh]; with x None only the latter is computed and returned.
+  """
   spec: ModelSpec
 
   @nn.compact
   def __call__(self, x, text, text_mask):
     s = self.spec
-    b, t, p, _ = x.shape
     kw = dict(dtype=s.compute_dtype, param_dtype=s.params_dtype)
+    heads = lambda a: a.reshape(a.shape[0], a.shape[1], s.num_heads, s.head_dim)
+    if isinstance(text, tuple):
+      k, v = text
+    else:
+      k = Dense(s.dim, ("embed", "heads"), name="to_k", **kw)(text)
+      v = Dense(s.dim, ("embed", "heads"), name="to_v", **kw)(text)
+      if s.qk_norm:
+        k = RMSNorm("heads", eps=s.eps, name="norm_k", **kw)(k)
+      k, v = heads(k), heads(v)
+    if x is None:
+      return k, v
+    b, t, p, _ = x.shape
     q = Dense(s.dim, ("embed", "heads"), name="to_q", **kw)(x.reshape(b, t * p, s.dim))
-    k = Dense(s.dim, ("embed", "heads"), name="to_k", **kw)(text)
-    v = Dense(s.dim, ("embed", "heads"), name="to_v", **kw)(text)
     if s.qk_norm:
       q = RMSNorm("heads", eps=s.eps, name="norm_q", **kw)(q)
-      k = RMSNorm("heads", eps=s.eps, name="norm_k", **kw)(k)
-    heads = lambda a: a.reshape(a.shape[0], a.shape[1], s.num_heads, s.head_dim)
     mask = text_mask if s.block_causal else None  # plain Wan has no text mask
-    out = attn_ops.cross_attention(heads(q), heads(k), heads(v), mask)
+    out = attn_ops.cross_attention(heads(q), k, v, mask)
     out = Dense(s.dim, ("heads", "embed"), name="to_out", **kw)(out.reshape(b, t * p, s.dim))
     return out.reshape(b, t, p, s.dim)
 
@@ -99,11 +120,15 @@ class Block(nn.Module):
   cached: bool = False
   commit: bool = False
   features: bool = False  # also emit the block's output (the discriminator reads depths)
+  text_kv_only: bool = False  # only this layer's text (k, v) (x passes through)
 
   @nn.compact
   def __call__(self, x, layer_kv, mod, text, text_mask, counter):
-    # x [B, T, P, D]; mod [B, T, 6, D] float32 (shared time projection)
+    # x [B, T, P, D]; mod [B, T, 6, D] float32 (shared time projection); text the
+    # projected text [B, L, D] or this layer's (k, v) [B, L, H, Dh] (from TextKV)
     s = self.spec
+    if self.text_kv_only:
+      return x, (CrossAttention(s, name="attn2")(None, text, None), None)
     x = nn.with_logical_constraint(x, RESIDUAL)  # rules: where the program is built
     f32 = jnp.float32
     table = self.param(
@@ -141,33 +166,45 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, x, mod, text, text_mask, grid, layers_kv=None, counter=0, commit=False,
-               features=False):
-    """layers_kv: one LayerKV per layer (cached mode) or None.
+               features=False, text_kv_only=False):
+    """layers_kv: one LayerKV per layer (cached mode) or None. text: the
+    projected text [B, L, D], a TextKV, or None.
 
     Returns (x, new_kv, feats): new_kv is one (k, v) pair per layer with
     `commit` (else None); feats the output of every block [L, B, T, P, D]
-    with `features` (else None).
+    with `features` (else None). With `text_kv_only` (x, mod, grid unused):
+    the TextKV of `text` instead.
     """
     s = self.spec
     cached = layers_kv is not None
+    per_layer_text = isinstance(text, TextKV)
+    if per_layer_text:
+      text = (text.k, text.v)
     block = Block
-    if s.remat != "none" and not cached:
+    if s.remat != "none" and not cached and not text_kv_only:
       block = nn.remat(Block, policy=REMAT_POLICY[s.remat], prevent_cse=not s.scan_layers)
     if s.scan_layers:
       scanned = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          in_axes=(0, nn.broadcast, 0 if per_layer_text else nn.broadcast, nn.broadcast,
+                   nn.broadcast),
           length=s.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       stacked = jax.tree.map(lambda *a: jnp.stack(a), *layers_kv) if cached else None
-      x, (new_kv, feats) = scanned(s, grid, cached, commit, features, name="blocks")(
-          x, stacked, mod, text, text_mask, counter)
+      x, (new_kv, feats) = scanned(s, grid, cached, commit, features, text_kv_only,
+                                   name="blocks")(x, stacked, mod, text, text_mask, counter)
+      if text_kv_only:
+        return TextKV(*new_kv)
       if commit:
         new_kv = [(new_kv[0][i], new_kv[1][i]) for i in range(s.num_layers)]
       return x, new_kv, feats
     new_layers, feats = [], []
     for i in range(s.num_layers):
-      x, (new_kv, feat) = block(s, grid, cached, commit, features, name=f"blocks_{i}")(
-          x, layers_kv[i] if cached else None, mod, text, text_mask, counter)
+      text_i = (text[0][i], text[1][i]) if per_layer_text else text
+      x, (new_kv, feat) = block(s, grid, cached, commit, features, text_kv_only,
+                                name=f"blocks_{i}")(
+          x, layers_kv[i] if cached else None, mod, text_i, text_mask, counter)
       new_layers.append(new_kv)
       feats.append(feat)
+    if text_kv_only:
+      return TextKV(*(jnp.stack(a) for a in zip(*new_layers)))
     return x, (new_layers if commit else None), (jnp.stack(feats) if features else None)
