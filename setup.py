@@ -44,6 +44,7 @@ setup(
     extras_require={
         # wheel: tests/test_packaging.py builds the wheel without network
         # (pip wheel --no-build-isolation; setuptools < 70 needs it for bdist_wheel).
-        "test": ["pytest>=8.0", "portpicker>=1.6", "selenium>=4.20", "wheel>=0.40"],
+        "test": ["pytest>=8.0", "portpicker>=1.6", "selenium>=4.20", "wheel>=0.40",
+                 "ruff>=0.6"],
     },
 )

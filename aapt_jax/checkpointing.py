@@ -411,7 +411,7 @@ class PreemptionGuard:
     self.signal_name: str | None = None
     self._previous: dict[int, Any] = {}
 
-  def install(self) -> "PreemptionGuard":
+  def install(self) -> PreemptionGuard:
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       for sig in self.SIGNALS:
         self._previous[sig] = signal.signal(sig, self._handler)

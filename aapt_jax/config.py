@@ -9,7 +9,8 @@ import os
 import pkgutil
 import re
 import sys
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import ml_collections
 

@@ -86,7 +86,6 @@ def bench_config(name, frames, repeats):
   lat = {}
   rss = {}
   frame = 0
-  window_ms = []
   while frame < frames + repeats:
     t0 = time.perf_counter()
     v, cache = step(params, noise, one, cond1, cache)

@@ -16,7 +16,7 @@ def config_path(name):
   return os.path.join(ROOT, "configs", name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny(overrides=()):
   """(config, model, unboxed params) for configs/tiny.py with dotted overrides (pairs)."""
   config = load_config(config_path("tiny.py"), dict(overrides))
@@ -25,7 +25,7 @@ def tiny(overrides=()):
   return config, model, params
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(model):
   """(call, step) jitted once per model."""
   call = jax.jit(lambda v, x, t, c, cache=None: model.apply(v, x, t, c, cache=cache))

@@ -23,7 +23,7 @@ TINY_DOOM = (("stage", "consistency"), ("model.latent_channels", 48), ("model.te
              ("data.space_to_depth", 4))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_world(overrides=TINY_ATARI, seed=0):
   """(config, bare params) of a randomly initialised tiny model."""
   config = load_config(config_path("tiny.py"), dict(overrides))
@@ -31,14 +31,14 @@ def tiny_world(overrides=TINY_ATARI, seed=0):
   return config, params
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_vae_params(overrides, seed=1):
   """The bare params of a randomly initialised VAE of the config (a VAE-latent world)."""
   config, _ = tiny_world(overrides)
   return nn.meta.unbox(init_vae_params(build_vae(config), jax.random.key(seed)))["params"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_streaming_model(overrides=TINY_ATARI, sampler_steps=0):
   config, params = tiny_world(overrides)
   vae_params = tiny_vae_params(overrides) if not config.data.space_to_depth else None

@@ -90,7 +90,9 @@ def test_sink_distance_is_capped():
   t = 5 * N + 1
   q, k, v = _qkv(t, seed=2)
   # make every non-sink block identical so only the rule's distances matter
-  k = k.at[:, 1:].set(k[:, 1:2]); v = v.at[:, 1:].set(v[:, 1:2]); q = q.at[:, 1:].set(q[:, 1:2])
+  k = k.at[:, 1:].set(k[:, 1:2])
+  v = v.at[:, 1:].set(v[:, 1:2])
+  q = q.at[:, 1:].set(q[:, 1:2])
   out = _attend(q, k, v, counter=0, window=N, theta=THETA)
   np.testing.assert_allclose(np.asarray(out[:, N + 2]), np.asarray(out[:, 5 * N]), atol=1e-6)
   # ... while inside the window (block 2 vs N+2) the sink distance differs

@@ -98,7 +98,7 @@ def test_prepare_doom_round_trips_through_records_and_pipeline(tmp_path, world):
                             "clip_frames": 24}
   eps = {e["episode"]: e for e in
          records.RecordSource(os.path.join(out, "episodes-*.array_record"), validate=True)}
-  for k, e in eps.items():
+  for e in eps.values():
     assert "actions" not in e and e["controls"].dtype == np.float32
     assert e["controls"].shape == (12, 3) and e["poses"].shape == (12, 5)
     frames, poses = world.replay_with_poses(e["controls"], e["seed"])

@@ -9,7 +9,7 @@ from aapt_jax.data.worlds.atari import AtariWorld, StickyRandomPolicy
 from aapt_jax.evaluation import detectors, objects, ram_objects
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _game(size, seed, frames=150):
   """(frames, rams, actions) of a sticky-random Pong game at `size`."""
   world = AtariWorld("Pong", size=size)

@@ -86,7 +86,7 @@ def test_two_processes_run_to_the_end_and_resume(data, tmp_path):
       outs = [p.communicate(timeout=400) for p in procs]
     finally:
       stop(procs)
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
       assert p.returncode == 0, err[-3000:]
     if first is not None:
       assert run_summaries(workdir)[0]["resumed_from"] == first

@@ -15,7 +15,7 @@ camera poses are in `poses`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -20,7 +20,8 @@ constant memory however long the stream runs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 import flax.struct
 import jax
@@ -215,7 +216,7 @@ class StreamingModel:
                                      float(c.diffusion.timestep_shift))
 
   @classmethod
-  def load(cls, checkpoint: str | None = None, *, sampler_steps: int = 0) -> "StreamingModel":
+  def load(cls, checkpoint: str | None = None, *, sampler_steps: int = 0) -> StreamingModel:
     config, params, vae_params, start_frame, source = loading.load_world_model(checkpoint)
     return cls(config, params, vae_params, start_frame, sampler_steps, source)
 
@@ -256,7 +257,7 @@ class StreamingSession:
 
   @classmethod
   def load(cls, checkpoint: str | None = None, *, sampler_steps: int = 0,
-           seed: int = 0) -> "StreamingSession":
+           seed: int = 0) -> StreamingSession:
     """A session over the generator in `checkpoint`: a run, stage or step
     directory (its EMA params), an export directory, the name of an export
     shipped with the package ("atari"; an unknown name raises ValueError

@@ -7,7 +7,8 @@ sharding plan is a rules table, never a rewrite.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax

@@ -63,7 +63,7 @@ class ModelSpec:
     return _DTYPES[self.param_dtype]
 
   @classmethod
-  def from_config(cls, model_config) -> "ModelSpec":
+  def from_config(cls, model_config) -> ModelSpec:
     """Builds and validates; every error names the config field and the fix."""
     values = {}
     for f in dataclasses.fields(cls):

@@ -70,7 +70,7 @@ class VAESpec:
     return _DTYPES[self.dtype]
 
   @classmethod
-  def from_config(cls, config) -> "VAESpec":
+  def from_config(cls, config) -> VAESpec:
     if "vae" not in config or "model" not in config:
       raise ValueError("build_vae needs a full config with `vae` and `model` sections "
                        "(see configs/base.py)")

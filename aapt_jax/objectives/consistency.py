@@ -14,7 +14,7 @@ clean recycled frames, the same actions/text.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

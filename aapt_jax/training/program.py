@@ -38,7 +38,7 @@ DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "aapt_jax", "jax")
 @dataclasses.dataclass(frozen=True)
 class StageSpec:
   """What a stage trains and how its step is made."""
-  make_step: Callable[["TrainProgram"], Callable]  # program -> step(state, batch)
+  make_step: Callable[[TrainProgram], Callable]  # program -> step(state, batch)
   optim: Callable[[Any], Any]          # config -> the trained network's optimizer section
   previous: str | None = None          # the stage it starts from (config.init_from)
   teacher: bool = False                # keeps a frozen teacher (the previous stage's EMA)

@@ -24,7 +24,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from aapt_jax.checkpointing import config_to_dict, flatten_config
 
@@ -106,7 +107,7 @@ def check_resume(saved: dict, config, *, workdir: str, stage: str, step: int,
   log(f"{stage}: resuming from step {step} with config changes (resume_with_changes=True; "
       f"recorded in {CHANGES_FILE}):\n{_describe(meaning)}")
   if record:
-    _record(workdir, {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(
+    _record(workdir, {"time": datetime.datetime.now(datetime.UTC).isoformat(
         timespec="seconds"), "stage": stage, "step": int(step),
         "changes": [{"key": k, "checkpoint": o, "config": n, "kind": kind}
                     for k, o, n, kind in changes if kind != "harmless"]})
