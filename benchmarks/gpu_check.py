@@ -41,10 +41,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from common import device_line  # noqa: E402
 from aapt_jax import load_config, parallel  # noqa: E402
 from aapt_jax.models import Conditioning, build_generator, init_params, with_text_kv  # noqa: E402
-from aapt_jax.models.discriminator import build_discriminator  # noqa: E402
-from aapt_jax.training.optimizers import make_optimizer  # noqa: E402
-from aapt_jax.training.stages import make_adversarial_step, make_diffusion_step  # noqa: E402
-from aapt_jax.training.state import create_train_state  # noqa: E402
+from aapt_jax.training.program import build_train_program, with_stage  # noqa: E402
 
 SECTIONS = ("streaming", "stage1", "stage3", "atari")
 BF16 = {"model.dtype": "bfloat16", "model.param_dtype": "bfloat16"}
@@ -154,25 +151,17 @@ def train_step(label, path, overrides, steps, adversarial=False):
   """(row text, steps/s) of the stage-1 (or stage-3) step, state donated."""
   config = load_config(os.path.join(ROOT, path), overrides)
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
-  model = build_generator(config)
   t0 = time.perf_counter()
-  if adversarial:
-    disc = build_discriminator(config)
-    gen_tx = make_optimizer(config.adversarial.gen_optim, config.train.steps)
-    disc_tx = make_optimizer(config.adversarial.disc_optim, config.train.steps)
-    state, shardings = create_train_state(model, gen_tx, mesh, 0, disc=disc, disc_tx=disc_tx)
-    step = make_adversarial_step(model, disc, gen_tx, disc_tx, config)
-  else:
-    tx = make_optimizer(config.diffusion.optim, config.train.steps)
-    state, shardings = create_train_state(model, tx, mesh, 0)
-    step = make_diffusion_step(model, tx, config)
-  batch = jax.device_put(_batch(config, model.spec, adversarial), parallel.batch_sharding(mesh))
+  program = build_train_program(with_stage(config, "adversarial" if adversarial
+                                           else "diffusion"), mesh)
+  model = program.model
   with jax.set_mesh(mesh):
-    compiled = jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                       out_shardings=(shardings, None), donate_argnums=0).lower(
-                           state, batch).compile()
+    state = program.init_state(0)
+  batch = jax.device_put(_batch(config, model.spec, adversarial), program.batch_sharding)
+  with jax.set_mesh(mesh):
+    compiled = program.step.lower(state, batch).compile()
     setup_s = time.perf_counter() - t0
-    program = _program_gib(compiled)
+    program_gib = _program_gib(compiled)
     holder = {"state": state}
 
     def one():
@@ -183,7 +172,7 @@ def train_step(label, path, overrides, steps, adversarial=False):
     ms = _median_ms(one, steps)
   s = model.spec
   row = (f"{label:<22} {s.dim}x{s.num_layers} batch {int(config.train.batch_size)} | "
-         f"{ms / 1e3:8.3f} s/step  {1e3 / ms:7.2f} steps/s | program {program:8.3f} GiB  "
+         f"{ms / 1e3:8.3f} s/step  {1e3 / ms:7.2f} steps/s | program {program_gib:8.3f} GiB  "
          f"device peak so far {_peak_gib():8.3f} GiB | setup {setup_s:.0f}s")
   return row, 1e3 / ms
 

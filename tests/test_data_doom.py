@@ -133,18 +133,19 @@ def test_doom_config_validates_and_fits_its_records(variant, world):
   import jax
   from aapt_jax import load_config
   from aapt_jax.models import build_generator, init_params
-  from aapt_jax.training import trainer
+  from aapt_jax.pipeline import PIPELINE, stage_config
+  from aapt_jax.training.validation import check_config, check_example
   c = load_config(os.path.join(REPO, "configs", "doom.py") + variant)
   assert c.model.control_dim == 3 and c.model.num_actions == 0 and c.stage == "pipeline"
   assert c.data.world == "doom" and worlds.world_from_config(c).control_dim == 3
-  for stage in trainer.PIPELINE:
-    trainer.check_config(trainer.stage_config(c, stage))
+  for stage in PIPELINE:
+    check_config(stage_config(c, stage))
   shapes = jax.eval_shape(lambda: init_params(build_generator(c), jax.random.key(0)))
   assert shapes  # the generator builds with controls and no actions
   ep = worlds.make_world("doom", c.data.game, size=c.data.frame_size,
                          frame_skip=c.data.frame_skip).record_episode(0, max_frames=3)
-  trainer.check_example({"video": ep.frames, "controls": ep.controls}, c, "doom record",
-                        min_frames=3)
+  check_example({"video": ep.frames, "controls": ep.controls}, c, "doom record",
+                min_frames=3)
   with pytest.raises(ValueError, match="unknown variant"):
     load_config(os.path.join(REPO, "configs", "doom.py") + ":fast")
 
