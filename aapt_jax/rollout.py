@@ -6,7 +6,7 @@ inputs [B, L, h, w, C] = [x_0, eps_1, ..., eps_{L-1}]: the real first frame
 x_i = eps_i - v(eps_i, t=1 | x_{i-1}, cache). The recycled input x_{i-1} is
 `stop_gradient`, so the video is a function of the parameters only through
 each block's own forward and the keys/values it attends to. Two equal ways
-to differentiate segment losses (DESIGN section 5):
+to differentiate segment losses, equal gradients (tests/test_rollout.py):
 
 * "scan": differentiate the scan itself (saves a whole cache per step);
 * "recompute": roll out without gradient, then ONE parallel block-causal

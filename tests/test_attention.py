@@ -1,4 +1,4 @@
-"""The window rule, checked against a dense reference written from DESIGN section 5.
+"""The window rule, checked against a dense reference written from the rule itself.
 
 Block i attends to the sink (block 0) once at temporal distance min(i, N+1),
 and to blocks max(1, i-N)..i at distance i-j. The reference below builds that

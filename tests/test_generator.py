@@ -1,4 +1,4 @@
-"""The generator's contracts (DESIGN section 5): cached == full within and far
+"""The generator's contracts (its docstring): cached == full within and far
 beyond the window, fixed shapes and one compile, block-causality, the window,
 commit=False, scan == unrolled, remat on == off."""
 import jax
@@ -44,7 +44,7 @@ def test_cached_steps_equal_full_call(rollout, which):
 
 
 def test_fresh_call_on_last_window_is_not_the_reference(rollout):
-  """The trap DESIGN warns about: a cached block's keys were computed in its
+  """The trap the window rule implies: a cached block's keys were computed in its
   own window, so re-running only [sink, last N blocks] differs for a deep model."""
   n = rollout["model"].spec.window_frames
   t = 3 * n + 2

@@ -55,7 +55,31 @@ def velocity_from_x0(x_t, t, x0, min_t):
 
 
 class Generator(nn.Module):
-  """The AAPT generator (Wan2.1-compatible DiT); see DESIGN section 5."""
+  """The AAPT generator (a Wan2.1-compatible DiT).
+
+  A stream is latent frames x_0, x_1, ...; block i is the tokens of frame i,
+  block 0 the sink (x_0 itself, clean, t = 0). Block i >= 1 takes noisy x_i at
+  timestep t_i concatenated on channels with the recycled x_{i-1}
+  (`cond.previous`; zeros for i = 0 — the caller's job, as is t_0 = 0).
+  Velocity parameterisation: x_t = (1 - t) x_0 + t eps, v = eps - x_0; the
+  one-step (1NFE) frame is eps - v(eps, t=1).
+
+  The window rule (one rule for `__call__` and `step`): block i attends to the
+  sink once, at temporal distance min(i, N + 1), and to blocks max(1, i-N)..i
+  at distance i - j (N = `model.window_frames`), so frame 10,000 costs what
+  frame 10 costs. T calls of `step` equal one `__call__` on the T frames.
+
+  - `__call__(latents [B, T, h, w, C], timesteps [B, T], cond, cache=None)
+    -> velocity [B, T, h, w, C]`: the full sequence; with `cache` (a detached
+    prefix) latents[:, 0] is block `cache.counter` and the cache is only read.
+  - `step(latent [B, 1, h, w, C], timestep [B, 1], cond, cache, commit=True)
+    -> (velocity, cache)`: one frame against the cache; with `commit` the same
+    pass writes this block's keys/values (multi-step samplers peek with
+    commit=False until their last step).
+  - `init_cache(batch_size) -> KVCache`: fixed shapes (sink + a ring of N
+    blocks per layer, an int32 counter array), so `step` compiles once.
+  - `text_kv(text) -> TextKV`: every layer's text keys/values, once per prompt.
+  """
   spec: ModelSpec
 
   def setup(self):
