@@ -12,8 +12,14 @@ from aapt_jax.models import init_params
 
 @flax.struct.dataclass
 class TrainState:
+  """Everything a stage's step reads and writes, one pytree (donated per step).
+
+  `gen_params` is the trained network's bare params tree: the generator in
+  stages 1-3, the video VAE in stage "vae" (its one trained network; a
+  separate field per network would leave the step wrapper, checkpoints and
+  shardings with one shape per stage for no gain)."""
   step: jax.Array          # int32 []
-  gen_params: Any          # generator params (bare tree)
+  gen_params: Any          # the trained network's params (the generator; stage vae: the VAE)
   gen_opt: Any             # its optimizer state
   ema_params: Any          # EMA of gen_params (what inference uses)
   rng: jax.Array           # uint32 [2] raw key data
