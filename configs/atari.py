@@ -83,7 +83,16 @@ def get_config(arg=None):
     c.pipeline.diffusion_steps = 1200
     c.pipeline.consistency_steps = 50
     c.pipeline.adversarial_steps = 30
+  elif arg == "exp":
+    # Stage-1 ablations on this CPU (RESULTS.md, "Why the ball was lost"): 3 of
+    # the 6 layers, 4 clips of 8 frames per step, ~1 s per step.
+    c.stage = "diffusion"
+    m.num_layers = 3
+    c.train.batch_size = 4
+    c.train.clip_frames = 8
+    c.train.steps = 400
+    c.checkpoint.every_steps = 400
   elif arg not in (None, ""):
-    raise ValueError(f"configs/atari.py: unknown variant {arg!r}; use configs/atari.py or "
-                     "configs/atari.py:full")
+    raise ValueError(f"configs/atari.py: unknown variant {arg!r}; use configs/atari.py, "
+                     "configs/atari.py:full or configs/atari.py:exp")
   return c
