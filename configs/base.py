@@ -96,6 +96,9 @@ def get_config(arg=None):
   df.change_weight = 0.0      # loss weight 1 + change_weight on the latent elements
   df.change_threshold = 0.02  # that changed by more than this since the previous
                               # frame (|x_i - x_{i-1}|; pixel worlds: [-1, 1] colour)
+  df.loss_space = "velocity"  # "velocity": MSE of v (an x0 head's error / t^2, so the
+                              # low-noise steps dominate); "x0": MSE of the clean frame
+                              # x_t - t v (every noise level alike)
   df.optim = _optim(name="adamw", learning_rate=1e-5)  # paper: AdamW, lr 1e-5
 
   # ------------------------------------------------------------- checkpoint

@@ -96,3 +96,19 @@ def test_change_weight_in_the_stage1_loss_by_hand():
   expect = np.mean((sq[:, 1:] * (1 + 4.0 * moved)).reshape(2, 3, -1).mean(-1))
   assert 0 < moved.mean() < 1
   assert float(loss) == pytest.approx(float(expect), rel=1e-5)
+
+
+def test_x0_loss_space_by_hand():
+  batch, rng = _batch(), jax.random.key(5)
+  model = _Recorder()
+  loss = stages.diffusion_loss(model, None, batch, rng,
+                               _config(loss_space="x0", change_weight=4.0, change_threshold=0.5))
+  latents, t = np.asarray(batch["latents"]), np.asarray(model.t)
+  k_in, _ = jax.random.split(rng)
+  _, _, _, noise = fm.teacher_forcing_inputs(batch["latents"], k_in, 3.0)
+  sq = np.square(np.asarray(noise) - latents) * np.square(t)[:, :, None, None, None]
+  moved = np.abs(latents[:, 1:] - latents[:, :-1]) > 0.5
+  expect = np.mean((sq[:, 1:] * (1 + 4.0 * moved)).reshape(2, 3, -1).mean(-1))
+  assert float(loss) == pytest.approx(float(expect), rel=1e-5)
+  with pytest.raises(ValueError, match="diffusion.loss_space"):
+    stages.diffusion_loss(model, None, batch, rng, _config(loss_space="eps"))

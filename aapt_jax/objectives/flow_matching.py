@@ -63,6 +63,13 @@ def change_weights(latents, weight: float, threshold: float):
   return 1.0 + weight * moved                                      # [B, T, h, w, C]
 
 
+def x0_space_weights(t, x):
+  """t^2 [B, T, 1, 1, 1] for x [B, T, ...]: the weights that turn the velocity
+  error into the clean-frame error (x0 = x_t - t v, so x0 - x0' = t (v' - v)),
+  which weights every noise level alike instead of 1/t^2 towards t = 0."""
+  return jnp.square(_expand(t, x).astype(jnp.float32))
+
+
 def noisy_context(previous, rng, max_sigma: float):
   """The recycled frames [B, T, h, w, C] plus Gaussian noise sigma * eps, with
   sigma drawn per frame from U[0, max_sigma]: a model trained on them cannot
@@ -78,7 +85,7 @@ def noisy_context(previous, rng, max_sigma: float):
 
 def loss(velocity, target, frame_weights=None, element_weights=None):
   """Mean squared error; frame_weights [B, T] (e.g. 0 for the sink frame);
-  element_weights [B, T, h, w, C] multiply the squared error before each
+  element_weights (broadcastable to [B, T, h, w, C]) multiply the squared error before each
   frame's mean (e.g. `change_weights`)."""
   sq = jnp.square(velocity.astype(jnp.float32) - target.astype(jnp.float32))
   if element_weights is not None:
