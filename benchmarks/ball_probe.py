@@ -13,7 +13,9 @@ the evaluation suite), prints one JSON line and a table of:
          frame" on the same frames;
 each with ball/paddle presence (share of frames whose RAM has the object where
 the detector finds it), ball position error (frame pixels, where found),
-roughness (adjacent-pixel |difference|, 0-255), change (|frame - the previous
+ball signal (`_ball_signal`: ball colour at the true place
+above the field's average; compare with real_ball_signal), roughness
+(adjacent-pixel |difference|, 0-255), change (|frame - the previous
 real frame| for tf, |frame - own previous| for ol) and PSNR (dB). The
 emulator's own values of roughness and change come alongside. A probe for
 comparing training recipes (RESULTS.md, "Why the ball was lost"); the full
@@ -43,7 +45,27 @@ def _summary(prefix, series_per_seed):
     v = np.concatenate([s[k] for s in series_per_seed])
     out[f"{prefix}_{k}"] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
     if k.endswith("mse"):  # PSNR of the mean MSE over all frames and seeds
-      out[f"{prefix}_{k[:-3]}psnr"] = float(10 * np.log10(255.0 ** 2 / max(out.pop(f"{prefix}_{k}"), 1e-10)))
+      mse = max(out.pop(f"{prefix}_{k}"), 1e-10)
+      out[f"{prefix}_{k[:-3]}psnr"] = float(10 * np.log10(255.0 ** 2 / mse))
+  return out
+
+
+def _ball_signal(game, rams, frames, frame_size):
+  """Per frame with a ball in the RAM: the ball colour's coverage in the 3 x 3
+  frame pixels at the true position less 9 x its mean over the field (what
+  noise or texture gives anywhere); NaN without a ball. A soft measure of a
+  faint or blurred ball the detector misses."""
+  from aapt_jax.evaluation.detectors import pong_coverage
+  from aapt_jax.evaluation.objects import ram_truth
+  out = np.full(len(frames) - 1, np.nan)
+  for i, (truth, f) in enumerate(zip(ram_truth(game, rams, frame_size)[1:], frames[1:])):
+    if truth["ball"] is None:
+      continue
+    cover = pong_coverage(f)[..., 0]                                 # [H, W]
+    x, y = int(truth["ball"][0]), int(truth["ball"][1])
+    window = cover[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2]
+    field = cover[int(34 * f.shape[0] / 210):int(194 * f.shape[0] / 210)]
+    out[i] = window.sum() - window.size * field.mean()
   return out
 
 
@@ -69,11 +91,13 @@ def probe(checkpoint, seeds, tf_frames, open_loop_frames, sampler_steps):
     r = e.real[:n_tf + 1]
     s = _objects(game, e.ram[:n_tf + 1], pred, model.frame_size)
     s["roughness"] = np.array([roughness(f) for f in pred[1:]])
+    s["ball_signal"] = _ball_signal(game, e.ram[:n_tf + 1], pred, model.frame_size)
     s["change"] = np.array([change(pred[i], r[i - 1]) for i in range(1, len(r))])
     s["mse"] = np.array([_mse(pred[i], r[i]) for i in range(1, len(r))])
     s["copy_previous_mse"] = np.array([_mse(r[i - 1], r[i]) for i in range(1, len(r))])
     tf.append(s)
-    real.append({"roughness": np.array([roughness(f) for f in r[1:]]),
+    real.append({"ball_signal": _ball_signal(game, e.ram[:n_tf + 1], r, model.frame_size),
+                 "roughness": np.array([roughness(f) for f in r[1:]]),
                  "change": np.array([change(r[i], r[i - 1]) for i in range(1, len(r))])})
   if open_loop_frames:
     for e in episodes:
@@ -83,6 +107,7 @@ def probe(checkpoint, seeds, tf_frames, open_loop_frames, sampler_steps):
       gen = rollouts.roll_out(StreamingSession(model, e.seed), sub)
       s = _objects(game, sub.ram, gen, model.frame_size)
       s["roughness"] = np.array([roughness(f) for f in gen[1:]])
+      s["ball_signal"] = _ball_signal(game, sub.ram, gen, model.frame_size)
       s["change"] = np.array([change(gen[i], gen[i - 1]) for i in range(1, n + 1)])
       s["mse"] = np.array([_mse(gen[i], sub.real[i]) for i in range(1, n + 1)])
       s["hold_start_mse"] = np.array([_mse(sub.real[0], sub.real[i]) for i in range(1, n + 1)])
@@ -96,9 +121,9 @@ def probe(checkpoint, seeds, tf_frames, open_loop_frames, sampler_steps):
   return out
 
 
-COLUMNS = ("tf_ball_present", "tf_ball_error", "tf_player_present", "tf_enemy_present",
+COLUMNS = ("tf_ball_present", "tf_ball_error", "tf_ball_signal", "real_ball_signal", "tf_player_present", "tf_enemy_present",
            "tf_roughness", "tf_change", "tf_psnr", "tf_copy_previous_psnr",
-           "ol_ball_present", "ol_ball_error", "ol_roughness", "ol_change", "ol_psnr",
+           "ol_ball_present", "ol_ball_error", "ol_ball_signal", "ol_roughness", "ol_change", "ol_psnr",
            "ol_hold_start_psnr", "real_roughness", "real_change")
 
 
