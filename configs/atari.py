@@ -49,6 +49,11 @@ def get_config(arg=None):
   # Measured on Pong, stage-1 loss at step 60: 0.99 at lr 3e-4, 0.61 at 1e-3
   # (no non-finite steps; gradient norms 0.1-0.3, under the clip).
   c.diffusion.optim.learning_rate = 1e-3
+  # diffusion.loss_space / change_weight / context_noise stay at base's
+  # defaults: at 400 steps of configs/atari.py:exp none made the ball appear;
+  # loss_space="x0" gave the best one-step frame (roughness 12.3 -> 8.9, PSNR
+  # +2.2 dB) but a worse 8-step sampler, change_weight=50 was worse on all
+  # counts (RESULTS.md, "Why the ball was lost").
   # Stages 2 and 3, sized for this CPU (the paper: 32 teacher steps, shift 24;
   # RMSProp for G and D; 10 s segments overlapping by 1 s).
   c.consistency.optim.learning_rate = 1e-4
