@@ -9,6 +9,7 @@ measured ~230 ms per latent frame here (8 video frames/s).
 
   python launch/train.py --config=configs/atari.py        # the main job (pipeline)
   python launch/train.py --config=configs/atari.py:full   # the shipped model's run
+  python launch/train.py --config=configs/atari.py:exp    # stage-1 ablations (RESULTS.md)
 """
 from configs import base
 
