@@ -121,10 +121,11 @@ def probe(checkpoint, seeds, tf_frames, open_loop_frames, sampler_steps):
   return out
 
 
-COLUMNS = ("tf_ball_present", "tf_ball_error", "tf_ball_signal", "real_ball_signal", "tf_player_present", "tf_enemy_present",
-           "tf_roughness", "tf_change", "tf_psnr", "tf_copy_previous_psnr",
-           "ol_ball_present", "ol_ball_error", "ol_ball_signal", "ol_roughness", "ol_change", "ol_psnr",
-           "ol_hold_start_psnr", "real_roughness", "real_change")
+COLUMNS = ("tf_ball_present", "tf_ball_error", "tf_ball_signal", "real_ball_signal",
+           "tf_player_present", "tf_enemy_present", "tf_roughness", "tf_change", "tf_psnr",
+           "tf_copy_previous_psnr", "ol_ball_present", "ol_ball_error", "ol_ball_signal",
+           "ol_roughness", "ol_change", "ol_psnr", "ol_hold_start_psnr", "real_roughness",
+           "real_change")
 
 
 def main(argv=None) -> int:
