@@ -104,6 +104,14 @@ def get_config(arg=None):
   df = c.diffusion = ml_collections.ConfigDict()
   df.timestep_shift = 3.0     # t' = s t / (1 + (s - 1) t), per latent frame
   df.cond_dropout = 0.1       # per sample: drop actions/controls/text (for CFG)
+  df.context_noise = 0.0      # noise on the recycled frames: + sigma * eps, sigma ~
+                              # U[0, context_noise] per frame (0 = clean frames)
+  df.change_weight = 0.0      # loss weight 1 + change_weight on the latent elements
+  df.change_threshold = 0.02  # that changed by more than this since the previous
+                              # frame (|x_i - x_{i-1}|; pixel worlds: [-1, 1] colour)
+  df.loss_space = "velocity"  # "velocity": MSE of v (an x0 head's error / t^2, so the
+                              # low-noise steps dominate); "x0": MSE of the clean frame
+                              # x_t - t v (every noise level alike)
   df.optim = _optim(name="adamw", learning_rate=1e-5)  # paper: AdamW, lr 1e-5
 
   # ------------------------------------------------------------- checkpoint

@@ -98,18 +98,31 @@ def make_step(loss_fn, tx, ema_decay):
 def diffusion_loss(model, params, batch, rng, config):
   """Stage 1: flow matching with teacher forcing, all frames in one block-causal pass.
 
-  The sink (frame 0) is clean at t = 0 and carries no loss.
+  The sink (frame 0) is clean at t = 0 and carries no loss. Options
+  (config.diffusion): `context_noise` noises the recycled frames,
+  `change_weight` / `change_threshold` weight the elements that changed since
+  the previous frame, `loss_space = "x0"` measures the error of the clean frame.
   """
   k_in, k_drop = jax.random.split(rng)
+  df = config.diffusion
   latents = batch["latents"]                                    # [B, T, h, w, C]
   noisy, t, previous, noise = fm.teacher_forcing_inputs(latents, k_in,
                                                         config.diffusion.timestep_shift)
+  previous = fm.noisy_context(previous, jax.random.fold_in(rng, 2), df.context_noise)
   actions, controls, text, mask = _drop_conditions(k_drop, batch, config.diffusion.cond_dropout)
   cond = Conditioning(previous=previous, actions=actions, controls=controls, text=text,
                       text_mask=mask)
   velocity = model.apply({"params": params}, noisy, t, cond)
   weights = jnp.ones(latents.shape[:2]).at[:, 0].set(0.0)
-  return fm.loss(velocity, fm.velocity_target(latents, noise), weights)
+  element_weights = (fm.change_weights(latents, df.change_weight, df.change_threshold)
+                     if df.change_weight else None)
+  if df.loss_space not in ("velocity", "x0"):
+    raise ValueError(f"config field diffusion.loss_space={df.loss_space!r}: use 'velocity' "
+                     "or 'x0'")
+  if df.loss_space == "x0":  # the clean frame's error x0 - (x_t - t v) = t (v_target - v)
+    x0_weights = fm.x0_space_weights(t, latents)
+    element_weights = x0_weights if element_weights is None else element_weights * x0_weights
+  return fm.loss(velocity, fm.velocity_target(latents, noise), weights, element_weights)
 
 
 def make_diffusion_step(model, tx, config):
