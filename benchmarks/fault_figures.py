@@ -4,7 +4,8 @@ changed config. One table: scenario, outcome, peak memory added, time to
 recover.
 
   python benchmarks/fault_figures.py [--attempts 50] [--state_mb 64] [--clients 4]
-                                     [--soak_seconds 30]
+                                     [--soak_seconds 30] [--kill_restarts 4]
+                                     [--only server,soak,checkpoint,kill]
 
 Runs in one process on CPU with a tiny random-weight Pong world (16x16
 frames) served by `PlayServer` over aiohttp's test server on 127.0.0.1.
@@ -17,7 +18,13 @@ row decodes it as the server did before the header check (simplejpeg +
 resize_area), the reference for the checked row in the same run. The soak
 row: concurrent tabs sending actions, junk and bombs, dropping connections,
 one over capacity; frames served, errors answered, action-to-frame p95
-latency and the process's RSS at start and end.
+latency and the process's RSS at start and end. The kill row: a tiny
+diffusion-stage run of launch/train.py (subprocesses, 8 fake CPU devices)
+killed with SIGKILL at seeded random steps K times, each restart resuming,
+then run to the end; steps lost per fault (the last step logged before the
+kill minus the checkpoint the next start resumes from) and whether the final
+checkpoint's params equal an uninterrupted run's; its "time to recover" is
+the mean wall time from a restart's launch to its first trained step.
 """
 from __future__ import annotations
 
@@ -28,7 +35,10 @@ import glob
 import json
 import logging
 import os
+import random
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,9 +52,11 @@ import simplejpeg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from common import device_line  # noqa: E402
-from aapt_jax import checkpointing, load_config  # noqa: E402
+from aapt_jax import checkpointing, load_config, loading  # noqa: E402
+from aapt_jax.data.records import write_records  # noqa: E402
 from aapt_jax.image_utils import resize_area  # noqa: E402
 from aapt_jax.inference.server import PlayServer  # noqa: E402
 from aapt_jax.inference.session import StreamingModel  # noqa: E402
@@ -298,38 +310,202 @@ def checkpoint_scenarios(state_mb):
     shutil.rmtree(work, ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------
+# kill -9 over K restarts.
+
+KILL_RUN = {"stage": "diffusion", "train.batch_size": 8, "mesh.data": 2, "mesh.fsdp": 4,
+            "mesh.tensor": 1, "train.log_every": 1}
+
+
+def write_tiny_clips(path, n=32, frames=8, seed=0):
+  """`n` random latent clips [frames, 4, 4, 4] with actions, as array_record."""
+  rng = np.random.default_rng(seed)
+  write_records(path, ({"latents": rng.standard_normal((frames, 4, 4, 4)).astype(np.float16),
+                        "fps": 8.0, "actions": rng.integers(0, 5, frames).astype(np.int32)}
+                       for _ in range(n)))
+
+
+def _train_command(workdir, data, steps, every):
+  overrides = dict(KILL_RUN, **{"data.path": data, "train.steps": steps,
+                                "checkpoint.every_steps": every})
+  return ([sys.executable, os.path.join(ROOT, "launch", "train.py"),
+           f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", f"--workdir={workdir}"] +
+          [f"--config.{k}={v}" for k, v in overrides.items()])
+
+
+def _train_env():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8", PYTHONUNBUFFERED="1")
+  if jax.config.jax_compilation_cache_dir:
+    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+  return env
+
+
+def _logged_steps(metrics, offset):
+  """Steps of the metrics.jsonl rows written after byte `offset` (whole lines)."""
+  if not os.path.exists(metrics):
+    return []
+  with open(metrics, "rb") as f:
+    f.seek(offset)
+    lines = f.read().split(b"\n")[:-1]  # a torn last line is not a row yet
+  return [json.loads(line)["step"] for line in lines if line.strip()]
+
+
+def _complete_steps(workdir):
+  d = checkpointing.checkpoint_dir(workdir, "diffusion")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def kill_restart_scenario(restarts, steps=24, every=4, seed=0, timeout=300):
+  """An uninterrupted tiny run to `steps` and the same run SIGKILLed `restarts`
+  times at seeded random steps (each start resumes from the latest complete
+  checkpoint), then run to the end. Returns {"lost": [steps lost per fault],
+  "reached": [last step logged before each kill], "resumed_from": [step each
+  killed start resumed from], "killed": [whether SIGKILL ended it (False: it
+  finished first)], "recover_s": [launch -> first trained step per start],
+  "final_resumed_from", "final_step", "max_abs_diff" {"ema_params",
+  "gen_params"} of the two final checkpoints, "exact": bool}."""
+  work = tempfile.mkdtemp(prefix="fault_kill_")
+  rng = random.Random(seed)
+  env = _train_env()
+  try:
+    data = os.path.join(work, "data")
+    os.makedirs(data)
+    write_tiny_clips(os.path.join(data, "clips.array_record"))
+    reference = os.path.join(work, "reference")
+    r = subprocess.run(_train_command(reference, data, steps, every), cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    if r.returncode:
+      raise RuntimeError(f"reference run failed:\n{r.stderr[-3000:]}")
+    faulty = os.path.join(work, "faulty")
+    metrics = os.path.join(checkpointing.stage_dir(faulty, "diffusion"), "metrics.jsonl")
+    lost, reached, resumed_from, recover, killed = [], [], [], [], []
+    for _ in range(restarts):
+      start = (_complete_steps(faulty) or [0])[-1]
+      if start >= steps - 1:
+        break
+      target = rng.randint(start + 1, steps - 1)  # kill once this step is logged ...
+      delay = rng.uniform(0, 0.2)                 # ... plus a random extra delay
+      offset = os.path.getsize(metrics) if os.path.exists(metrics) else 0
+      t0 = time.perf_counter()
+      proc = subprocess.Popen(_train_command(faulty, data, steps, every), cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      try:
+        first = None
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+          logged = _logged_steps(metrics, offset)
+          if logged and first is None:
+            first = time.perf_counter() - t0
+          if logged and max(logged) >= target:
+            break
+          time.sleep(0.005)
+        if proc.poll() is not None:
+          raise RuntimeError(f"run exited ({proc.returncode}) before step {target}:\n"
+                             f"{proc.stderr.read()[-3000:]}")
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        killed.append(proc.wait(timeout=30) == -signal.SIGKILL)
+      finally:
+        if proc.poll() is None:
+          proc.kill()
+          proc.wait()
+      reached.append(max(_logged_steps(metrics, offset)))
+      resumed_from.append(start)
+      recover.append(first)
+      lost.append(reached[-1] - (_complete_steps(faulty) or [0])[-1])
+    r = subprocess.run(_train_command(faulty, data, steps, every), cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    if r.returncode:
+      raise RuntimeError(f"final run failed:\n{r.stderr[-3000:]}")
+    with open(os.path.join(faulty, "summary.json")) as f:
+      (summary,) = json.load(f)["stages"]
+    diffs = {}
+    exact = True
+    for which in ("ema_params", "gen_params"):
+      _, a = loading.load_generator_params(
+          os.path.join(checkpointing.checkpoint_dir(reference, "diffusion"), str(steps)), which)
+      _, b = loading.load_generator_params(
+          os.path.join(checkpointing.checkpoint_dir(faulty, "diffusion"), str(steps)), which)
+      la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+      assert jax.tree.structure(a) == jax.tree.structure(b)
+      diffs[which] = max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y))))
+                         for x, y in zip(la, lb))
+      exact &= all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+    return {"lost": lost, "reached": reached, "resumed_from": resumed_from,
+            "killed": killed, "recover_s": recover,
+            "final_resumed_from": summary["resumed_from"], "final_step": summary["step"],
+            "max_abs_diff": diffs, "exact": exact}
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def kill_row(restarts, steps=24, every=4):
+  result = kill_restart_scenario(restarts, steps, every)
+  d = result["max_abs_diff"]
+  faults = ", ".join(f"{r}->{c}" for r, c in zip(result["reached"],
+                                                 result["resumed_from"][1:] +
+                                                 [result["final_resumed_from"]]))
+  row(f"kill -9 at random steps, {sum(result['killed'])} kills + final restart ({steps} "
+      f"steps, checkpoint every {every})",
+      f"step reached->resumed from: {faults}; steps lost per fault {result['lost']}; "
+      "final params vs uninterrupted: "
+      f"{'EQUAL' if result['exact'] else 'DIFFER'} (max |diff| ema {d['ema_params']:.1e}, "
+      f"gen {d['gen_params']:.1e})", None, float(np.mean(result["recover_s"])))
+  return result
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--attempts", type=int, default=50)
   parser.add_argument("--state_mb", type=int, default=64)
   parser.add_argument("--clients", type=int, default=4, help="soak: concurrent tabs")
   parser.add_argument("--soak_seconds", type=float, default=30, help="soak: 0 = no soak")
+  parser.add_argument("--kill_restarts", type=int, default=4,
+                      help="kill: SIGKILLs of a tiny training run, each then resumed")
+  parser.add_argument("--only", default="server,soak,checkpoint,kill",
+                      help="comma-separated scenarios: server, soak, checkpoint, kill")
   args = parser.parse_args()
+  only = set(args.only.split(","))
+  unknown = only - {"server", "soak", "checkpoint", "kill"}
+  if unknown:
+    sys.exit(f"--only: unknown scenarios {sorted(unknown)}; choose from server, soak, "
+             "checkpoint, kill")
   logging.getLogger("aapt_jax.play").setLevel(logging.ERROR)  # one warning per refusal
   logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax logs the injected failure
   print(device_line())
+  if only & {"server", "soak"}:
+    server_rows(args, only)
+  if "checkpoint" in only:
+    tracemalloc.start()
+    checkpoint_scenarios(args.state_mb)
+    tracemalloc.stop()
+  if "kill" in only and args.kill_restarts > 0:
+    kill_row(args.kill_restarts)
+  widths = [max(len(r[i]) for r in ROWS + [("scenario", "outcome", "peak mem added",
+                                              "time to recover")]) for i in range(4)]
+  header = ("scenario", "outcome", "peak mem added", "time to recover")
+  for r in [header, tuple("-" * w for w in widths)] + ROWS:
+    print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def server_rows(args, only):
+  """The play server's rows: hostile pages and inputs ("server"), the soak."""
   model = tiny_model()
   PlayServer(model).warm_up()
   grey = np.full((BOMB_SIDE, BOMB_SIDE, 3), 128, np.uint8)
   bomb = simplejpeg.encode_jpeg(grey, quality=75, colorspace="RGB", colorsubsampling="420")
   del grey
   bomb_url = "data:image/jpeg;base64," + base64.b64encode(bomb).decode()
-  tracemalloc.start()
-  with Traced() as t:  # the reference: what the server did before the header check
-    resize_area(simplejpeg.decode_jpeg(bomb, colorspace="RGB"), model.frame_size)
-  row(f"{BOMB_SIDE}x{BOMB_SIDE} grey JPEG decoded unchecked (the old path)", "decoded", t.peak,
-      t.seconds)
-  asyncio.run(server_scenarios(model, bomb_url, args.attempts))
-  tracemalloc.stop()
-  if args.soak_seconds > 0:
+  if "server" in only:
+    tracemalloc.start()
+    with Traced() as t:  # the reference: what the server did before the header check
+      resize_area(simplejpeg.decode_jpeg(bomb, colorspace="RGB"), model.frame_size)
+    row(f"{BOMB_SIDE}x{BOMB_SIDE} grey JPEG decoded unchecked (the old path)", "decoded",
+        t.peak, t.seconds)
+    asyncio.run(server_scenarios(model, bomb_url, args.attempts))
+    tracemalloc.stop()
+  if "soak" in only and args.soak_seconds > 0:
     asyncio.run(soak(model, bomb_url, args.clients, args.soak_seconds))
-  tracemalloc.start()
-  checkpoint_scenarios(args.state_mb)
-  widths = [max(len(r[i]) for r in ROWS + [("scenario", "outcome", "peak mem added",
-                                              "time to recover")]) for i in range(4)]
-  header = ("scenario", "outcome", "peak mem added", "time to recover")
-  for r in [header, tuple("-" * w for w in widths)] + ROWS:
-    print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
 if __name__ == "__main__":
