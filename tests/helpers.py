@@ -1,5 +1,6 @@
 """Shared test helpers: the tiny model, its params and compiled functions."""
 import functools
+import importlib.util
 import os
 
 import flax.linen as nn
@@ -10,6 +11,15 @@ from aapt_jax import load_config
 from aapt_jax.models import Conditioning, build_generator, init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_benchmark(name):
+  """The module benchmarks/<name>.py (benchmarks are scripts, not a package)."""
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def config_path(name):

@@ -1,19 +1,13 @@
 """benchmarks/fault_figures.py's kill scenario: a tiny training run SIGKILLed
 at random steps and resumed ends with the params of an uninterrupted run."""
-import importlib.util
-import os
 
 import pytest
 
-from helpers import ROOT
+from helpers import load_benchmark
 
 
 def _fault_figures():
-  spec = importlib.util.spec_from_file_location(
-      "fault_figures", os.path.join(ROOT, "benchmarks", "fault_figures.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark("fault_figures")
 
 
 @pytest.mark.slow

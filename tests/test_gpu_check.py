@@ -1,21 +1,15 @@
 """benchmarks/gpu_check.py --tiny: the GPU check's code paths (streaming step
 with text keys/values once, stage-1 and stage-3 steps, steps/s) run and
 report on CPU at tiny sizes, so the script is ready when a GPU is at hand."""
-import importlib.util
 import math
-import os
 
 import pytest
 
-from helpers import ROOT
+from helpers import load_benchmark
 
 
 def _gpu_check():
-  spec = importlib.util.spec_from_file_location(
-      "gpu_check", os.path.join(ROOT, "benchmarks", "gpu_check.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark("gpu_check")
 
 
 def _run(only):

@@ -38,6 +38,17 @@ REGISTRY = {"atari": "aapt_jax.data.worlds.atari:AtariWorld",
 NAMES = tuple(REGISTRY)
 
 
+def frame_args(size: int | tuple[int, int], frame_skip: int) -> tuple[tuple[int, int], int]:
+  """A world's (size as (h, w), frame_skip as int), checked: ValueError for a
+  frame_skip below 1 or a non-positive size (every world's constructor)."""
+  if int(frame_skip) < 1:
+    raise ValueError(f"frame_skip must be >= 1, got {frame_skip}")
+  hw = (size, size) if isinstance(size, int) else tuple(size)
+  if min(hw) < 1:
+    raise ValueError(f"size must be positive, got {size}")
+  return hw, int(frame_skip)
+
+
 def world_class(name: str) -> type:
   """The class registered as `name`; ValueError listing the names."""
   if name not in REGISTRY:

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from aapt_jax.data.worlds import frame_args
 from aapt_jax.data.worlds.policies import Policy, StickyRandomPolicy
 from aapt_jax.image_utils import resize_area
 
@@ -112,12 +113,7 @@ class AtariWorld:
     _require_ale()
     self.rom_id = rom_id(game)
     self.game = _display_name(self.rom_id)
-    if int(frame_skip) < 1:
-      raise ValueError(f"frame_skip must be >= 1, got {frame_skip}")
-    self.size = (size, size) if isinstance(size, int) else tuple(size)
-    if min(self.size) < 1:
-      raise ValueError(f"size must be positive, got {size}")
-    self.frame_skip = int(frame_skip)
+    self.size, self.frame_skip = frame_args(size, frame_skip)
     self.max_emulator_frames = int(max_emulator_frames)
     self.mode, self.difficulty = mode, difficulty
     ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)

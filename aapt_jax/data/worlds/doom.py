@@ -52,6 +52,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from aapt_jax.data.worlds import frame_args
 from aapt_jax.data.worlds.policies import ExplorerPolicy
 from aapt_jax.image_utils import resize_area
 
@@ -129,12 +130,7 @@ class DoomWorld:
     _require_vizdoom()
     self._config_path = scenario_config(game)
     self.game = os.path.basename(self._config_path)[:-4]
-    if int(frame_skip) < 1:
-      raise ValueError(f"frame_skip must be >= 1, got {frame_skip}")
-    self.size = (size, size) if isinstance(size, int) else tuple(size)
-    if min(self.size) < 1:
-      raise ValueError(f"size must be positive, got {size}")
-    self.frame_skip = int(frame_skip)
+    self.size, self.frame_skip = frame_args(size, frame_skip)
     self.max_tics = int(max_tics)
     self.num_actions = 0
     self.action_names: list[str] = []
