@@ -232,6 +232,10 @@ def get_config(arg=None):
 
   # ------------------------------------------------------------ adversarial
   a = c.adversarial = ml_collections.ConfigDict()
+  a.forcing = "student"             # "student": G plays its own frames (AAPT).
+                                     # "teacher": G makes each frame of a real clip
+                                     # from the real previous frames (the paper's
+                                     # Fig. 7 ablation; rollout_* fields unused)
   a.gradient = "recompute"          # "recompute" (parallel re-run) | "scan"
   a.segment_gradient = "end_to_end"  # "end_to_end" | "truncated"
   a.disc_noise_input = False         # False: D judges clean frames at t = 0. True:

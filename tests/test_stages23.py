@@ -252,3 +252,41 @@ def test_the_rollout_runs_once_per_step(gradient, scans):
   with jax.set_mesh(s["mesh"]):
     jaxpr = jax.make_jaxpr(s["step"])(s["state"], _adversarial_batch(s["config"]))
   assert _count_scans(jaxpr.jaxpr, ADV["adversarial.rollout_frames"] - 1) == scans
+
+
+def test_teacher_forcing_judges_one_step_frames_of_the_real_clip():
+  """adversarial.forcing="teacher" (claim (a)'s ablation): no rollout; the
+  fakes are G's one-step frames of the real clip from its real previous
+  frames, judged against that clip with its own conditions. The step's D and
+  G losses equal those computed by hand from D's logits."""
+  from aapt_jax import rollout as ro
+  from aapt_jax.models import Conditioning
+  s = _adversarial_setup(**{"adversarial.forcing": "teacher"})
+  batch = _adversarial_batch(s["config"])
+  with jax.set_mesh(s["mesh"]):
+    jaxpr = jax.make_jaxpr(s["step"])(s["state"], batch)
+    new, m = jax.jit(s["step"])(s["state"], batch)
+  assert _count_scans(jaxpr.jaxpr, ADV["adversarial.rollout_frames"] - 1) == 0
+  model, disc, state, a = s["model"], s["disc"], s["state"], s["config"].adversarial
+  real = jnp.asarray(batch["latents"])                             # [B, S, h, w, C]
+  _, k_noise = jax.random.split(jax.random.wrap_key_data(state.rng), 6)[:2]
+  noise = jax.random.normal(k_noise, (B, a.rollout_frames - 1) + real.shape[2:])
+  inputs = jnp.concatenate([real[:, :1], noise[:, :real.shape[1] - 1]], axis=1)
+  cond = Conditioning(actions=batch["actions"], controls=batch["controls"],
+                      text=batch["text_embedding"], text_mask=batch["text_mask"])
+  fake = ro.recompute_frames(model, state.gen_params, inputs, real, cond)
+  # the fake's frame i >= 1 is the one-step frame eps - v(eps, 1 | real frame i - 1)
+  v1 = model.apply({"params": state.gen_params}, inputs[:, :2],
+                   jnp.array([[0.0, 1.0]] * B), cond.replace(
+                       previous=jnp.concatenate([jnp.zeros_like(real[:, :1]), real[:, :1]], 1),
+                       actions=cond.actions[:, :2], controls=cond.controls[:, :2]))
+  np.testing.assert_allclose(np.asarray(fake[:, 1]), np.asarray(inputs[:, 1] - v1[:, 1]),
+                             atol=1e-5)
+  w = np.ones(real.shape[:2])
+  w[:, 0] = 0.0
+  logits = lambda dp, x: disc.apply({"params": dp}, x, jnp.zeros(x.shape[:2]), cond)
+  for dp, sign, key in ((state.disc_params, 1.0, "d_loss"), (new.disc_params, -1.0, "loss")):
+    diff = logits(dp, fake) - logits(dp, real)
+    by_hand = float(jnp.sum(w * jax.nn.softplus(sign * diff)) / w.sum())
+    assert float(m[key]) == pytest.approx(by_hand, rel=2e-4, abs=1e-5), key
+  assert _changed(state.gen_params, new.gen_params)

@@ -266,6 +266,11 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
   the rollout, its fake segments and the real segments carry the same kinds
   (text and its mask per sample, for all frames).
 
+  `adversarial.forcing = "teacher"` (the paper's Fig. 7 ablation) replaces
+  the rollout: G makes each frame of the real clip in one step from the real
+  previous frames (one parallel pass), and D judges that one segment against
+  the real clip with the real clip's conditions.
+
   D sees clean frames at t = 0; with `adversarial.disc_noise_input` it sees
   them noised at a per-sample t ~ U[0, 1], x and x + σε (R1/R2) with one
   shared diffusion-noise draw. Frame 0 of the first segment (the real start
@@ -279,7 +284,8 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
   from aapt_jax.objectives import adversarial as adv
   a = config.adversarial
   length, seg, overlap = a.rollout_frames, a.segment_frames, a.segment_overlap
-  starts = adv.segment_starts(length, seg, overlap)
+  teacher = a.forcing == "teacher"
+  starts = (0,) if teacher else adv.segment_starts(length, seg, overlap)
   k = len(starts)
   truncated = a.segment_gradient == "truncated"
   sg = jax.lax.stop_gradient
@@ -302,8 +308,14 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
                                gradient=a.gradient, segment_gradient=a.segment_gradient,
                                rollout=rollout)
 
+    if teacher:  # G's one-step frames of the real clip from its real previous frames
+      tf_inputs = jnp.concatenate([real[:, :1], noise[:, :real.shape[1] - 1]], axis=1)
+      generate = lambda gp, rollout=None: [ro.recompute_frames(model, gp, tf_inputs, real,
+                                                               real_cond)]
+      roll_cond = real_cond
+
     # --- the rollout, once for both phases
-    if a.gradient == "scan":  # its forward is what D judges; G pulls back through it
+    if a.gradient == "scan" or teacher:  # its forward is what D judges; G pulls back through it
       segs, pullback = jax.vjp(generate, state.gen_params)
     else:
       rollout = sg(ro.rollout_student_forcing(model, sg(state.gen_params), inputs, roll_cond,
@@ -352,7 +364,7 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
     # start their collectives in different orders (a deadlock on CPU) and
     # hold both phases' activations.
     disc_params, gen_params = jax.lax.optimization_barrier((disc_params, state.gen_params))
-    if a.gradient != "scan":  # one parallel pass over the rolled frames
+    if a.gradient != "scan" and not teacher:  # one parallel pass over the rolled frames
       segs, pullback = jax.vjp(lambda gp: generate(gp, rollout), gen_params)
 
     def g_loss(segs):

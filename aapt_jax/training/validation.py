@@ -48,7 +48,8 @@ def check_config(config) -> StageSpec:
     if a.segment_frames > a.rollout_frames:
       raise ValueError(f"config field adversarial.segment_frames={a.segment_frames} > "
                        f"adversarial.rollout_frames={a.rollout_frames}")
-    for field, allowed in (("gradient", ("recompute", "scan")),
+    for field, allowed in (("forcing", ("student", "teacher")),
+                           ("gradient", ("recompute", "scan")),
                            ("segment_gradient", ("end_to_end", "truncated"))):
       if a[field] not in allowed:
         raise ValueError(f"config field adversarial.{field}={a[field]!r}: choose from "
