@@ -217,6 +217,19 @@ def test_x0_prediction_is_the_head_turned_into_a_velocity(rollout, prediction):
   np.testing.assert_allclose(np.asarray(stepped), np.asarray(v), atol=1e-3, rtol=1e-4)
 
 
+def test_fresh_frame_delta_model_copies_the_recycled_frame(rollout):
+  """A freshly initialised "frame_delta" model's head is zero: its one-step
+  frame eps - v(eps, 1) is exactly the recycled frame, whatever the noise
+  (training starts from "copy the previous frame")."""
+  _, model, params = tiny((("model.prediction", "frame_delta"),))
+  call, _ = compiled(model)
+  latents, cond = rollout["latents"][:, :4], rollout["cond"]
+  cond4 = cond.replace(previous=cond.previous[:, :4], actions=cond.actions[:, :4],
+                       controls=cond.controls[:, :4])
+  v = call(params, latents, jnp.ones((B, 4)), cond4)
+  np.testing.assert_allclose(np.asarray(latents - v), np.asarray(cond4.previous), atol=1e-5)
+
+
 def test_precomputed_text_kv_equals_text(rollout):
   """Steps and calls with the prompt's TextKV (computed once) equal those that
   project the text themselves; a TextKV of the wrong shape is refused."""

@@ -99,8 +99,11 @@ class Generator(nn.Module):
       self.control_out = Dense(s.dim, ("embed", "embed_out"), **kw)
     self.transformer = Transformer(s)
     self.norm_out = LayerNorm32(eps=s.eps)
+    # "frame_delta" starts as a copy of the recycled frame: a zero head (the
+    # predicted change is 0 until training grows it where frames change)
+    head_init = {"kernel_init": nn.initializers.zeros} if s.prediction == "frame_delta" else {}
     self.proj_out = Dense(s.patch_size[0] * s.patch_size[1] * s.patch_size[2] * s.latent_channels,
-                          ("embed", "patch_out"), **kw)
+                          ("embed", "patch_out"), **kw, **head_init)
     self.scale_shift_table = self.param(
         "scale_shift_table", logical(nn.initializers.normal(s.dim ** -0.5), ("modulation", "embed")),
         (2, s.dim), s.params_dtype)
