@@ -107,3 +107,68 @@ def _save(fig, out_dir, name):
   fig.savefig(path, dpi=90)
   plt.close(fig)
   return path
+
+
+def _compare_bars(ax, result, metric, title, baselines=()):
+  """Bars per horizon: each arm's open-loop `metric` (mean ± std over seeds),
+  then the named baselines'."""
+  rows = [(a["name"], a["open_loop"].get(metric)) for a in result["arms"]]
+  rows += [(b, result["baselines"][b].get(metric)) for b in baselines]
+  rows = [(n, cells) for n, cells in rows if cells]
+  width = 0.8 / max(len(rows), 1)
+  for k, (name, cells) in enumerate(rows):
+    mean = [c["mean"] if c["mean"] is not None else np.nan for c in cells]
+    err = [c["std"] if c["std"] is not None else 0.0 for c in cells]
+    ax.bar(np.arange(len(mean)) + k * width, mean, width, yerr=err, label=name)
+  ax.set_xticks(np.arange(len(result["buckets"])) + 0.4 - width / 2)
+  ax.set_xticklabels(result["buckets"], fontsize=7)
+  ax.set_xlabel("latent frames (horizon)", fontsize=7)
+  ax.set_title(title, fontsize=9)
+
+
+def write_comparison_plots(result: dict, out_dir: str) -> dict[str, str]:
+  """compare_psnr.png, compare_objects.png (with object truth),
+  compare_drift.png and compare_frames.png (each arm's first seed beside the
+  emulator) of `evaluation.compare.compare`'s result."""
+  paths = {}
+  fig, ax = plt.subplots(1, 2, figsize=(12, 3.8))
+  _compare_bars(ax[0], result, "psnr", "open-loop PSNR vs the emulator (dB)",
+                ("hold_start", "copy_previous"))
+  _compare_bars(ax[1], result, "ssim", "open-loop SSIM", ("hold_start",))
+  ax[0].legend(fontsize=6)
+  paths["compare_psnr.png"] = _save(fig, out_dir, "compare_psnr.png")
+
+  if result["object_truth"]:
+    metrics = [("ball_present", "ball found (recall)"), ("ball_error", "ball error (px)"),
+               ("player_present", "player paddle found"), ("follow", "paddle follows")]
+    fig, ax = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5))
+    for a, (metric, title) in zip(ax, metrics):
+      _compare_bars(a, result, metric, title)
+    ax[0].legend(fontsize=6)
+    paths["compare_objects.png"] = _save(fig, out_dir, "compare_objects.png")
+
+  fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
+  for k, stat in enumerate(("roughness", "change")):
+    for a in result["arms"]:
+      _band(ax[k], a["drift"][stat], a["name"], smooth=5)
+    _band(ax[k], result["emulator_drift"][stat], "emulator", smooth=5)
+    ax[k].axvline(10 * result["clip_frames"], color="grey", lw=0.5, ls=":")
+    ax[k].set_title(f"{stat} per frame (dotted: 10x the training clip)", fontsize=8)
+    ax[k].set_xlabel("latent frame")
+  ax[0].legend(fontsize=6)
+  paths["compare_drift.png"] = _save(fig, out_dir, "compare_drift.png")
+
+  n = len(result["real_strip"]) - 1
+  picks = sorted({i for i in (0, 1, 4, result["clip_frames"], 3 * result["clip_frames"],
+                              10 * result["clip_frames"], n) if i <= n})
+  rows = [(a["name"], a["strip"]) for a in result["arms"]] + [("emulator", result["real_strip"])]
+  fig, ax = plt.subplots(len(rows), len(picks), figsize=(1.6 * len(picks), 1.7 * len(rows)),
+                         squeeze=False)
+  for r, (name, frames) in enumerate(rows):
+    for c, i in enumerate(picks):
+      ax[r, c].axis("off")
+      if i < len(frames):
+        ax[r, c].imshow(frames[i], interpolation="nearest")
+      ax[r, c].set_title(f"{name} {i}", fontsize=6)
+  paths["compare_frames.png"] = _save(fig, out_dir, "compare_frames.png")
+  return paths

@@ -142,10 +142,12 @@ def evaluate(session, settings: Settings) -> dict:
   clip = int(model.config.train.clip_frames)
   buckets = metrics.horizon_buckets(clip, settings.frames)
   bar = tqdm(total=len(settings.seeds) * settings.frames, desc="rollouts", unit="frame")
-  episodes = []
+  episodes, generating = [], []
   for seed in settings.seeds:
     episode = rollouts.play_emulator(world, seed, settings.frames, settings.repeat_prob)
+    begun = time.perf_counter()
     episode.generated = rollouts.roll_out(session, episode, on_frame=lambda: bar.update())
+    generating.append(time.perf_counter() - begun)
     episodes.append(episode)
   bar.close()
   timing = {"rollouts": time.time() - started}
@@ -196,6 +198,9 @@ def evaluate(session, settings: Settings) -> dict:
       "object_truth": game is not None, "drift": drift,
       "strip": {"seed": int(episodes[0].seed), "generated": episodes[0].generated,
                 "real": episodes[0].real, "one_step": one_step[0]},
+      # the model's time per latent frame, the first seed's (its compiles) left out
+      "ms_per_frame": round(1000 * sum(generating[1:] or generating)
+                            / (max(len(generating) - 1, 1) * settings.frames), 2),
       "seconds": round(time.time() - started, 1),
       "seconds_per_phase": {k: round(v, 1) for k, v in timing.items()},
   }

@@ -1,0 +1,178 @@
+"""Several models evaluated on the same emulator episodes, side by side: the
+table that says whether a stage (or a training recipe) helps.
+
+`compare(arms, settings)` runs `suite.evaluate` once per arm (the same seeds,
+so every arm and the trivial predictors see the same real frames) and keeps
+per arm its open-loop rows, its one-step teacher-forced PSNR, its drift curves,
+its forwards and milliseconds per latent frame, and one seed's frames.
+`write_comparison(result, out_dir)` writes compare.json, compare.md and
+compare_*.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from aapt_jax.evaluation import suite
+from aapt_jax.evaluation.report import _ROWS, _cell, _json_ready
+
+# the arms' open-loop rows and the trivial predictors beside them
+BASELINES = ("hold_start", "copy_previous")
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One row of the comparison: `checkpoint` (run, stage, step or export
+  directory) sampled with `sampler_steps` forwards per latent frame."""
+  name: str
+  checkpoint: str
+  sampler_steps: int = 1
+  note: str = ""
+
+
+def parse_arms(text: Sequence[str]) -> list[Arm]:
+  """"name=DIR" or "name=DIR@STEPS" items -> arms (ValueError naming a bad one)."""
+  arms = []
+  for item in text:
+    name, sep, rest = item.partition("=")
+    path, at, steps = rest.partition("@")
+    if not sep or not name or not path or (at and not steps.isdigit()) or (
+        at and int(steps) < 1):
+      raise ValueError(f"--arms item {item!r}: expected name=DIR or name=DIR@STEPS "
+                       "(STEPS >= 1 forwards per latent frame)")
+    arms.append(Arm(name, path, int(steps) if at else 1))
+  names = [a.name for a in arms]
+  if len(set(names)) != len(names) or not arms:
+    raise ValueError(f"--arms needs distinct names, got {names}")
+  return arms
+
+
+def compare(arms: Sequence[Arm], settings: suite.Settings,
+            load: Callable[[Arm], object] | None = None) -> dict:
+  """Evaluates every arm on the same seeds. `load(arm)` gives its
+  StreamingSession (default: StreamingSession.load of its checkpoint)."""
+  settings.check()
+  if load is None:
+    from aapt_jax.inference.session import StreamingSession
+    load = lambda arm: StreamingSession.load(arm.checkpoint, sampler_steps=arm.sampler_steps)
+  rows, baselines, first = [], {}, None
+  for arm in arms:
+    print(f"compare: {arm.name} ({arm.checkpoint}, {arm.sampler_steps} forward(s) per frame)")
+    r = suite.evaluate(load(arm), settings)
+    if first is None:
+      first = r
+      baselines = {name: {m: r["table"][m][name] for m in r["table"] if name in r["table"][m]}
+                   for name in BASELINES}
+    elif r["buckets"] != first["buckets"] or r["real_frames"] != first["real_frames"]:
+      raise ValueError(f"arm {arm.name}: its episodes differ from {arms[0].name}'s (another "
+                       "world, game or training clip length): arms must share one world")
+    rows.append({
+        "name": arm.name, "source": r["source"], "note": arm.note,
+        "sampler_steps": arm.sampler_steps, "ms_per_frame": r["ms_per_frame"],
+        "open_loop": {m: r["table"][m]["model"] for m in r["table"] if "model" in r["table"][m]},
+        "one_step_psnr": r["table"]["psnr"].get("model_1step"),
+        "drift": r["drift"]["model"], "fvd": {w: s.get("model") for w, s in r["fvd"].items()},
+        "strip": r["strip"]["generated"]})
+  return {"game": first["game"], "clip_frames": first["clip_frames"],
+          "settings": dataclasses.asdict(settings), "buckets": first["buckets"],
+          "real_frames": first["real_frames"], "object_truth": first["object_truth"],
+          "arms": rows, "baselines": baselines,
+          "emulator_drift": first["drift"]["emulator"], "real_strip": first["strip"]["real"]}
+
+
+def _long_bucket(result) -> int:
+  """The bucket that holds frame 10 x clip (the paper's long horizon), else the last."""
+  target = 10 * result["clip_frames"]
+  for k, label in enumerate(result["buckets"]):
+    lo, hi = (int(v) for v in label.split("-"))
+    if lo <= target <= hi:
+      return k
+  return len(result["buckets"]) - 1
+
+
+def best_at_long_horizon(result, metric: str = "psnr") -> str:
+  """The arm with the highest mean `metric` in the 10x-clip bucket."""
+  k = _long_bucket(result)
+  scored = [(a["open_loop"][metric][k]["mean"], a["name"]) for a in result["arms"]
+            if a["open_loop"].get(metric) and a["open_loop"][metric][k]["mean"] is not None]
+  return max(scored)[1] if scored else ""
+
+
+def markdown(result: dict, title: str = "Comparison") -> str:
+  s = result["settings"]
+  clip = result["clip_frames"]
+  lines = [f"# {title}", "",
+           f"{result['game']}, open loop against the emulator replaying the same actions; "
+           f"seeds {list(s['seeds'])}; {s['frames']} latent frames; training clip {clip} "
+           f"frames (10x = {10 * clip}, in bucket {result['buckets'][_long_bucket(result)]}). "
+           "Cells: mean ± std over seeds of each seed's mean over the horizon's frames. Every "
+           "arm rolls out on the same episodes (same start frames, actions and noise seeds).",
+           "", "| arm | checkpoint | forwards per frame | ms per frame (this CPU) | note |",
+           "|---|---|---|---|---|"]
+  for a in result["arms"]:
+    lines.append(f"| {a['name']} | `{a['source']}` | {a['sampler_steps']} | "
+                 f"{a['ms_per_frame']:.1f} | {a['note']} |")
+  header = "| | " + " | ".join(result["buckets"]) + " |"
+  rule = "|---" * (len(result["buckets"]) + 1) + "|"
+  best = best_at_long_horizon(result)
+  if best:
+    lines += ["", f"Highest PSNR at 10x the training clip: **{best}**."]
+  for key, name, fmt in _ROWS:
+    if not any(key in a["open_loop"] for a in result["arms"]):
+      continue
+    lines += ["", f"## {name}", "", header, rule]
+    for a in result["arms"]:
+      if key in a["open_loop"]:
+        lines.append(f"| {a['name']} | " + " | ".join(_cell(c, fmt) for c in a["open_loop"][key])
+                     + " |")
+    for base, cells in result["baselines"].items():
+      if key in cells and key in ("psnr", "ssim"):
+        lines.append(f"| *{base}* | " + " | ".join(_cell(c, fmt) for c in cells[key]) + " |")
+    if key == "psnr":
+      for a in result["arms"]:
+        if a["one_step_psnr"]:
+          lines.append(f"| {a['name']}, one step teacher-forced | "
+                       + " | ".join(_cell(c, fmt) for c in a["one_step_psnr"]) + " |")
+  lines += ["", "## Drift: roughness (adjacent-pixel |difference|, 0-255)", "", header, rule]
+  curves = [(a["name"], a["drift"]["roughness"]) for a in result["arms"]]
+  curves.append(("*emulator*", result["emulator_drift"]["roughness"]))
+  for name, c in curves:
+    c = np.asarray(c, np.float64)
+    cells = []
+    for label in result["buckets"]:
+      lo, hi = (int(v) for v in label.split("-"))
+      part = c[:, lo:hi + 1]
+      part = part[np.isfinite(part)]
+      cells.append(f"{part.mean():.2f}" if part.size else "–")
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  fvd = [(a["name"], a["fvd"]) for a in result["arms"] if a["fvd"]]
+  if fvd:
+    windows = list(fvd[0][1])
+    lines += ["", "## FVD (I3D) of the open-loop clips against the emulator's", "",
+              "| arm | " + " | ".join(windows) + " |", "|---" * (len(windows) + 1) + "|"]
+    for name, f in fvd:
+      lines.append(f"| {name} | " + " | ".join(
+          "–" if f.get(w) is None else f"{f[w]:.1f}" for w in windows) + " |")
+  lines += ["", "Plots: compare_psnr.png, compare_objects.png, compare_drift.png, "
+            "compare_frames.png.", ""]
+  return "\n".join(lines)
+
+
+def write_comparison(result: dict, out_dir: str, title: str = "Comparison") -> dict[str, str]:
+  """compare.json (without frames), compare.md and the plots; returns {name: path}."""
+  from aapt_jax.evaluation import plots
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {"compare.json": os.path.join(out_dir, "compare.json"),
+           "compare.md": os.path.join(out_dir, "compare.md")}
+  data = {k: v for k, v in result.items() if k != "real_strip"}
+  data["arms"] = [{k: v for k, v in a.items() if k != "strip"} for a in result["arms"]]
+  with open(paths["compare.json"], "w") as f:
+    json.dump(_json_ready(data), f, indent=1)
+  with open(paths["compare.md"], "w") as f:
+    f.write(markdown(result, title))
+  paths.update(plots.write_comparison_plots(result, out_dir))
+  return paths

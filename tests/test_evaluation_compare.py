@@ -1,0 +1,63 @@
+"""launch/compare.py's core: several arms on the same emulator episodes."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from aapt_jax.evaluation import compare, suite
+from aapt_jax.inference.session import StreamingSession
+from streaming_helpers import tiny_streaming_model
+
+
+@pytest.fixture(scope="module")
+def compared():
+  """The random tiny Pong model as three arms: 1 forward per frame, the same
+  again, and 2 forwards per frame (2 seeds x 14 frames)."""
+  models = {1: tiny_streaming_model(sampler_steps=1), 2: tiny_streaming_model(sampler_steps=2)}
+  arms = [compare.Arm("one", "tiny", 1), compare.Arm("one_again", "tiny", 1),
+          compare.Arm("two", "tiny", 2, note="2 Euler steps")]
+  settings = suite.Settings(seeds=(0, 1), frames=14, teacher_forced_frames=4, fvd=False)
+  return compare.compare(arms, settings,
+                         load=lambda arm: StreamingSession(models[arm.sampler_steps]))
+
+
+def test_arms_share_episodes_and_baselines(compared):
+  one, again, two = compared["arms"]
+  # same model, same episodes and noise seeds: the same rows and frames
+  assert one["open_loop"]["psnr"] == again["open_loop"]["psnr"]
+  np.testing.assert_array_equal(one["strip"], again["strip"])
+  # another sampler: other frames
+  assert np.abs(one["strip"][1:].astype(int) - two["strip"][1:]).mean() > 0
+  assert one["open_loop"]["psnr"] != two["open_loop"]["psnr"]
+  assert set(compared["baselines"]) == {"hold_start", "copy_previous"}
+  assert compared["baselines"]["hold_start"]["psnr"][0]["n"] == 2
+  assert two["sampler_steps"] == 2 and two["ms_per_frame"] > 0
+
+
+def test_comparison_files(compared, tmp_path):
+  paths = compare.write_comparison(compared, str(tmp_path), title="Tiny")
+  for name in ("compare.json", "compare.md", "compare_psnr.png", "compare_objects.png",
+               "compare_drift.png", "compare_frames.png"):
+    assert os.path.getsize(paths[name]) > 100, name
+  data = json.load(open(paths["compare.json"]))
+  assert [a["name"] for a in data["arms"]] == ["one", "one_again", "two"]
+  text = open(paths["compare.md"]).read()
+  assert text.startswith("# Tiny") and "| two | `" in text and "2 Euler steps" in text
+  assert "*hold_start*" in text and "one step teacher-forced" in text
+  best = compare.best_at_long_horizon(compared)
+  k = compare._long_bucket(compared)
+  means = {a["name"]: a["open_loop"]["psnr"][k]["mean"] for a in compared["arms"]}
+  assert means[best] == max(means.values())
+
+
+@pytest.mark.parametrize("bad", [["x"], ["a=dir@0"], ["a=dir@two"], ["a=d", "a=e"], [],
+                                 ["=dir"]])
+def test_bad_arms_are_named(bad):
+  with pytest.raises(ValueError, match="--arms"):
+    compare.parse_arms(bad)
+
+
+def test_arms_parse():
+  arms = compare.parse_arms(["s1=run/diffusion@16", "s3=run/adversarial"])
+  assert arms == [compare.Arm("s1", "run/diffusion", 16), compare.Arm("s3", "run/adversarial", 1)]
