@@ -13,10 +13,11 @@ from aapt_jax.models import Conditioning, build_generator, init_params
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_benchmark(name):
-  """The module benchmarks/<name>.py (benchmarks are scripts, not a package)."""
+def load_benchmark(name, folder="benchmarks"):
+  """The module <folder>/<name>.py (benchmarks and launch scripts are scripts,
+  not a package)."""
   spec = importlib.util.spec_from_file_location(
-      name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+      name, os.path.join(ROOT, folder, f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

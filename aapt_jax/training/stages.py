@@ -381,3 +381,22 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
     return state, {"loss": g_total, "d_loss": d_adv, "r1": d_r1, "d_finite": d_ok, **m}
 
   return step
+
+
+def adversarial_frame_passes(config) -> int:
+  """The compute of one stage-3 step per sample, in latent-frame passes of
+  the DiT (a frame's forward = 1, its backward = 2; G and D are the same
+  backbone), as `make_adversarial_step` spends it: the rollout (R frames) and
+  G's pass over them (forward and backward; "teacher": only the pass, over S
+  frames), D's forward and backward on reals, fakes and their σ-perturbed
+  copies (4 x the judged frames x 3), and the G phase's D on reals and fakes
+  (2 x judged x 3). What `launch/claims.py` equalises across arms."""
+  from aapt_jax.objectives.adversarial import segment_starts
+  a = config.adversarial
+  r, s = int(a.rollout_frames), int(a.segment_frames)
+  if a.forcing == "teacher":
+    generator, judged = 3 * s, s
+  else:
+    judged = sum(min(s0 + s, r) - s0 for s0 in segment_starts(r, s, a.segment_overlap))
+    generator = r + 3 * r if a.gradient == "recompute" else 3 * r
+  return generator + 18 * judged
