@@ -96,8 +96,10 @@ def get_config(arg=None):
   elif arg == "claims":
     # launch/claims.py: the paper's claims at toy scale (RESULTS.md), every
     # arm on this CPU: 3 of the 6 layers, 4 clips of 8 frames per step,
-    # frame_delta head (starts as "copy the previous frame"), stage 3 with a
-    # rollout of 3 training clips judged in 5 overlapping segments.
+    # frame_delta head (starts as "copy the previous frame"), the clean
+    # frame's loss and noisy context (RESULTS.md, "Why the ball was lost"),
+    # stage 3 with a rollout of 3 training clips judged in 5 overlapping
+    # segments.
     c.stage = "pipeline"
     m.num_layers = 3
     m.prediction = "frame_delta"
@@ -105,11 +107,12 @@ def get_config(arg=None):
     c.train.clip_frames = 8
     c.checkpoint.every_steps = 50
     c.diffusion.context_noise = 0.1
+    c.diffusion.loss_space = "x0"
     c.adversarial.rollout_frames = 24
     c.adversarial.segment_frames = 8
     c.adversarial.segment_overlap = 4
     c.adversarial.r1_weight = 100.0
-    c.pipeline.diffusion_steps = 600
+    c.pipeline.diffusion_steps = 1000
     c.pipeline.consistency_steps = 100
     c.pipeline.adversarial_steps = 40
     c.pipeline.sample_frames = 0

@@ -67,8 +67,8 @@ def arm_config(base, name: str):
 
 
 def main(_):
-  logging.set_verbosity(logging.INFO)
-  from aapt_jax.cli import fail
+  from aapt_jax.cli import fail, log_training_info
+  log_training_info()
   from aapt_jax.evaluation.compare import Arm, compare, write_comparison
   from aapt_jax.evaluation.suite import Settings
   from aapt_jax.pipeline import stage_config

@@ -7,11 +7,10 @@ Multi-host: the same command on every host, with --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I (or config.distributed.initialize=True to let
 JAX detect the cluster). SIGTERM saves a checkpoint and exits 0.
 """
-import logging as python_logging
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,16 +25,9 @@ flags.DEFINE_integer("profile_steps", None, "Trace this many steps with the JAX 
 FLAGS = flags.FLAGS
 
 
-def _not_orbax_info(record) -> bool:
-  """Orbax logs every checkpoint step at INFO; keep its warnings only."""
-  return (record.levelno >= python_logging.WARNING
-          or f"{os.sep}orbax{os.sep}" not in record.pathname)
-
-
 def main(_):
-  logging.set_verbosity(logging.INFO)  # the trainer's messages (absl logging, process 0)
-  logging.get_absl_handler().addFilter(_not_orbax_info)
-  from aapt_jax.cli import fail
+  from aapt_jax.cli import fail, log_training_info
+  log_training_info()  # the trainer's messages (absl logging, process 0)
   config = FLAGS.config
   if FLAGS.profile_steps is not None:
     config.train.profile_steps = FLAGS.profile_steps
