@@ -98,8 +98,8 @@ def get_config(arg=None):
     # arm on this CPU: 3 of the 6 layers, 4 clips of 8 frames per step,
     # frame_delta head (starts as "copy the previous frame"), the clean
     # frame's loss and noisy context (RESULTS.md, "Why the ball was lost"),
-    # stage 3 with a rollout of 3 training clips judged in 5 overlapping
-    # segments.
+    # stage 3 with a rollout of 2 training clips judged in 3 overlapping
+    # segments ([0, 8), [4, 12), [8, 16)).
     c.stage = "pipeline"
     m.num_layers = 3
     m.prediction = "frame_delta"
@@ -108,13 +108,13 @@ def get_config(arg=None):
     c.checkpoint.every_steps = 50
     c.diffusion.context_noise = 0.1
     c.diffusion.loss_space = "x0"
-    c.adversarial.rollout_frames = 24
+    c.adversarial.rollout_frames = 16
     c.adversarial.segment_frames = 8
     c.adversarial.segment_overlap = 4
     c.adversarial.r1_weight = 100.0
     c.pipeline.diffusion_steps = 1000
     c.pipeline.consistency_steps = 100
-    c.pipeline.adversarial_steps = 40
+    c.pipeline.adversarial_steps = 30
     c.pipeline.sample_frames = 0
   elif arg not in (None, ""):
     raise ValueError(f"configs/atari.py: unknown variant {arg!r}; use configs/atari.py, "

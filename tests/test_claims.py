@@ -9,11 +9,11 @@ claims = load_benchmark("claims", folder="launch")
 
 
 def test_frame_passes_by_hand():
-  c = load_config("atari:claims")                 # rollout 24, segments of 8 every 4 frames
-  judged = 8 + 8 + 8 + 8 + 8                      # starts 0, 4, 8, 12, 16
-  assert adversarial_frame_passes(c) == 24 + 3 * 24 + 18 * judged
+  c = load_config("atari:claims")                 # rollout 16, segments of 8 every 4 frames
+  judged = 8 + 8 + 8                              # starts 0, 4, 8
+  assert adversarial_frame_passes(c) == 16 + 3 * 16 + 18 * judged
   c.adversarial.gradient = "scan"
-  assert adversarial_frame_passes(c) == 3 * 24 + 18 * judged
+  assert adversarial_frame_passes(c) == 3 * 16 + 18 * judged
   c.adversarial.forcing = "teacher"
   assert adversarial_frame_passes(c) == 3 * 8 + 18 * 8
 
