@@ -132,9 +132,11 @@ def markdown(result: dict, title: str = "Comparison") -> str:
     for base, cells in result["baselines"].items():
       if key in cells and key in ("psnr", "ssim"):
         lines.append(f"| *{base}* | " + " | ".join(_cell(c, fmt) for c in cells[key]) + " |")
-    if key == "psnr":
+    if key == "psnr":  # one row per checkpoint (its sampler does not change it)
+      seen = set()
       for a in result["arms"]:
-        if a["one_step_psnr"]:
+        if a["one_step_psnr"] and a["source"] not in seen:
+          seen.add(a["source"])
           lines.append(f"| {a['name']}, one step teacher-forced | "
                        + " | ".join(_cell(c, fmt) for c in a["one_step_psnr"]) + " |")
   lines += ["", "## Drift: roughness (adjacent-pixel |difference|, 0-255)", "", header, rule]
