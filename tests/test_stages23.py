@@ -267,3 +267,31 @@ def test_the_rollout_runs_once_per_step(gradient, scans):
   with jax.set_mesh(s["mesh"]):
     jaxpr = jax.make_jaxpr(s["step"])(s["state"], _adversarial_batch(s["config"]))
   assert _count_scans(jaxpr.jaxpr, ADV["adversarial.rollout_frames"] - 1) == scans
+
+
+def test_judging_a_clip_per_forward_holds_one_forwards_activations():
+  """adversarial.disc_clips_per_forward: the backward pass of D judged one clip
+  per forward (lax.map, rematerialised) holds about one forward's activations
+  instead of all clips' (compiled temp memory, fp32; 8 clips -> well under
+  half), and the logits are the ones of a single forward."""
+  from aapt_jax.models import Conditioning
+  from aapt_jax.models.discriminator import init_discriminator_params
+  config = load_config(config_path("tiny.py"), {"model.latent_size": (16, 16),
+                                                "model.num_layers": 4})
+  disc = build_discriminator(config)
+  params = __import__("flax").linen.meta.unbox(
+      init_discriminator_params(disc, jax.random.key(3)))["params"]
+  ks = jax.random.split(jax.random.key(5), 8)
+  clips = [jax.random.normal(key, (B, 4, 16, 16, 4)) for key in ks]
+  conds = [Conditioning()] * len(clips)
+  t = jnp.zeros((B,))
+
+  def compiled(per):
+    loss = lambda p: sum(jnp.sum(jnp.sin(l)) for l in stages._judge_all(
+        disc, p, clips, conds, t, 4, None, per))
+    return jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+
+  one, each = compiled(0), compiled(1)
+  ratio = each.memory_analysis().temp_size_in_bytes / one.memory_analysis().temp_size_in_bytes
+  assert ratio < 0.4, ratio
+  np.testing.assert_allclose(float(one(params)[0]), float(each(params)[0]), rtol=1e-5)
