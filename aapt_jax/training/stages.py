@@ -350,7 +350,7 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
     # frame: it is in neither loss (nor in R1/R2)
     weights = [jnp.ones((b, f.shape[1])).at[:, 0].set(0.0 if s0 == 0 else 1.0)
                for s0, f in zip(starts, fakes)]
-    # approximate R1 / R2 inputs (objectives.adversarial.approx_r1, in one D forward)
+    # approximate R1 / R2 inputs (objectives.adversarial.approx_r1, judged with the rest)
     noisy_reals = [adv.perturb(x, a.r1_sigma, key)
                    for x, key in zip(reals, jax.random.split(k_r1, k))]
     noisy_fakes = [adv.perturb(x, a.r1_sigma, key)
