@@ -29,6 +29,9 @@ TPU_SETTINGS are compiled for TPU by default.
 Setting `s3` compiles the stage-3 step instead (`make_adversarial_step`:
 student-forcing rollout, discriminator, R1/R2, G and D updates) with the
 config's adversarial defaults; it is not in the default list (a long compile).
+`s3_16`, `s3_8` and `s3_4` compile it on fsdp x tensor = 16, 8 and 4 devices
+(data=1, one sample per device): the per-device memory depends on fsdp x
+tensor only, so they find the smallest mesh stage 3 fits.
 """
 from __future__ import annotations
 
@@ -98,9 +101,18 @@ SETTINGS = {
            "STAGE 3 with configs/aapt_8b.py's adversarial defaults (16-frame rollout, "
            "8-frame segments, recompute, end to end, remat full), data=2 x fsdp=8 x tensor=4, "
            "1 sample/device (per device = the default 256-device mesh's)"),
+    # stage 3 on smaller meshes (1 sample/device, data=1): per-device memory
+    # depends on fsdp x tensor only, so these find the smallest mesh it fits
+    "s3_16": (16, {"stage": "adversarial", "train.batch_size": 4, "mesh.data": 1,
+                   "mesh.fsdp": 4}, "STAGE 3 as s3 on fsdp=4 x tensor=4 (16 devices)"),
+    "s3_8": (8, {"stage": "adversarial", "train.batch_size": 2, "mesh.data": 1,
+                 "mesh.fsdp": 2}, "STAGE 3 as s3 on fsdp=2 x tensor=4 (8 devices)"),
+    "s3_4": (4, {"stage": "adversarial", "train.batch_size": 1, "mesh.data": 1,
+                 "mesh.fsdp": 1}, "STAGE 3 as s3 on tensor=4 alone (4 devices)"),
 }
-# stage 3 compiles for ~3 min here (180 s measured with the custom-VJP attention; 2 CPU cores): only on request
-DEFAULT_SETTINGS = tuple(n for n in SETTINGS if n != "s3")
+# stage 3 compiles for ~3-4 min here (205 s measured with D judging one clip per forward,
+# 2 CPU cores shared with other compiles): only on request
+DEFAULT_SETTINGS = tuple(n for n in SETTINGS if not n.startswith("s3"))
 # A compile for a TPU topology takes 7-13 min here (2 shared CPU cores), five
 # to ten times a CPU compile: by default only these settings are also compiled for
 # TPU (`--tpu-settings` picks others).
@@ -325,8 +337,8 @@ def main():
       print(f"  {r['name']}: {r['note']}")
   if why_not is not None:
     print(f"TPU v5p compile: not done: {why_not}")
-  print("Setting s3 (stage 3: G and D with RMSProp, EMA, the rollout and D's judging) is "
-        "compiled only when named (--settings s3 --devices 64): it took 180 s here.")
+  print("Settings s3* (stage 3: G and D with RMSProp, EMA, the rollout and D's judging) are "
+        "compiled only when named (--settings s3 --devices 64): see the compile column.")
   for r in rows:
     if r["name"] != "default" or not r["mem"]:
       continue

@@ -35,6 +35,9 @@ def get_config(arg=None):
   m.dtype = "bfloat16"
   m.remat = "full"
   c.train.batch_size = 64
+  # stage 3 judges its 4 x 3 clips per sample one per D forward (rematerialised):
+  # the backward pass holds one clip's D activations, not twelve's
+  c.adversarial.disc_clips_per_forward = 1
   c.train.clip_frames = 21
   c.mesh.data = -1
   c.mesh.fsdp = 8

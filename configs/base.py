@@ -243,6 +243,10 @@ def get_config(arg=None):
                                      # recycled slot too); x and x + σε (R1/R2) share
                                      # one diffusion-noise draw
   a.disc_head_layers = ()            # blocks the logit heads read; () = 3 spread depths
+  a.disc_clips_per_forward = 0       # clips (per sample) in one D forward; 0 = all the
+                                     # step's clips in one. > 0: the forwards run one after
+                                     # another, rematerialised (memory of one forward, one
+                                     # more D forward); the same logits
   a.rollout_frames = 16              # L: latent frames of the student-forcing rollout
   a.segment_frames = 8               # S: frames per judged segment (paper: 10 s)
   a.segment_overlap = 1              # O: overlap of consecutive segments (paper: 1 s)

@@ -25,6 +25,7 @@ def get_config(arg=None):
   m.control_dim = 0
   m.dtype = "bfloat16"
   m.remat = "full"
+  c.adversarial.disc_clips_per_forward = 1  # stage 3: one clip per D forward (memory)
   if arg == "plain":
     m.block_causal = False
     m.frame_recycling = False

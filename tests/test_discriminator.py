@@ -110,3 +110,33 @@ def test_recycled_slot_holds_the_input_frames_noised_like_them(disc_setup):
                              np.asarray(want), atol=1e-5)
   with pytest.raises(ValueError, match="previous"):
     disc.apply(params, x, t, cond.replace(previous=x))
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_features_at_chosen_depths_equal_every_depth_sliced(remat):
+  """`features(layers=...)` (one scan per stretch of layers over slices of the
+  stacked params: the other depths are never stored) equals the full scan's
+  outputs at those depths, and so do its gradients (fp32; params and input)."""
+  from aapt_jax.models import Generator
+  config, model, params = tiny((("model.remat", remat), ("model.num_layers", 4)))
+  x, t, cond = random_inputs(model.spec, 2, 3, seed=6)
+  depths = (0, 2)
+  n = model.spec.num_layers
+  weights = jax.random.normal(jax.random.key(8), (len(depths), 1, 1, 1, model.spec.dim))
+
+  def loss(p, x, layers):
+    f = Generator(model.spec).apply(p, x, t, cond, layers=layers, method="features")
+    f = f if layers is not None else f[jnp.asarray(depths)]
+    return jnp.sum(jnp.sin(f.astype(jnp.float32)) * weights), f
+
+  (got, f_got), g_got = jax.jit(jax.value_and_grad(
+      lambda p, x: loss(p, x, depths), argnums=(0, 1), has_aux=True))(params, x)
+  (want, f_want), g_want = jax.jit(jax.value_and_grad(
+      lambda p, x: loss(p, x, None), argnums=(0, 1), has_aux=True))(params, x)
+  assert f_got.shape == (len(depths),) + f_want.shape[1:] and n > max(depths) + 1
+  np.testing.assert_allclose(np.asarray(f_got), np.asarray(f_want), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+  with pytest.raises(ValueError, match="feature_layers"):
+    Generator(model.spec).apply(params, x, t, cond, layers=(2, 0), method="features")

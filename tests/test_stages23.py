@@ -1,5 +1,6 @@
 """Stages 2 and 3 as pure, jitted steps on the tiny model: they run, update
 what they should and nothing else."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,10 +44,13 @@ def test_consistency_step_updates_student_not_teacher():
   assert not _changed(state.teacher_params, new.teacher_params)
 
 
-def test_judging_all_clips_in_one_forward_equals_one_forward_each():
+@pytest.mark.parametrize("clips_per_forward", [0, 2])
+def test_judging_all_clips_in_one_forward_equals_one_forward_each(clips_per_forward):
   """Stage 3 judges every segment (real, fake, and their R1/R2-noised copies)
-  in one D forward, zero-padding partial segments at the end: each clip's
-  logits must equal judging it alone (D is block-causal), with its own
+  in one D forward (0), or a few clips per forward one after another (2: two
+  forwards, the second padded with a zero clip), zero-padding partial
+  segments at the end: each clip's logits, and D's gradient of a sum of
+  them, must equal judging it alone (D is block-causal), with its own
   actions, controls, text and diffusion noise; a clip without a condition
   the others have is an error, not zeros."""
   from aapt_jax.models import Conditioning
@@ -55,23 +59,35 @@ def test_judging_all_clips_in_one_forward_equals_one_forward_each():
   disc = build_discriminator(config)
   params = jax.tree.map(lambda a: a + 0.05, init_discriminator_params(disc, jax.random.key(3)))
   params = __import__("flax").linen.meta.unbox(params)["params"]
-  ks = jax.random.split(jax.random.key(4), 12)
-  lengths = (4, 3)
-  clips = [jax.random.normal(ks[i], (B, n, 4, 4, 4)) for i, n in enumerate(lengths)]
-  noises = [jax.random.normal(ks[2 + i], (B, n, 4, 4, 4)) for i, n in enumerate(lengths)]
-  conds = [Conditioning(actions=jax.random.randint(ks[4 + i], (B, n), 0, 5),
-                        controls=jax.random.normal(ks[6 + i], (B, n, 3)),
-                        text=jax.random.normal(ks[8 + i], (B, 5, 12)),
+  lengths = (4, 3, 2)
+  ks = iter(jax.random.split(jax.random.key(4), 6 * len(lengths) + 1))
+  clips = [jax.random.normal(next(ks), (B, n, 4, 4, 4)) for n in lengths]
+  noises = [jax.random.normal(next(ks), (B, n, 4, 4, 4)) for n in lengths]
+  conds = [Conditioning(actions=jax.random.randint(next(ks), (B, n), 0, 5),
+                        controls=jax.random.normal(next(ks), (B, n, 3)),
+                        text=jax.random.normal(next(ks), (B, 5, 12)),
                         text_mask=jnp.arange(5)[None] < jnp.array([[2 + i], [5]]))
            for i, n in enumerate(lengths)]
-  t = jax.random.uniform(ks[10], (B,))
-  together = jax.jit(lambda p: stages._judge_all(disc, p, clips, conds, t, 4, noises))(params)
-  for clip, cond, noise, got in zip(clips, conds, noises, together):
-    alone = stages._judge(disc, params, clip, t, cond, noise)
+  t = jax.random.uniform(next(ks), (B,))
+  weights = [jnp.arange(1.0, 1.0 + n) for n in lengths]
+  objective = lambda logits: sum(jnp.sum(jnp.sin(l) * w) for l, w in zip(logits, weights))
+
+  def judged(p):
+    logits = stages._judge_all(disc, p, clips, conds, t, 4, noises, clips_per_forward)
+    return objective(logits), logits
+
+  (_, together), grad = jax.jit(jax.value_and_grad(judged, has_aux=True))(params)
+  alone = [stages._judge(disc, params, clip, t, cond, noise)
+           for clip, cond, noise in zip(clips, conds, noises)]
+  for clip, got, want in zip(clips, together, alone):
     assert got.shape == clip.shape[:2]
-    np.testing.assert_allclose(np.asarray(got), np.asarray(alone), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+  want_grad = jax.grad(lambda p: objective([stages._judge(disc, p, clip, t, cond, noise)
+                                            for clip, cond, noise in zip(clips, conds, noises)]))
+  for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(want_grad(params))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
   with pytest.raises(ValueError, match="controls"):
-    stages._judge_all(disc, params, clips, [conds[0], conds[1].replace(controls=None)], t, 4)
+    stages._judge_all(disc, params, clips[:2], [conds[0], conds[1].replace(controls=None)], t, 4)
 
 
 # --------------------------------------------------------------------------
@@ -290,3 +306,30 @@ def test_teacher_forcing_judges_one_step_frames_of_the_real_clip():
     by_hand = float(jnp.sum(w * jax.nn.softplus(sign * diff)) / w.sum())
     assert float(m[key]) == pytest.approx(by_hand, rel=2e-4, abs=1e-5), key
   assert _changed(state.gen_params, new.gen_params)
+
+
+def test_judging_a_clip_per_forward_holds_one_forwards_activations():
+  """adversarial.disc_clips_per_forward: the backward pass of D judged one clip
+  per forward (lax.map, rematerialised) holds about one forward's activations
+  instead of all clips' (compiled temp memory, fp32; 8 clips -> well under
+  half), and the logits are the ones of a single forward."""
+  from aapt_jax.models import Conditioning
+  from aapt_jax.models.discriminator import init_discriminator_params
+  config = load_config(config_path("tiny.py"), {"model.latent_size": (16, 16),
+                                                "model.num_layers": 4})
+  disc = build_discriminator(config)
+  params = nn.meta.unbox(init_discriminator_params(disc, jax.random.key(3)))["params"]
+  ks = jax.random.split(jax.random.key(5), 8)
+  clips = [jax.random.normal(key, (B, 4, 16, 16, 4)) for key in ks]
+  conds = [Conditioning()] * len(clips)
+  t = jnp.zeros((B,))
+
+  def compiled(per):
+    loss = lambda p: sum(jnp.sum(jnp.sin(l)) for l in stages._judge_all(
+        disc, p, clips, conds, t, 4, None, per))
+    return jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+
+  one, each = compiled(0), compiled(1)
+  ratio = each.memory_analysis().temp_size_in_bytes / one.memory_analysis().temp_size_in_bytes
+  assert ratio < 0.4, ratio
+  np.testing.assert_allclose(float(one(params)[0]), float(each(params)[0]), rtol=1e-5)

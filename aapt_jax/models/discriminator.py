@@ -19,21 +19,31 @@ from aapt_jax.models.generator import Conditioning, Generator
 from aapt_jax.models.layers import Dense, LayerNorm32, logical
 from aapt_jax.models.spec import ModelSpec
 from aapt_jax.objectives.flow_matching import interpolate
+from aapt_jax.parallel import RESIDUAL
 
 
 class LogitHead(nn.Module):
-  """Per-frame logit from one depth's tokens [B, T, P, D] -> [B, T]."""
+  """Per-frame logit from one depth's tokens [B, T, P, D] -> [B, T].
+
+  Its activations are constrained like the residual stream (sharded over the
+  batch only): left free, the partitioner follows the fsdp-sharded kernels
+  and replicates the whole [B, T, P, D] input on every device.
+  """
   spec: ModelSpec
 
   @nn.compact
   def __call__(self, x):
     s = self.spec
     kw = dict(dtype=s.compute_dtype, param_dtype=s.params_dtype)
+    x = nn.with_logical_constraint(x, RESIDUAL)
     h = LayerNorm32(eps=s.eps, affine=True, name="norm")(x).astype(s.compute_dtype)
+    h = nn.with_logical_constraint(h, RESIDUAL)
     query = self.param("query", logical(nn.initializers.normal(s.dim ** -0.5), ("embed",)),
                        (s.dim,), s.params_dtype)
-    keys = Dense(s.dim, ("embed", "embed_out"), name="to_k", **kw)(h)
-    values = Dense(s.dim, ("embed", "embed_out"), name="to_v", **kw)(h)
+    keys = nn.with_logical_constraint(Dense(s.dim, ("embed", "embed_out"), name="to_k", **kw)(h),
+                                      RESIDUAL)
+    values = nn.with_logical_constraint(
+        Dense(s.dim, ("embed", "embed_out"), name="to_v", **kw)(h), RESIDUAL)
     scores = jnp.einsum("btpd,d->btp", keys.astype(jnp.float32),
                         query.astype(jnp.float32)) * s.dim ** -0.5
     pooled = jnp.einsum("btp,btpd->btd", jax.nn.softmax(scores, axis=-1),
@@ -74,8 +84,9 @@ class Discriminator(nn.Module):
       frames = interpolate(frames, noise, timesteps)
     previous = jnp.concatenate([jnp.zeros_like(frames[:, :1]), frames[:, :-1]], axis=1)
     cond = cond.replace(previous=jax.lax.stop_gradient(previous))
-    feats = self.backbone.features(frames, timesteps, cond)  # [L, B, T, P, D]
-    return sum(head(feats[i]) for i, head in zip(self.head_layers, self.heads))
+    depths = tuple(sorted(set(self.head_layers)))
+    feats = self.backbone.features(frames, timesteps, cond, layers=depths)  # [n, B, T, P, D]
+    return sum(head(feats[depths.index(i)]) for i, head in zip(self.head_layers, self.heads))
 
 
 def default_head_layers(num_layers: int, count: int = 3) -> tuple[int, ...]:

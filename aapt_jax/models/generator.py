@@ -224,16 +224,18 @@ class Generator(nn.Module):
       out = velocity_from_x0(latents, timesteps, out, s.x0_min_t)
     return out, new_layers
 
-  def features(self, latents, timesteps, cond: Conditioning | None = None):
+  def features(self, latents, timesteps, cond: Conditioning | None = None, layers=None):
     """The backbone's block outputs [L, B, T', P, D] (no velocity head): what
-    the discriminator reads."""
+    the discriminator reads; with `layers` (sorted block indices) only those
+    blocks' outputs [len(layers), B, T', P, D], the other depths never stored."""
     cond = cond if cond is not None else Conditioning()
     self._check(latents, timesteps, cond)
     s = self.spec
     h, w = latents.shape[2:4]
     grid = (h // s.patch_size[1], w // s.patch_size[2])
     tokens, _, mod, text = self._embed(latents, timesteps, cond)
-    _, _, feats = self.transformer(tokens, mod, text, cond.text_mask, grid, features=True)
+    _, _, feats = self.transformer(tokens, mod, text, cond.text_mask, grid, features=True,
+                                   feature_layers=None if layers is None else tuple(layers))
     return feats
 
   # ------------------------------------------------------------------ API

@@ -166,14 +166,17 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, x, mod, text, text_mask, grid, layers_kv=None, counter=0, commit=False,
-               features=False, text_kv_only=False):
+               features=False, text_kv_only=False, feature_layers=None):
     """layers_kv: one LayerKV per layer (cached mode) or None. text: the
     projected text [B, L, D], a TextKV, or None.
 
     Returns (x, new_kv, feats): new_kv is one (k, v) pair per layer with
     `commit` (else None); feats the output of every block [L, B, T, P, D]
-    with `features` (else None). With `text_kv_only` (x, mod, grid unused):
-    the TextKV of `text` instead.
+    with `features` (else None), or with `feature_layers` (sorted block
+    indices) only those blocks' outputs [len(feature_layers), B, T, P, D]
+    (what the discriminator's heads read; the other depths are never
+    stored). With `text_kv_only` (x, mod, grid unused): the TextKV of `text`
+    instead.
     """
     s = self.spec
     cached = layers_kv is not None
@@ -183,6 +186,10 @@ class Transformer(nn.Module):
     block = Block
     if s.remat != "none" and not cached and not text_kv_only:
       block = nn.remat(Block, policy=REMAT_POLICY[s.remat], prevent_cse=not s.scan_layers)
+    if feature_layers is not None and s.scan_layers and not self.is_initializing():
+      return self._scan_to_depths(x, mod, text, text_mask, grid, tuple(feature_layers))
+    if feature_layers is not None:
+      features = True
     if s.scan_layers:
       scanned = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -207,4 +214,41 @@ class Transformer(nn.Module):
       feats.append(feat)
     if text_kv_only:
       return TextKV(*(jnp.stack(a) for a in zip(*new_layers)))
+    if feature_layers is not None:
+      feats = [feats[i] for i in feature_layers]
     return x, (new_layers if commit else None), (jnp.stack(feats) if features else None)
+
+  def _scan_to_depths(self, x, mod, text, text_mask, grid, depths):
+    """The scanned blocks (uncached) as one `lax.scan` per stretch of layers
+    ending at each of `depths`, over slices of the stacked "blocks" params:
+    returns (x after the last block, None, the outputs at `depths`
+    [len(depths), B, T, P, D]). Same blocks, same remat policy as the single
+    scan; only the requested depths' outputs are kept."""
+    s = self.spec
+    if list(depths) != sorted(set(depths)) or not all(0 <= d < s.num_layers for d in depths):
+      raise ValueError(f"feature_layers must be sorted, distinct block indices in "
+                       f"0..{s.num_layers - 1}, got {depths}")
+    stacked = nn.meta.unbox(self.variables["params"]["blocks"])  # leaves [L, ...]
+    block = Block(s, grid, parent=None)  # unbound: applied to each slice of the params
+
+    def body(x, layer):
+      params, text_i = layer
+      x, _ = block.apply({"params": params}, x, None, mod, text_i, text_mask, 0)
+      return x, None
+
+    if s.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICY[s.remat], prevent_cse=False)
+    feats, lo = [], 0
+    for hi in (*depths, s.num_layers - 1):
+      if hi < lo:  # the last depth is the last block
+        continue
+      part = jax.tree.map(lambda a: a[lo:hi + 1], stacked)
+      text_part = jax.tree.map(lambda a: a[lo:hi + 1], text) if isinstance(text, tuple) else None
+      if text_part is None:
+        x, _ = jax.lax.scan(lambda c, p: body(c, (p, text)), x, part)
+      else:
+        x, _ = jax.lax.scan(body, x, (part, text_part))
+      if hi in depths:
+        feats.append(x)
+      lo = hi + 1
+    return x, None, jnp.stack(feats)

@@ -17,11 +17,12 @@ The allowance (see `estimate`), per device:
   residuals    the residual stream at every layer boundary, which the
                backward pass of a rematerialised, scanned stack keeps:
                samples x T x tokens/frame x D x dtype bytes x layers;
-  attention    one layer's self-attention probabilities in float32, which
-               that layer's backward pass needs all at once as
-               models/attention.py computes them (one [T - o, heads, P, P]
-               block per window offset o, plus the sink's): samples x
-               heads/tensor x P^2 x 4 bytes x (T + sum_o (T - o)).
+  attention    the float32 scores of one query chunk against one window
+               offset, what models/attention.py's memory-linear
+               block-causal attention holds at a time (forward and its
+               recomputing backward): samples x heads/tensor x T x C x P x
+               4 bytes, C = the query chunk (<= attention.QUERY_CHUNK);
+               plain (bidirectional) attention: all (T P)^2 scores.
                Change it together with the attention code.
 MLP hiddens, the scores before the softmax, text cross-attention,
 all-gathered weights and XLA's scratch come on top: the estimate is a lower
@@ -44,6 +45,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from aapt_jax import parallel
 from aapt_jax.config import load_config
+from aapt_jax.models.attention import QUERY_CHUNK
 from aapt_jax.training.program import build_train_program, with_stage
 
 GiB = 2**30
@@ -91,7 +93,7 @@ class MemoryEstimate:
             f"{s.total / GiB:.1f} GiB (params {s.params / GiB:.1f}, optimizer "
             f"{s.optimizer / GiB:.1f}, EMA {s.ema / GiB:.1f}) + gradients "
             f"{self.gradients / GiB:.1f} + layer-boundary residuals {self.residuals / GiB:.1f}"
-            f" + one layer's attention probabilities {self.attention / GiB:.1f}")
+            f" + attention scores {self.attention / GiB:.1f}")
 
 
 def _fmt_mesh(shape: dict) -> str:
@@ -141,8 +143,8 @@ def activation_allowance(spec, config, mesh_shape: dict) -> tuple[int, int]:
   residuals = samples * frames * p * spec.dim * itemsize * spec.num_layers
   heads = math.ceil(spec.num_heads / mesh_shape["tensor"])
   if spec.block_causal:
-    blocks = frames + sum(frames - o for o in range(min(spec.window_frames, frames - 1) + 1))
-    score_elems = blocks * p * p
+    chunk = -(-p // -(-p // QUERY_CHUNK))  # block_causal_attention's equal chunks of P
+    score_elems = frames * chunk * p
   else:
     score_elems = (frames * p) ** 2
   attention = samples * heads * score_elems * 4

@@ -36,7 +36,7 @@ HARMLESS_FIELDS = (
     "train.log_every", "train.max_nonfinite",
     "checkpoint.",                      # every_steps, keep
     "mesh.", "distributed.",            # devices and processes (restores onto any mesh)
-    "model.remat", "model.attention_backend",
+    "model.remat", "model.attention_backend", "adversarial.disc_clips_per_forward",
     "init_from", "disc_init_from",      # read only when a stage starts afresh
     "pipeline.",                        # its *_steps reach each stage as train.steps
     "resume_with_changes",

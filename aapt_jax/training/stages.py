@@ -219,19 +219,38 @@ def _pad_frames(a, length):
   return jnp.pad(a, [(0, 0), (0, length - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
 
 
-def _judge_all(disc, disc_params, clips, conds, t, length, noises=None):
-  """D's logits [B, n_k] for clips [B, n_k, ...] (n_k <= length) in ONE forward.
+def _judge_all(disc, disc_params, clips, conds, t, length, noises=None, clips_per_forward=0):
+  """D's logits [B, n_k] for clips [B, n_k, ...] (n_k <= length), in few forwards.
 
   conds: each clip's Conditioning (all with the same fields); noises: each
   clip's diffusion noise shaped like it (with disc_noise_input), or None.
 
   Each clip is zero-padded at its end to `length` frames (D is block-causal,
-  so padding changes no logit of an earlier frame) and all are stacked on
-  the batch axis. One forward instead of one per clip: fewer, larger matmuls,
-  and no independent forwards whose collectives devices could start in
-  different orders (which deadlocks XLA's CPU runtime on a multi-device mesh).
+  so padding changes no logit of an earlier frame) and the clips are stacked
+  on the batch axis, sample-major ([B, clips] -> B·clips rows, so each
+  device keeps its own samples' clips). clips_per_forward <= 0: all clips
+  in ONE forward. Else `clips_per_forward` clips per forward, the forwards
+  one after another in a `lax.map` whose body is rematerialised (the list
+  padded with zero clips to a whole number of forwards): a backward pass
+  then holds one forward's activations at a time instead of every clip's,
+  for one more D forward. Either way fewer, larger matmuls than a forward
+  per clip, and no independent forwards whose collectives devices could
+  start in different orders (which deadlocks XLA's CPU runtime on a
+  multi-device mesh). The logits are the same either way.
   """
-  frames = jnp.concatenate([_pad_frames(c, length) for c in clips], axis=0)
+  n = len(clips)
+  per = n if clips_per_forward <= 0 else min(int(clips_per_forward), n)
+  chunks = -(-n // per)
+  pad = chunks * per - n
+  b = clips[0].shape[0]
+
+  def stacked(values, per_frame):
+    """[B, ...] per clip -> [chunks, B·per, ...] (zero clips at the end)."""
+    values = [_pad_frames(v, length) if per_frame else v for v in values]
+    values += [jnp.zeros_like(values[0])] * pad
+    a = jnp.stack(values, axis=1)                              # [B, chunks·per, ...]
+    a = a.reshape((b, chunks, per) + a.shape[2:])
+    return jnp.swapaxes(a, 0, 1).reshape((chunks, b * per) + a.shape[3:])
 
   def field(name, per_frame):
     values = [getattr(c, name) for c in conds]
@@ -241,15 +260,26 @@ def _judge_all(disc, disc_params, clips, conds, t, length, noises=None):
     if any(missing):
       raise ValueError(f"stage 3 judges clips with and without cond.{name} in one D forward: "
                        "every clip must carry the same conditions")
-    return jnp.concatenate([_pad_frames(v, length) if per_frame else v for v in values], axis=0)
+    return stacked(values, per_frame)
 
-  cond = Conditioning(actions=field("actions", True), controls=field("controls", True),
-                      text=field("text", False), text_mask=field("text_mask", False))
-  noise = None if noises is None else jnp.concatenate(
-      [_pad_frames(n, length) for n in noises], axis=0)
-  logits = _judge(disc, disc_params, frames, jnp.tile(t, len(clips)), cond, noise)
-  parts = jnp.split(logits, len(clips), axis=0)
-  return [p[:, :c.shape[1]] for p, c in zip(parts, clips)]
+  xs = dict(frames=stacked(list(clips), True), actions=field("actions", True),
+            controls=field("controls", True), text=field("text", False),
+            text_mask=field("text_mask", False),
+            noise=None if noises is None else stacked(list(noises), True))
+  tt = jnp.repeat(t, per)                                      # [B·per], sample-major
+
+  def judge(x):
+    cond = Conditioning(actions=x["actions"], controls=x["controls"], text=x["text"],
+                        text_mask=x["text_mask"])
+    return _judge(disc, disc_params, x["frames"], tt, cond, x["noise"])  # [B·per, length]
+
+  if chunks == 1:
+    logits = judge(jax.tree.map(lambda a: a[0], xs))[None]
+  else:
+    logits = jax.lax.map(jax.checkpoint(judge), xs)           # [chunks, B·per, length]
+  logits = jnp.swapaxes(logits.reshape(chunks, b, per, length), 0, 1)
+  logits = logits.reshape(b, chunks * per, length)
+  return [logits[:, i, :c.shape[1]] for i, c in enumerate(clips)]
 
 
 def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
@@ -332,7 +362,7 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
     # frame: it is in neither loss (nor in R1/R2)
     weights = [jnp.ones((b, f.shape[1])).at[:, 0].set(0.0 if s0 == 0 else 1.0)
                for s0, f in zip(starts, fakes)]
-    # approximate R1 / R2 inputs (objectives.adversarial.approx_r1, in one D forward)
+    # approximate R1 / R2 inputs (objectives.adversarial.approx_r1, judged with the rest)
     noisy_reals = [adv.perturb(x, a.r1_sigma, key)
                    for x, key in zip(reals, jax.random.split(k_r1, k))]
     noisy_fakes = [adv.perturb(x, a.r1_sigma, key)
@@ -347,7 +377,8 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
     def d_loss(dp):
       logits = _judge_all(disc, dp, reals + fakes + noisy_reals + noisy_fakes,
                           real_conds + fake_conds + real_conds + fake_conds, t, seg,
-                          None if noises is None else noises + noises)
+                          None if noises is None else noises + noises,
+                          a.disc_clips_per_forward)
       d_real, d_fake = logits[:k], logits[k:2 * k]
       d_real_noisy, d_fake_noisy = logits[2 * k:3 * k], logits[3 * k:]
       total = sum(adv.discriminator_loss(r, f, w) for r, f, w in zip(d_real, d_fake, weights))
@@ -370,7 +401,7 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
     def g_loss(segs):
       segs, dp, judged_reals = jax.lax.optimization_barrier((segs, disc_params, reals))
       logits = _judge_all(disc, dp, judged_reals + segs, real_conds + fake_conds, t, seg,
-                          noises)
+                          noises, a.disc_clips_per_forward)
       return sum(adv.generator_loss(r, f, w) for r, f, w in zip(logits[:k], logits[k:], weights))
 
     g_total, seg_grads = jax.value_and_grad(g_loss)(segs)
