@@ -51,8 +51,11 @@ def test_bucket_means_and_spread_leave_out_nan():
   assert metrics.bucket_means(series, [(1, 2), (3, 3), (3, 4)])[0] == 2.0
   assert math.isnan(metrics.bucket_means(series, [(3, 3)])[0])
   s = metrics.spread([1.0, 3.0, float("nan")])
-  assert s == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "n": 2}
+  assert s == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "n": 2,
+               "per_seed": [1.0, 3.0, None]}
   assert metrics.spread([float("nan")])["mean"] is None
+  d = metrics.paired_difference(metrics.spread([5.0, 1.0, 2.0]), s)
+  assert d["per_seed"] == [4.0, -2.0, None] and d["mean"] == 1.0 and d["n"] == 2
 
 
 def test_frechet_distance_by_hand():

@@ -45,6 +45,14 @@ def test_comparison_files(compared, tmp_path):
   text = open(paths["compare.md"]).read()
   assert text.startswith("# Tiny") and "| two | `" in text and "2 Euler steps" in text
   assert "*hold_start*" in text and "one step teacher-forced" in text
+  # seed-by-seed differences to a reference arm: by hand from the per-seed values
+  ref = dict(compared, reference="one")
+  text = compare.markdown(ref)
+  assert "## PSNR difference to one, seed by seed" in text
+  two, one = compared["arms"][2]["open_loop"]["psnr"][0], compared["arms"][0]["open_loop"]["psnr"][0]
+  diff = [x - y for x, y in zip(two["per_seed"], one["per_seed"])]
+  assert f"| two | {np.mean(diff):+.2f} ± {np.std(diff):.2f}" in text
+  assert "| one_again | +0.00 ± 0.00" in text
   best = compare.best_at_long_horizon(compared)
   k = compare._long_bucket(compared)
   means = {a["name"]: a["open_loop"]["psnr"][k]["mean"] for a in compared["arms"]}

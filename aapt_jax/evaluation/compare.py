@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from aapt_jax.evaluation import suite
+from aapt_jax.evaluation import metrics, suite
 from aapt_jax.evaluation.report import _ROWS, _cell, _json_ready
 
 # the arms' open-loop rows and the trivial predictors beside them
@@ -102,6 +102,13 @@ def best_at_long_horizon(result, metric: str = "psnr") -> str:
   return max(scored)[1] if scored else ""
 
 
+def reference_arm(result: dict) -> dict | None:
+  """The arm others are compared with seed by seed: the one named in
+  result["reference"] (default "stage2", else none)."""
+  name = result.get("reference", "stage2")
+  return next((a for a in result["arms"] if a["name"] == name), None)
+
+
 def markdown(result: dict, title: str = "Comparison") -> str:
   s = result["settings"]
   clip = result["clip_frames"]
@@ -151,6 +158,21 @@ def markdown(result: dict, title: str = "Comparison") -> str:
       part = part[np.isfinite(part)]
       cells.append(f"{part.mean():.2f}" if part.size else "–")
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  ref = reference_arm(result)
+  if ref is not None:
+    lines += ["", f"## PSNR difference to {ref['name']}, seed by seed (dB)", "",
+              "Each seed's arm minus its reference on the same episode: mean ± std over "
+              "seeds (min to max); the spread of the levels above is mostly how hard each "
+              "episode is.", "", header, rule]
+    for a in result["arms"]:
+      if a is ref:
+        continue
+      cells = [metrics.paired_difference(x, y)
+               for x, y in zip(a["open_loop"]["psnr"], ref["open_loop"]["psnr"])]
+      lines.append(f"| {a['name']} | " + " | ".join(
+          "–" if c["mean"] is None else
+          f"{c['mean']:+.2f} ± {c['std']:.2f} ({c['min']:+.2f} to {c['max']:+.2f})"
+          for c in cells) + " |")
   fvd = [(a["name"], a["fvd"]) for a in result["arms"] if a["fvd"]]
   if fvd:
     windows = list(fvd[0][1])

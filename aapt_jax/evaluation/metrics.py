@@ -52,13 +52,23 @@ def bucket_means(series: np.ndarray, buckets: list[tuple[int, int]]) -> list[flo
 
 
 def spread(values) -> dict:
-  """{"mean", "std", "min", "max", "n"} of per-seed values, NaNs left out
-  (std is the population std; all None when no seed has a value)."""
-  v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
+  """{"mean", "std", "min", "max", "n", "per_seed"} of per-seed values, NaNs
+  left out of the statistics (std is the population std; all None when no
+  seed has a value); "per_seed" keeps every seed's value (None = none), so
+  two predictors on the same episodes can be compared seed by seed."""
+  per_seed = [float(x) if x is not None and math.isfinite(x) else None for x in values]
+  v = np.asarray([x for x in per_seed if x is not None], np.float64)
   if not v.size:
-    return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": None, "std": None, "min": None, "max": None, "n": 0, "per_seed": per_seed}
   return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
-          "max": float(v.max()), "n": int(v.size)}
+          "max": float(v.max()), "n": int(v.size), "per_seed": per_seed}
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+  """The spread of a - b seed by seed, for two `spread`s over the same seeds
+  (seeds where either has no value are left out)."""
+  return spread([x - y if x is not None and y is not None else None
+                 for x, y in zip(a["per_seed"], b["per_seed"])])
 
 
 def _per_frame(fn, predicted: np.ndarray, real: np.ndarray, valid: np.ndarray) -> np.ndarray:
