@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from aapt_jax.models import kv_cache as kvc
-from aapt_jax.models.rope import rotate_time
+from aapt_jax.models.rope import rotate_time, rotate_with, time_rotation_table
 
 _NEG_INF = -jnp.inf
 
@@ -302,7 +302,12 @@ def _one_block(q, k, v, counter, n, theta, sink, ring):
   sink_k = rotate_time(sink_k, -jnp.minimum(counter, n + 1), theta)
   held = kvc.ring_block_indices(counter, n)                      # [N]
   ahead = counter - held
-  ring_k = rotate_time(ring[0].astype(k.dtype), -ahead[None, None, :, None], theta)
+  # each slot's rotation by -ahead (in 1..N where valid), gathered from a
+  # constant table: the whole ring is rotated every step, so no cos/sin per key
+  cos, sin = time_rotation_table(n + 1, d, theta)
+  back = jnp.clip(ahead, 0, n + 1)
+  cos, sin = jnp.asarray(cos)[back], -jnp.asarray(sin)[back]      # [N, Dh]: R(-ahead)
+  ring_k = rotate_with(ring[0].astype(k.dtype), cos[:, None], sin[:, None])
   ring_v = ring[1].astype(v.dtype).reshape(b, h, n * p, d)
   s_sink = jnp.einsum("bhpd,bhkd->bhpk", q1, sink_k, preferred_element_type=f32)
   s_ring = jnp.einsum("bhpd,bhkd->bhpk", q1, ring_k.reshape(b, h, n * p, d),

@@ -68,6 +68,12 @@ class SelfAttention(nn.Module):
           backend=s.attention_backend)
       if self.commit:  # this block's keys/values for the cache, heads-major [B, H, P, Dh]
         new_kv = (jnp.swapaxes(k[:, 0], 1, 2), jnp.swapaxes(v[:, 0], 1, 2))
+        # made to depend on the attention's output (+ 0 * one of its values;
+        # XLA:CPU drops optimization barriers): the cache write then comes after
+        # this layer's reads of the ring, so a donated ring is updated in place
+        # instead of copied for its readers first
+        zero = jnp.zeros((), k.dtype) * out.reshape(-1)[0]
+        new_kv = tuple(a + zero for a in new_kv)
     out = Dense(s.dim, ("heads", "embed"), name="to_out", **kw)(out.reshape(b, t, p, s.dim))
     return out, new_kv
 
