@@ -12,10 +12,12 @@ into v here so every caller sees a velocity.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import flax.struct
+import jax
 import jax.numpy as jnp
 
 from aapt_jax.models import kv_cache as kvc
@@ -304,6 +306,28 @@ def with_text_kv(model: Generator, params, cond: Conditioning) -> Conditioning:
   if cond.text is None or cond.text_kv is not None:
     return cond
   return cond.replace(text_kv=model.apply({"params": params}, cond.text, method="text_kv"))
+
+
+def layer_by_layer(model: Generator, params):
+  """(model, params) for loops of `step` calls: a scanned model (params
+  stacked on a "layers" axis under "blocks") as the same model with
+  `scan_layers` off and its params split per layer ("blocks_0", ...), once
+  per stream. Same values; a step then reads and writes each layer's cache
+  arrays in place, where a scan stacks every layer's ring into one array per
+  step (a copy of the whole cache), and slicing the stacked params inside
+  the step would copy every weight per step. Unscanned models come back as
+  they are. params: the bare tree or {"params": ...}."""
+  if not model.spec.scan_layers:
+    return model, params
+  wrapped = "params" in params and "transformer" not in params
+  tree = dict(params["params"] if wrapped else params)
+  transformer = dict(tree["transformer"])
+  stacked = transformer.pop("blocks")
+  for i in range(model.spec.num_layers):
+    transformer[f"blocks_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+  tree["transformer"] = transformer
+  unscanned = Generator(dataclasses.replace(model.spec, scan_layers=False))
+  return unscanned, ({"params": tree} if wrapped else tree)
 
 
 def build_generator(config) -> Generator:
