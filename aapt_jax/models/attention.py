@@ -289,8 +289,9 @@ def _one_block(q, k, v, counter, n, theta, sink, ring):
 
   The same rule as the general path, with the temporal distances put on the
   keys: the sink at min(counter, N + 1), ring slot s at counter - j_s, self at
-  0. q is already scaled. The three parts' scores are concatenated (small);
-  values are read in place from the cache.
+  0. q is already scaled. The three parts share one softmax (one max, one
+  sum) without being concatenated; keys and values are read in place from
+  the cache (the ring's keys rotated by a gathered constant table).
   """
   b, _, p, h, d = q.shape
   f32 = jnp.float32
@@ -314,14 +315,21 @@ def _one_block(q, k, v, counter, n, theta, sink, ring):
                       preferred_element_type=f32)
   s_self = jnp.einsum("bhpd,bhkd->bhpk", q1, k1, preferred_element_type=f32)
   ring_ok = jnp.repeat((held >= 1) & (ahead <= n), p)            # [N * P]
-  scores = jnp.concatenate([
-      s_sink, jnp.where(ring_ok, s_ring, _NEG_INF),
-      jnp.where(counter >= 1, s_self, _NEG_INF)], axis=-1)        # [B, H, P, (N + 2) P]
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  p_sink, p_ring, p_self = probs[..., :p], probs[..., p:p + n * p], probs[..., p + n * p:]
-  out = (jnp.einsum("bhpk,bhkd->bhpd", p_sink, sink_v, preferred_element_type=f32)
-         + jnp.einsum("bhpk,bhkd->bhpd", p_ring, ring_v, preferred_element_type=f32)
-         + jnp.einsum("bhpk,bhkd->bhpd", p_self, v1, preferred_element_type=f32))
+  s_ring = jnp.where(ring_ok, s_ring, _NEG_INF)
+  s_self = jnp.where(counter >= 1, s_self, _NEG_INF)
+  # one softmax over [sink | ring | self] without concatenating the parts:
+  # a shared max (the sink's scores are always finite), then each part's
+  # exp, summed and applied to its values in place
+  m = jnp.maximum(jnp.maximum(jnp.max(s_sink, axis=-1), jnp.max(s_ring, axis=-1)),
+                  jnp.max(s_self, axis=-1))[..., None]            # [B, H, P, 1]
+  e_sink, e_ring, e_self = (jnp.exp(a - m) for a in (s_sink, s_ring, s_self))
+  total = (jnp.sum(e_sink, axis=-1) + jnp.sum(e_ring, axis=-1)
+           + jnp.sum(e_self, axis=-1))[..., None]                 # [B, H, P, 1]
+  out = (jnp.einsum("bhpk,bhkd->bhpd", e_sink.astype(v.dtype), sink_v, preferred_element_type=f32)
+         + jnp.einsum("bhpk,bhkd->bhpd", e_ring.astype(v.dtype), ring_v,
+                      preferred_element_type=f32)
+         + jnp.einsum("bhpk,bhkd->bhpd", e_self.astype(v.dtype), v1,
+                      preferred_element_type=f32)) / total
   return jnp.swapaxes(out, 1, 2)[:, None].astype(q.dtype)
 
 
@@ -381,4 +389,20 @@ def cross_attention(q, k, v, mask=None):
   l = jnp.sum(p, axis=-1, keepdims=True)
   p = p / jnp.where(l > 0, l, 1.0)
   return jnp.einsum("bhsl,blhd->bshd", p.astype(v.dtype), v,
+                    preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+def cross_attention_heads_major(q, k, v_t, mask=None):
+  """`cross_attention` with precomputed keys k [B, H, L, Dh] and transposed
+  values v_t [B, H, Dh, L] (a prompt's TextKV): q [B, S, H, Dh] -> [B, S, H, Dh]."""
+  d = q.shape[-1]
+  scores = jnp.einsum("bshd,bhld->bhsl", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+  if mask is not None:
+    scores = jnp.where(mask[:, None, None, :], scores, _NEG_INF)
+  m = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(scores - m)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(l > 0, l, 1.0)
+  return jnp.einsum("bhsl,bhdl->bshd", p.astype(v_t.dtype), v_t,
                     preferred_element_type=jnp.float32).astype(q.dtype)

@@ -148,12 +148,12 @@ class Generator(nn.Module):
         raise ValueError(f"cond.text_kv must be a TextKV (from Generator.text_kv), got "
                          f"{type(cond.text_kv).__name__}")
       kv = cond.text_kv.k
-      if kv.ndim != 5 or tuple(kv.shape[:2]) != (s.num_layers, b) or \
-          tuple(kv.shape[3:]) != (s.num_heads, s.head_dim):
-        raise _shape_error("cond.text_kv.k [layers, B, L, H, Dh]",
-                           (s.num_layers, b, "L", s.num_heads, s.head_dim), kv.shape)
-      if cond.text_mask is not None and tuple(cond.text_mask.shape) != (b, kv.shape[2]):
-        raise _shape_error("cond.text_mask", (b, kv.shape[2]), cond.text_mask.shape)
+      if kv.ndim != 5 or tuple(kv.shape[:3]) != (s.num_layers, b, s.num_heads) or \
+          kv.shape[4] != s.head_dim:
+        raise _shape_error("cond.text_kv.k [layers, B, H, L, Dh]",
+                           (s.num_layers, b, s.num_heads, "L", s.head_dim), kv.shape)
+      if cond.text_mask is not None and tuple(cond.text_mask.shape) != (b, kv.shape[3]):
+        raise _shape_error("cond.text_mask", (b, kv.shape[3]), cond.text_mask.shape)
 
   def _check_cache(self, cache: kvc.KVCache, batch):
     s = self.spec

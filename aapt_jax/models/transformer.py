@@ -82,15 +82,17 @@ class SelfAttention(nn.Module):
 class TextKV:
   """Every layer's cross-attention keys/values of one prompt (after norm_k),
   computed once by `Generator.text_kv` and reused by every call or step."""
-  k: jax.Array  # [L, B, Lt, H, Dh]
-  v: jax.Array  # [L, B, Lt, H, Dh]
+  k: jax.Array  # [L, B, H, Lt, Dh] (heads-major)
+  v: jax.Array  # [L, B, H, Dh, Lt] (heads-major, transposed: the layout the attention's
+                #  value matmul reads without a transpose per step)
 
 
 class CrossAttention(nn.Module):
   """Tokens [B, T, P, D] attend to text [B, L, D] (already projected).
 
   `text` is either the projected text or this layer's precomputed (k, v)
-  [B, L, H, Dh]; with x None only the latter is computed and returned.
+  (k [B, H, L, Dh], v [B, H, Dh, L], as TextKV holds them); with x None only
+  the latter is computed and returned.
   """
   spec: ModelSpec
 
@@ -99,7 +101,8 @@ class CrossAttention(nn.Module):
     s = self.spec
     kw = dict(dtype=s.compute_dtype, param_dtype=s.params_dtype)
     heads = lambda a: a.reshape(a.shape[0], a.shape[1], s.num_heads, s.head_dim)
-    if isinstance(text, tuple):
+    precomputed = isinstance(text, tuple)
+    if precomputed:
       k, v = text
     else:
       k = Dense(s.dim, ("embed", "heads"), name="to_k", **kw)(text)
@@ -108,13 +111,16 @@ class CrossAttention(nn.Module):
         k = RMSNorm("heads", eps=s.eps, name="norm_k", **kw)(k)
       k, v = heads(k), heads(v)
     if x is None:
-      return k, v
+      return jnp.swapaxes(k, 1, 2), jnp.transpose(v, (0, 2, 3, 1))
     b, t, p, _ = x.shape
     q = Dense(s.dim, ("embed", "heads"), name="to_q", **kw)(x.reshape(b, t * p, s.dim))
     if s.qk_norm:
       q = RMSNorm("heads", eps=s.eps, name="norm_q", **kw)(q)
     mask = text_mask if s.block_causal else None  # plain Wan has no text mask
-    out = attn_ops.cross_attention(heads(q), k, v, mask)
+    if precomputed:
+      out = attn_ops.cross_attention_heads_major(heads(q), k, v, mask)
+    else:
+      out = attn_ops.cross_attention(heads(q), k, v, mask)
     out = Dense(s.dim, ("heads", "embed"), name="to_out", **kw)(out.reshape(b, t * p, s.dim))
     return out.reshape(b, t, p, s.dim)
 
