@@ -86,7 +86,7 @@ def bench_config(name, frames, repeats):
   one = jnp.ones((1, 1))
   cond1 = cond_for(1)
   if text_once:  # once per prompt, outside the timed steps (as a stream does at start)
-    cond1 = with_text_kv(model, params["params"], cond1)
+    cond1 = with_text_kv(stepper, step_params["params"], cond1)
   cache = model.init_cache(1)
   compiled = step.lower(step_params, noise, one, cond1, cache).compile()
   mem = compiled.memory_analysis()
@@ -160,10 +160,10 @@ def peer_step(load, models, text_once, split, frame, root=ROOT):
   x = jnp.asarray(rng.standard_normal((1, 1, h, w, s.latent_channels)), jnp.float32)
   cond = models.Conditioning(previous=x, text=jnp.asarray(
       rng.standard_normal((1, text_tokens, s.text_dim)), jnp.float32))
-  if text_once:
-    cond = models.with_text_kv(model, params["params"], cond)
-  if split:
+  if split:  # once per stream
     model, params = models.layer_by_layer(model, params)
+  if text_once:  # once per prompt
+    cond = models.with_text_kv(model, params["params"], cond)
   step = jax.jit(lambda p, x, c, k: model.apply(p, x, jnp.ones((1, 1)), c, k, method="step"),
                  donate_argnums=3)
   cache = model.init_cache(1).replace(counter=jnp.int32(frame))

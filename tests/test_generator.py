@@ -271,3 +271,20 @@ def test_layer_by_layer_donated_steps_equal_scanned_steps(rollout):
   for got_layer, want_layer in zip(cache.layers, want.layers):
     for got_a, want_a in zip(jax.tree.leaves(got_layer), jax.tree.leaves(want_layer)):
       np.testing.assert_allclose(np.asarray(got_a), np.asarray(want_a), **TOL)
+
+
+def test_per_layer_text_kv_equals_stacked(rollout):
+  """The TextKV of `layer_by_layer`'s unscanned model (one array per layer)
+  gives the same steps on that model and on the scanned one (which stacks
+  it) as the text itself."""
+  model, params, cond = rollout["model"], rollout["params"], rollout["cond"]
+  split_model, split_params = layer_by_layer(model, params)
+  text_kv = split_model.apply(split_params, cond.text, method="text_kv")
+  assert isinstance(text_kv.k, tuple) and len(text_kv.k) == model.spec.num_layers
+  with_kv = cond.replace(text=None, text_kv=text_kv)
+  t = model.spec.window_frames + 3
+  latents, timesteps = rollout["latents"][:, :t], rollout["timesteps"][:, :t]
+  split_step = jax.jit(lambda p, x, ts, c, k: split_model.apply(p, x, ts, c, k, method="step"))
+  for step, p in ((split_step, split_params), (rollout["step"], params)):
+    stepped, _ = step_all(step, p, model.init_cache(B), latents, timesteps, with_kv)
+    np.testing.assert_allclose(np.asarray(stepped), np.asarray(rollout["stepped"][:, :t]), **TOL)

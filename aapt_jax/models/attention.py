@@ -300,15 +300,17 @@ def _one_block(q, k, v, counter, n, theta, sink, ring):
   first = counter == 0
   sink_k = jnp.where(first, k1, sink[0].astype(k.dtype))
   sink_v = jnp.where(first, v1, sink[1].astype(v.dtype))
-  sink_k = rotate_time(sink_k, -jnp.minimum(counter, n + 1), theta)
   held = kvc.ring_block_indices(counter, n)                      # [N]
   ahead = counter - held
-  # each slot's rotation by -ahead (in 1..N where valid), gathered from a
-  # constant table: the whole ring is rotated every step, so no cos/sin per key
-  cos, sin = time_rotation_table(n + 1, d, theta)
+  # rotations by -distance gathered from a constant table (distances 0..N + 1):
+  # the sink by min(counter, N + 1), ring slot s by ahead_s (in 1..N where
+  # valid); the whole ring is rotated every step, so no cos/sin per key
+  table_cos, table_sin = (jnp.asarray(a) for a in time_rotation_table(n + 1, d, theta))
+  at = jnp.minimum(counter, n + 1)
+  sink_k = rotate_with(sink_k, table_cos[at], -table_sin[at])
   back = jnp.clip(ahead, 0, n + 1)
-  cos, sin = jnp.asarray(cos)[back], -jnp.asarray(sin)[back]      # [N, Dh]: R(-ahead)
-  ring_k = rotate_with(ring[0].astype(k.dtype), cos[:, None], sin[:, None])
+  ring_k = rotate_with(ring[0].astype(k.dtype), table_cos[back][:, None],
+                       -table_sin[back][:, None])                 # R(-ahead) per slot
   ring_v = ring[1].astype(v.dtype).reshape(b, h, n * p, d)
   s_sink = jnp.einsum("bhpd,bhkd->bhpk", q1, sink_k, preferred_element_type=f32)
   s_ring = jnp.einsum("bhpd,bhkd->bhpk", q1, ring_k.reshape(b, h, n * p, d),
@@ -394,15 +396,18 @@ def cross_attention(q, k, v, mask=None):
 
 def cross_attention_heads_major(q, k, v_t, mask=None):
   """`cross_attention` with precomputed keys k [B, H, L, Dh] and transposed
-  values v_t [B, H, Dh, L] (a prompt's TextKV): q [B, S, H, Dh] -> [B, S, H, Dh]."""
+  values v_t [B, H, Dh, L] (a prompt's TextKV): q [B, S, H, Dh] -> [B, S, H, Dh].
+
+  The scale goes on q and the normalisation on the output (both [S, Dh]
+  sized), so the [S, L] scores are read and written once (exp)."""
   d = q.shape[-1]
-  scores = jnp.einsum("bshd,bhld->bhsl", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+  q = q * jnp.asarray(d ** -0.5, q.dtype)
+  scores = jnp.einsum("bshd,bhld->bhsl", q, k, preferred_element_type=jnp.float32)
   if mask is not None:
     scores = jnp.where(mask[:, None, None, :], scores, _NEG_INF)
-  m = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+  m = jax.lax.stop_gradient(jnp.max(scores, axis=-1))             # [B, H, S]
   m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(scores - m)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(l > 0, l, 1.0)
-  return jnp.einsum("bhsl,bhdl->bshd", p.astype(v_t.dtype), v_t,
-                    preferred_element_type=jnp.float32).astype(q.dtype)
+  p = jnp.exp(scores - m[..., None])
+  l = jnp.swapaxes(jnp.sum(p, axis=-1), 1, 2)[..., None]          # [B, S, H, 1]
+  out = jnp.einsum("bhsl,bhdl->bshd", p.astype(v_t.dtype), v_t, preferred_element_type=jnp.float32)
+  return (out / jnp.where(l > 0, l, 1.0)).astype(q.dtype)

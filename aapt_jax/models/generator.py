@@ -148,12 +148,14 @@ class Generator(nn.Module):
         raise ValueError(f"cond.text_kv must be a TextKV (from Generator.text_kv), got "
                          f"{type(cond.text_kv).__name__}")
       kv = cond.text_kv.k
-      if kv.ndim != 5 or tuple(kv.shape[:3]) != (s.num_layers, b, s.num_heads) or \
-          kv.shape[4] != s.head_dim:
+      shape = ((len(kv), *kv[0].shape) if isinstance(kv, (tuple, list))
+               else tuple(kv.shape))  # per layer, or stacked
+      if len(shape) != 5 or shape[:3] != (s.num_layers, b, s.num_heads) or \
+          shape[4] != s.head_dim:
         raise _shape_error("cond.text_kv.k [layers, B, H, L, Dh]",
-                           (s.num_layers, b, s.num_heads, "L", s.head_dim), kv.shape)
-      if cond.text_mask is not None and tuple(cond.text_mask.shape) != (b, kv.shape[3]):
-        raise _shape_error("cond.text_mask", (b, kv.shape[3]), cond.text_mask.shape)
+                           (s.num_layers, b, s.num_heads, "L", s.head_dim), shape)
+      if cond.text_mask is not None and tuple(cond.text_mask.shape) != (b, shape[3]):
+        raise _shape_error("cond.text_mask", (b, shape[3]), cond.text_mask.shape)
 
   def _check_cache(self, cache: kvc.KVCache, batch):
     s = self.spec
@@ -261,7 +263,9 @@ class Generator(nn.Module):
   def text_kv(self, text) -> TextKV:
     """Every layer's cross-attention keys/values of text [B, L, text_dim], once
     per prompt: `cond.replace(text_kv=...)` then skips the text projection and
-    the per-layer to_k/to_v in every call and step (same values)."""
+    the per-layer to_k/to_v in every call and step (same values). A scanned
+    model stacks them on a layers axis, an unscanned one (`layer_by_layer`)
+    keeps one array per layer; either model reads either."""
     s = self.spec
     if not s.text_dim:
       raise ValueError("text_kv needs text but model.text_dim=0 (the model takes no text)")

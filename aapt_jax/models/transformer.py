@@ -8,6 +8,8 @@ so that weight import is a rename.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import flax.struct
 import jax
@@ -82,9 +84,10 @@ class SelfAttention(nn.Module):
 class TextKV:
   """Every layer's cross-attention keys/values of one prompt (after norm_k),
   computed once by `Generator.text_kv` and reused by every call or step."""
-  k: jax.Array  # [L, B, H, Lt, Dh] (heads-major)
-  v: jax.Array  # [L, B, H, Dh, Lt] (heads-major, transposed: the layout the attention's
-                #  value matmul reads without a transpose per step)
+  k: Any  # [L, B, H, Lt, Dh] (heads-major), or a tuple of L [B, H, Lt, Dh] (unscanned
+          # model: each layer's own array, read without slicing a stack per step)
+  v: Any  # [L, B, H, Dh, Lt] (heads-major, transposed: the layout the attention's
+          # value matmul reads without a transpose per step), or a tuple of L [B, H, Dh, Lt]
 
 
 class CrossAttention(nn.Module):
@@ -195,6 +198,8 @@ class Transformer(nn.Module):
     per_layer_text = isinstance(text, TextKV)
     if per_layer_text:
       text = (text.k, text.v)
+      if s.scan_layers and isinstance(text[0], (tuple, list)):  # the scan reads a stack
+        text = tuple(jnp.stack(a) for a in text)
     block = Block
     if s.remat != "none" and not cached and not text_kv_only:
       block = nn.remat(Block, policy=REMAT_POLICY[s.remat], prevent_cse=not s.scan_layers)
@@ -225,7 +230,7 @@ class Transformer(nn.Module):
       new_layers.append(new_kv)
       feats.append(feat)
     if text_kv_only:
-      return TextKV(*(jnp.stack(a) for a in zip(*new_layers)))
+      return TextKV(*(tuple(a) for a in zip(*new_layers)))
     if feature_layers is not None:
       feats = [feats[i] for i in feature_layers]
     return x, (new_layers if commit else None), (jnp.stack(feats) if features else None)
