@@ -2,6 +2,7 @@
 stream, against recomputing the whole window without a cache, in one run.
 
   python benchmarks/step_latency.py [--configs tiny,atari,bar,bar32,peer,peer_kv] [--frames 1440]
+      [--baseline DIR]
 
 `bar` is the peer-comparison shape (dim 256, 8 layers, 4 heads, ffn 1024, 64
 tokens per latent frame, fp32, window 8); `bar32` the same with a window of 32.
@@ -9,7 +10,15 @@ tokens per latent frame, fp32, window 8); `bar32` the same with a window of 32.
 the same with window 20 and 512 text tokens of width 64, every step projecting
 the text's keys/values in every layer; `peer_kv` the same with the prompt's
 TextKV computed once (`with_text_kv`) as a stream does. Each step runs the
-real stream: frame 1440 is reached by 1440 committed steps.
+real stream: frame 1440 is reached by 1440 committed steps, on the params
+split per layer once (`layer_by_layer`), as a stream does.
+
+With peer and peer_kv, an interleaved comparison at the last frame (the
+steps alternate, so both see the same machine load) also times the step of
+an earlier checkout at the peer setting (text per step) when `--baseline`
+names one, e.g. `git archive de44aff aapt_jax configs | tar -x -C /tmp/base`
+(the step before its speed-up): its modules are imported under their own
+objects in this process.
 """
 from __future__ import annotations
 
@@ -29,7 +38,9 @@ sys.path.insert(0, ROOT)
 
 from common import config_names, device_line  # noqa: E402
 from aapt_jax import load_config  # noqa: E402
-from aapt_jax.models import Conditioning, build_generator, init_params, with_text_kv  # noqa: E402
+from aapt_jax import models as models_now  # noqa: E402
+from aapt_jax.models import (Conditioning, build_generator, init_params, layer_by_layer,  # noqa: E402
+                             with_text_kv)
 
 PEER = {"model.window_frames": 20, "model.text_dim": 64}
 # name: (config, overrides, text tokens, text keys/values once per prompt)
@@ -68,15 +79,16 @@ def bench_config(name, frames, repeats):
         actions=jnp.zeros((1, t), jnp.int32) if s.num_actions else None,
         controls=jnp.zeros((1, t, s.control_dim)) if s.control_dim else None)
 
-  step = jax.jit(lambda p, x, t, c, cache: model.apply(p, x, t, c, cache, method="step"),
+  stepper, step_params = layer_by_layer(model, params)  # once per stream
+  step = jax.jit(lambda p, x, t, c, cache: stepper.apply(p, x, t, c, cache, method="step"),
                  donate_argnums=4)
   noise = jnp.asarray(rng.standard_normal((1, 1, h, w, s.latent_channels)), jnp.float32)
   one = jnp.ones((1, 1))
   cond1 = cond_for(1)
   if text_once:  # once per prompt, outside the timed steps (as a stream does at start)
-    cond1 = with_text_kv(model, params["params"], cond1)
+    cond1 = with_text_kv(stepper, step_params["params"], cond1)
   cache = model.init_cache(1)
-  compiled = step.lower(params, noise, one, cond1, cache).compile()
+  compiled = step.lower(step_params, noise, one, cond1, cache).compile()
   mem = compiled.memory_analysis()
   temp_mib = getattr(mem, "temp_size_in_bytes", 0) / 2**20 if mem else float("nan")
   cache_mib = sum(a.nbytes for a in jax.tree.leaves(cache)) / 2**20
@@ -88,7 +100,7 @@ def bench_config(name, frames, repeats):
   frame = 0
   while frame < frames + repeats:
     t0 = time.perf_counter()
-    v, cache = step(params, noise, one, cond1, cache)
+    v, cache = step(step_params, noise, one, cond1, cache)
     v.block_until_ready()
     dt = (time.perf_counter() - t0) * 1e3
     frame += 1
@@ -117,32 +129,63 @@ def bench_config(name, frames, repeats):
               rss=rss, marks=marks, compiles=step._cache_size())
 
 
-def text_kv_interleaved(frame, steps):
-  """`peer` vs `peer_kv` at `frame` (a full window), their steps interleaved so
-  that both see the same machine load: {label: (median ms, min ms)}."""
+def import_baseline(src):
+  """(load_config, aapt_jax.models) of the checkout `src`, imported under their
+  own module objects (this tree's modules are put back afterwards)."""
+  import importlib
+  mine = lambda name: name == "aapt_jax" or name.startswith("aapt_jax.")
+  ours = {k: sys.modules.pop(k) for k in list(sys.modules) if mine(k)}
+  sys.path.insert(0, os.path.abspath(src))
+  try:
+    pkg, models = importlib.import_module("aapt_jax"), importlib.import_module("aapt_jax.models")
+    if not os.path.abspath(pkg.__file__).startswith(os.path.abspath(src)):
+      raise ValueError(f"--baseline {src}: aapt_jax was imported from {pkg.__file__}")
+  finally:
+    sys.path.remove(os.path.abspath(src))
+    for k in [k for k in sys.modules if mine(k)]:
+      del sys.modules[k]
+    sys.modules.update(ours)
+  return pkg.load_config, models
+
+
+def peer_step(load, models, text_once, split, frame, root=ROOT):
+  """The peer setting's jitted step, its inputs and a cache at `frame` (the
+  cost of a step does not depend on what the cache holds)."""
   path, overrides, text_tokens, _ = CONFIGS["peer"]
-  model = build_generator(load_config(os.path.join(ROOT, path), overrides))
+  model = models.build_generator(load(os.path.join(root, path), overrides))
   s = model.spec
-  params = nn.meta.unbox(init_params(model, jax.random.key(0)))
+  params = nn.meta.unbox(models.init_params(model, jax.random.key(0)))
   rng = np.random.default_rng(0)
   h, w = s.latent_size
   x = jnp.asarray(rng.standard_normal((1, 1, h, w, s.latent_channels)), jnp.float32)
-  cond = Conditioning(previous=x, text=jnp.asarray(
+  cond = models.Conditioning(previous=x, text=jnp.asarray(
       rng.standard_normal((1, text_tokens, s.text_dim)), jnp.float32))
+  if split:  # once per stream
+    model, params = models.layer_by_layer(model, params)
+  if text_once:  # once per prompt
+    cond = models.with_text_kv(model, params["params"], cond)
   step = jax.jit(lambda p, x, c, k: model.apply(p, x, jnp.ones((1, 1)), c, k, method="step"),
                  donate_argnums=3)
-  runs = {"text per step": [cond, None, []],
-          "text K/V once": [with_text_kv(model, params["params"], cond), None, []]}
-  for run in runs.values():  # the cost of a step does not depend on what the cache holds
-    v, run[1] = step(params, x, run[0], model.init_cache(1).replace(counter=jnp.int32(frame)))
-    v.block_until_ready()
-  for _ in range(steps):
-    for run in runs.values():
+  cache = model.init_cache(1).replace(counter=jnp.int32(frame))
+  return step, params, x, cond, cache
+
+
+def interleaved(frame, steps, baseline=None):
+  """The peer step variants at `frame` (a full window), their steps
+  interleaved so that all see the same machine load: {label: (median ms, min ms)}."""
+  runs = {"text per step": peer_step(load_config, models_now, False, True, frame),
+          "text K/V once": peer_step(load_config, models_now, True, True, frame)}
+  if baseline:
+    load, models = import_baseline(baseline)
+    runs = {"baseline (text per step)": peer_step(load, models, False, False, frame), **runs}
+  runs = {k: [*r, []] for k, r in runs.items()}
+  for _ in range(steps + 3):  # 3 warm-up steps
+    for r in runs.values():
       t0 = time.perf_counter()
-      v, run[1] = step(params, x, run[0], run[1])
+      v, r[4] = r[0](r[1], r[2], r[3], r[4])
       v.block_until_ready()
-      run[2].append((time.perf_counter() - t0) * 1e3)
-  return {k: (float(np.median(r[2])), min(r[2])) for k, r in runs.items()}
+      r[5].append((time.perf_counter() - t0) * 1e3)
+  return {k: (float(np.median(r[5][3:])), min(r[5][3:])) for k, r in runs.items()}
 
 
 def main():
@@ -151,7 +194,10 @@ def main():
   ap.add_argument("--frames", type=int, default=1440)
   ap.add_argument("--repeats", type=int, default=20, help="steps timed at each mark")
   ap.add_argument("--interleaved", type=int, default=60,
-                  help="steps of each of peer / peer_kv in the interleaved comparison")
+                  help="steps of each variant in the interleaved comparison")
+  ap.add_argument("--baseline", default="",
+                  help="a checkout of an earlier commit (with aapt_jax/ and configs/) whose "
+                       "peer step joins the interleaved comparison")
   args = ap.parse_args()
   names = config_names(args.configs, CONFIGS)
   print(device_line())
@@ -177,10 +223,12 @@ def main():
     a, b = by_name["peer"]["lat"], by_name["peer_kv"]["lat"]
     print("peer / peer_kv (text keys/values once per prompt): "
           + ", ".join(f"f{m}: {a[m] / b[m]:.2f}x" for m in sorted(a) if m in b))
-    ab = text_kv_interleaved(args.frames, args.interleaved)
+    ab = interleaved(args.frames, args.interleaved, args.baseline)
     print(f"interleaved at frame {args.frames} ({args.interleaved} steps each, same load): "
-          + ", ".join(f"{k} median {med:.2f} ms (min {lo:.2f})" for k, (med, lo) in ab.items())
-          + f"; ratio {ab['text per step'][0] / ab['text K/V once'][0]:.2f}x")
+          + ", ".join(f"{k} median {med:.2f} ms (min {lo:.2f})" for k, (med, lo) in ab.items()))
+    ref = "baseline (text per step)" if args.baseline else "text per step"
+    print(f"speed-up over {ref} (median): "
+          + ", ".join(f"{k} {ab[ref][0] / med:.2f}x" for k, (med, _) in ab.items() if k != ref))
   print("latency: median ms per latent frame (one step = one forward, 1NFE) at that frame;"
         " flat = last / 4N; recompute = one forward over sink + N + current without a cache;"
         " ratio = recompute / cached at the last frame; cache = KV cache size; temp = XLA"

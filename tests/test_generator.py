@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import compiled, frame, random_inputs, step_all, tiny
+from aapt_jax.models import layer_by_layer
 
 B = 2
 TOL = dict(atol=2e-5, rtol=2e-5)
@@ -237,7 +238,8 @@ def test_precomputed_text_kv_equals_text(rollout):
   latents, timesteps, cond = rollout["latents"], rollout["timesteps"], rollout["cond"]
   text_kv = jax.jit(lambda p, t: model.apply(p, t, method="text_kv"))(params, cond.text)
   s = model.spec
-  assert text_kv.k.shape == (s.num_layers, B, cond.text.shape[1], s.num_heads, s.head_dim)
+  assert text_kv.k.shape == (s.num_layers, B, s.num_heads, cond.text.shape[1], s.head_dim)
+  assert text_kv.v.shape == (s.num_layers, B, s.num_heads, s.head_dim, cond.text.shape[1])
   with_kv = cond.replace(text=None, text_kv=text_kv)  # the text itself is not read
   t = s.window_frames + 2
   stepped, _ = step_all(step, params, model.init_cache(B), latents[:, :t], timesteps[:, :t],
@@ -248,3 +250,41 @@ def test_precomputed_text_kv_equals_text(rollout):
   bad = with_kv.replace(text_kv=jax.tree.map(lambda a: a[:1], text_kv))
   with pytest.raises(ValueError, match="cond.text_kv"):
     model.apply(params, latents, timesteps, bad)
+
+
+def test_layer_by_layer_donated_steps_equal_scanned_steps(rollout):
+  """Steps of `layer_by_layer`'s unscanned model on the split params, with the
+  cache donated (each layer's ring written in place, after its reads), equal
+  the scanned model's steps: the same velocities far past the window, and
+  the same cache contents, sink, every ring slot and the counter."""
+  model, params = rollout["model"], rollout["params"]
+  assert model.spec.scan_layers
+  split_model, split_params = layer_by_layer(model, params)
+  assert not split_model.spec.scan_layers and "blocks_0" in split_params["params"]["transformer"]
+  step = jax.jit(lambda p, x, t, c, k: split_model.apply(p, x, t, c, k, method="step"),
+                 donate_argnums=4)
+  stepped, cache = step_all(step, split_params, model.init_cache(B), rollout["latents"],
+                            rollout["timesteps"], rollout["cond"])
+  np.testing.assert_allclose(np.asarray(stepped), np.asarray(rollout["stepped"]), **TOL)
+  want = rollout["caches"][-1]
+  assert int(cache.counter) == int(want.counter)
+  for got_layer, want_layer in zip(cache.layers, want.layers):
+    for got_a, want_a in zip(jax.tree.leaves(got_layer), jax.tree.leaves(want_layer)):
+      np.testing.assert_allclose(np.asarray(got_a), np.asarray(want_a), **TOL)
+
+
+def test_per_layer_text_kv_equals_stacked(rollout):
+  """The TextKV of `layer_by_layer`'s unscanned model (one array per layer)
+  gives the same steps on that model and on the scanned one (which stacks
+  it) as the text itself."""
+  model, params, cond = rollout["model"], rollout["params"], rollout["cond"]
+  split_model, split_params = layer_by_layer(model, params)
+  text_kv = split_model.apply(split_params, cond.text, method="text_kv")
+  assert isinstance(text_kv.k, tuple) and len(text_kv.k) == model.spec.num_layers
+  with_kv = cond.replace(text=None, text_kv=text_kv)
+  t = model.spec.window_frames + 3
+  latents, timesteps = rollout["latents"][:, :t], rollout["timesteps"][:, :t]
+  split_step = jax.jit(lambda p, x, ts, c, k: split_model.apply(p, x, ts, c, k, method="step"))
+  for step, p in ((split_step, split_params), (rollout["step"], params)):
+    stepped, _ = step_all(step, p, model.init_cache(B), latents, timesteps, with_kv)
+    np.testing.assert_allclose(np.asarray(stepped), np.asarray(rollout["stepped"][:, :t]), **TOL)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from aapt_jax.models import kv_cache as kvc
-from aapt_jax.models.rope import rotate_time
+from aapt_jax.models.rope import rotate_time, rotate_with, time_rotation_table
 
 _NEG_INF = -jnp.inf
 
@@ -289,8 +289,9 @@ def _one_block(q, k, v, counter, n, theta, sink, ring):
 
   The same rule as the general path, with the temporal distances put on the
   keys: the sink at min(counter, N + 1), ring slot s at counter - j_s, self at
-  0. q is already scaled. The three parts' scores are concatenated (small);
-  values are read in place from the cache.
+  0. q is already scaled. The three parts share one softmax (one max, one
+  sum) without being concatenated; keys and values are read in place from
+  the cache (the ring's keys rotated by a gathered constant table).
   """
   b, _, p, h, d = q.shape
   f32 = jnp.float32
@@ -299,24 +300,38 @@ def _one_block(q, k, v, counter, n, theta, sink, ring):
   first = counter == 0
   sink_k = jnp.where(first, k1, sink[0].astype(k.dtype))
   sink_v = jnp.where(first, v1, sink[1].astype(v.dtype))
-  sink_k = rotate_time(sink_k, -jnp.minimum(counter, n + 1), theta)
   held = kvc.ring_block_indices(counter, n)                      # [N]
   ahead = counter - held
-  ring_k = rotate_time(ring[0].astype(k.dtype), -ahead[None, None, :, None], theta)
+  # rotations by -distance gathered from a constant table (distances 0..N + 1):
+  # the sink by min(counter, N + 1), ring slot s by ahead_s (in 1..N where
+  # valid); the whole ring is rotated every step, so no cos/sin per key
+  table_cos, table_sin = (jnp.asarray(a) for a in time_rotation_table(n + 1, d, theta))
+  at = jnp.minimum(counter, n + 1)
+  sink_k = rotate_with(sink_k, table_cos[at], -table_sin[at])
+  back = jnp.clip(ahead, 0, n + 1)
+  ring_k = rotate_with(ring[0].astype(k.dtype), table_cos[back][:, None],
+                       -table_sin[back][:, None])                 # R(-ahead) per slot
   ring_v = ring[1].astype(v.dtype).reshape(b, h, n * p, d)
   s_sink = jnp.einsum("bhpd,bhkd->bhpk", q1, sink_k, preferred_element_type=f32)
   s_ring = jnp.einsum("bhpd,bhkd->bhpk", q1, ring_k.reshape(b, h, n * p, d),
                       preferred_element_type=f32)
   s_self = jnp.einsum("bhpd,bhkd->bhpk", q1, k1, preferred_element_type=f32)
   ring_ok = jnp.repeat((held >= 1) & (ahead <= n), p)            # [N * P]
-  scores = jnp.concatenate([
-      s_sink, jnp.where(ring_ok, s_ring, _NEG_INF),
-      jnp.where(counter >= 1, s_self, _NEG_INF)], axis=-1)        # [B, H, P, (N + 2) P]
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  p_sink, p_ring, p_self = probs[..., :p], probs[..., p:p + n * p], probs[..., p + n * p:]
-  out = (jnp.einsum("bhpk,bhkd->bhpd", p_sink, sink_v, preferred_element_type=f32)
-         + jnp.einsum("bhpk,bhkd->bhpd", p_ring, ring_v, preferred_element_type=f32)
-         + jnp.einsum("bhpk,bhkd->bhpd", p_self, v1, preferred_element_type=f32))
+  s_ring = jnp.where(ring_ok, s_ring, _NEG_INF)
+  s_self = jnp.where(counter >= 1, s_self, _NEG_INF)
+  # one softmax over [sink | ring | self] without concatenating the parts:
+  # a shared max (the sink's scores are always finite), then each part's
+  # exp, summed and applied to its values in place
+  m = jnp.maximum(jnp.maximum(jnp.max(s_sink, axis=-1), jnp.max(s_ring, axis=-1)),
+                  jnp.max(s_self, axis=-1))[..., None]            # [B, H, P, 1]
+  e_sink, e_ring, e_self = (jnp.exp(a - m) for a in (s_sink, s_ring, s_self))
+  total = (jnp.sum(e_sink, axis=-1) + jnp.sum(e_ring, axis=-1)
+           + jnp.sum(e_self, axis=-1))[..., None]                 # [B, H, P, 1]
+  out = (jnp.einsum("bhpk,bhkd->bhpd", e_sink.astype(v.dtype), sink_v, preferred_element_type=f32)
+         + jnp.einsum("bhpk,bhkd->bhpd", e_ring.astype(v.dtype), ring_v,
+                      preferred_element_type=f32)
+         + jnp.einsum("bhpk,bhkd->bhpd", e_self.astype(v.dtype), v1,
+                      preferred_element_type=f32)) / total
   return jnp.swapaxes(out, 1, 2)[:, None].astype(q.dtype)
 
 
@@ -377,3 +392,22 @@ def cross_attention(q, k, v, mask=None):
   p = p / jnp.where(l > 0, l, 1.0)
   return jnp.einsum("bhsl,blhd->bshd", p.astype(v.dtype), v,
                     preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+def cross_attention_heads_major(q, k, v_t, mask=None):
+  """`cross_attention` with precomputed keys k [B, H, L, Dh] and transposed
+  values v_t [B, H, Dh, L] (a prompt's TextKV): q [B, S, H, Dh] -> [B, S, H, Dh].
+
+  The scale goes on q and the normalisation on the output (both [S, Dh]
+  sized), so the [S, L] scores are read and written once (exp)."""
+  d = q.shape[-1]
+  q = q * jnp.asarray(d ** -0.5, q.dtype)
+  scores = jnp.einsum("bshd,bhld->bhsl", q, k, preferred_element_type=jnp.float32)
+  if mask is not None:
+    scores = jnp.where(mask[:, None, None, :], scores, _NEG_INF)
+  m = jax.lax.stop_gradient(jnp.max(scores, axis=-1))             # [B, H, S]
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(scores - m[..., None])
+  l = jnp.swapaxes(jnp.sum(p, axis=-1), 1, 2)[..., None]          # [B, S, H, 1]
+  out = jnp.einsum("bhsl,bhdl->bshd", p.astype(v_t.dtype), v_t, preferred_element_type=jnp.float32)
+  return (out / jnp.where(l > 0, l, 1.0)).astype(q.dtype)

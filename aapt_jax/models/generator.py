@@ -12,10 +12,12 @@ into v here so every caller sees a velocity.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import flax.struct
+import jax
 import jax.numpy as jnp
 
 from aapt_jax.models import kv_cache as kvc
@@ -146,12 +148,14 @@ class Generator(nn.Module):
         raise ValueError(f"cond.text_kv must be a TextKV (from Generator.text_kv), got "
                          f"{type(cond.text_kv).__name__}")
       kv = cond.text_kv.k
-      if kv.ndim != 5 or tuple(kv.shape[:2]) != (s.num_layers, b) or \
-          tuple(kv.shape[3:]) != (s.num_heads, s.head_dim):
-        raise _shape_error("cond.text_kv.k [layers, B, L, H, Dh]",
-                           (s.num_layers, b, "L", s.num_heads, s.head_dim), kv.shape)
-      if cond.text_mask is not None and tuple(cond.text_mask.shape) != (b, kv.shape[2]):
-        raise _shape_error("cond.text_mask", (b, kv.shape[2]), cond.text_mask.shape)
+      shape = ((len(kv), *kv[0].shape) if isinstance(kv, (tuple, list))
+               else tuple(kv.shape))  # per layer, or stacked
+      if len(shape) != 5 or shape[:3] != (s.num_layers, b, s.num_heads) or \
+          shape[4] != s.head_dim:
+        raise _shape_error("cond.text_kv.k [layers, B, H, L, Dh]",
+                           (s.num_layers, b, s.num_heads, "L", s.head_dim), shape)
+      if cond.text_mask is not None and tuple(cond.text_mask.shape) != (b, shape[3]):
+        raise _shape_error("cond.text_mask", (b, shape[3]), cond.text_mask.shape)
 
   def _check_cache(self, cache: kvc.KVCache, batch):
     s = self.spec
@@ -259,7 +263,9 @@ class Generator(nn.Module):
   def text_kv(self, text) -> TextKV:
     """Every layer's cross-attention keys/values of text [B, L, text_dim], once
     per prompt: `cond.replace(text_kv=...)` then skips the text projection and
-    the per-layer to_k/to_v in every call and step (same values)."""
+    the per-layer to_k/to_v in every call and step (same values). A scanned
+    model stacks them on a layers axis, an unscanned one (`layer_by_layer`)
+    keeps one array per layer; either model reads either."""
     s = self.spec
     if not s.text_dim:
       raise ValueError("text_kv needs text but model.text_dim=0 (the model takes no text)")
@@ -304,6 +310,28 @@ def with_text_kv(model: Generator, params, cond: Conditioning) -> Conditioning:
   if cond.text is None or cond.text_kv is not None:
     return cond
   return cond.replace(text_kv=model.apply({"params": params}, cond.text, method="text_kv"))
+
+
+def layer_by_layer(model: Generator, params):
+  """(model, params) for loops of `step` calls: a scanned model (params
+  stacked on a "layers" axis under "blocks") as the same model with
+  `scan_layers` off and its params split per layer ("blocks_0", ...), once
+  per stream. Same values; a step then reads and writes each layer's cache
+  arrays in place, where a scan stacks every layer's ring into one array per
+  step (a copy of the whole cache), and slicing the stacked params inside
+  the step would copy every weight per step. Unscanned models come back as
+  they are. params: the bare tree or {"params": ...}."""
+  if not model.spec.scan_layers:
+    return model, params
+  wrapped = "params" in params and "transformer" not in params
+  tree = dict(params["params"] if wrapped else params)
+  transformer = dict(tree["transformer"])
+  stacked = transformer.pop("blocks")
+  for i in range(model.spec.num_layers):
+    transformer[f"blocks_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+  tree["transformer"] = transformer
+  unscanned = Generator(dataclasses.replace(model.spec, scan_layers=False))
+  return unscanned, ({"params": tree} if wrapped else tree)
 
 
 def build_generator(config) -> Generator:

@@ -9,7 +9,9 @@ held as an array. Shapes never depend on how many frames were generated, so
 Layout: one array per layer (not one stacked [L, ...] array), heads-major
 ([B, H, ...]). A streaming step then reads every layer's keys in place and
 updates one ring slot per layer in place (with the cache donated); slicing a
-stacked array per layer would copy the whole ring every frame.
+stacked array per layer would copy the whole ring every frame. (A scanned
+model stacks the layers' caches for its scan: streams step the unscanned
+model of `generator.layer_by_layer`.)
 
 Keys are stored after the q/k norm and the *spatial* rotary rotation but
 before any temporal rotation: the temporal rotation is a distance, applied

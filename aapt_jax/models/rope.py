@@ -13,6 +13,7 @@ temporal part (t) are applied separately:
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
@@ -49,14 +50,15 @@ def _full_width(angles, head_dim, offset):
 def spatial_angles(grid_h: int, grid_w: int, head_dim: int, theta: float):
   """cos, sin [grid_h * grid_w, head_dim] rotating the (h, w) pairs (t pairs: identity).
 
-  Tokens are row-major over (h, w), as Wan flattens them.
+  Tokens are row-major over (h, w), as Wan flattens them. Numpy float32
+  constants (static shapes): no cos/sin is evaluated per token per call.
   """
   t_dim, h_dim, w_dim = rope_split(head_dim)
-  rows = jnp.repeat(jnp.arange(grid_h, dtype=jnp.float32), grid_w)
-  cols = jnp.tile(jnp.arange(grid_w, dtype=jnp.float32), grid_h)
-  angles = jnp.concatenate([rows[:, None] * axis_frequencies(h_dim, theta),
-                            cols[:, None] * axis_frequencies(w_dim, theta)], axis=-1)
-  return _full_width(angles, head_dim, t_dim // 2)
+  rows = np.repeat(np.arange(grid_h, dtype=np.float32), grid_w)
+  cols = np.tile(np.arange(grid_w, dtype=np.float32), grid_h)
+  angles = np.concatenate([rows[:, None] * _np_frequencies(h_dim, theta),
+                           cols[:, None] * _np_frequencies(w_dim, theta)], axis=-1)
+  return _np_full_width(angles, head_dim, t_dim // 2)
 
 
 def rotate_spatial(x, cos, sin):
@@ -74,4 +76,35 @@ def rotate_time(x, distance, theta: float):
   t_dim = rope_split(head_dim)[0]
   angles = jnp.asarray(distance, jnp.float32)[..., None] * axis_frequencies(t_dim, theta)
   cos, sin = _full_width(angles, head_dim, 0)
+  return _rotate(x, cos, sin)
+
+
+def time_rotation_table(max_distance: int, head_dim: int, theta: float):
+  """cos, sin [max_distance + 1, Dh] (numpy float32 constants) rotating the
+  temporal pairs by each distance 0..max_distance (the other pairs: identity).
+
+  `rotate_with(x, cos[d], sin[d])` is `rotate_time(x, d, theta)` up to
+  float rounding; a gather from this table keeps the transcendentals out of
+  the per-element work of rotating a whole cache ring every step.
+  """
+  t_dim = rope_split(head_dim)[0]
+  angles = np.arange(max_distance + 1, dtype=np.float32)[:, None] * _np_frequencies(t_dim, theta)
+  return _np_full_width(angles, head_dim, 0)
+
+
+def _np_frequencies(axis_dim: int, theta: float):
+  """`axis_frequencies` as a numpy float32 constant."""
+  exponent = np.arange(0, axis_dim, 2, dtype=np.float32) / np.float32(axis_dim)
+  return (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
+
+
+def _np_full_width(angles, head_dim, offset):
+  """`_full_width` of numpy angles: numpy float32 cos, sin [..., Dh]."""
+  pad = [(0, 0)] * (angles.ndim - 1) + [(offset, head_dim // 2 - offset - angles.shape[-1])]
+  angles = np.repeat(np.pad(angles, pad), 2, axis=-1).astype(np.float32)
+  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rotate_with(x, cos, sin):
+  """x [..., Dh] rotated by per-pair tables cos, sin [..., Dh] (broadcastable to x)."""
   return _rotate(x, cos, sin)

@@ -8,6 +8,8 @@ so that weight import is a rename.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import flax.struct
 import jax
@@ -68,6 +70,12 @@ class SelfAttention(nn.Module):
           backend=s.attention_backend)
       if self.commit:  # this block's keys/values for the cache, heads-major [B, H, P, Dh]
         new_kv = (jnp.swapaxes(k[:, 0], 1, 2), jnp.swapaxes(v[:, 0], 1, 2))
+        # made to depend on the attention's output (+ 0 * one of its values;
+        # XLA:CPU drops optimization barriers): the cache write then comes after
+        # this layer's reads of the ring, so a donated ring is updated in place
+        # instead of copied for its readers first
+        zero = jnp.zeros((), k.dtype) * out.reshape(-1)[0]
+        new_kv = tuple(a + zero for a in new_kv)
     out = Dense(s.dim, ("heads", "embed"), name="to_out", **kw)(out.reshape(b, t, p, s.dim))
     return out, new_kv
 
@@ -76,15 +84,18 @@ class SelfAttention(nn.Module):
 class TextKV:
   """Every layer's cross-attention keys/values of one prompt (after norm_k),
   computed once by `Generator.text_kv` and reused by every call or step."""
-  k: jax.Array  # [L, B, Lt, H, Dh]
-  v: jax.Array  # [L, B, Lt, H, Dh]
+  k: Any  # [L, B, H, Lt, Dh] (heads-major), or a tuple of L [B, H, Lt, Dh] (unscanned
+          # model: each layer's own array, read without slicing a stack per step)
+  v: Any  # [L, B, H, Dh, Lt] (heads-major, transposed: the layout the attention's
+          # value matmul reads without a transpose per step), or a tuple of L [B, H, Dh, Lt]
 
 
 class CrossAttention(nn.Module):
   """Tokens [B, T, P, D] attend to text [B, L, D] (already projected).
 
   `text` is either the projected text or this layer's precomputed (k, v)
-  [B, L, H, Dh]; with x None only the latter is computed and returned.
+  (k [B, H, L, Dh], v [B, H, Dh, L], as TextKV holds them); with x None only
+  the latter is computed and returned.
   """
   spec: ModelSpec
 
@@ -93,7 +104,8 @@ class CrossAttention(nn.Module):
     s = self.spec
     kw = dict(dtype=s.compute_dtype, param_dtype=s.params_dtype)
     heads = lambda a: a.reshape(a.shape[0], a.shape[1], s.num_heads, s.head_dim)
-    if isinstance(text, tuple):
+    precomputed = isinstance(text, tuple)
+    if precomputed:
       k, v = text
     else:
       k = Dense(s.dim, ("embed", "heads"), name="to_k", **kw)(text)
@@ -102,13 +114,16 @@ class CrossAttention(nn.Module):
         k = RMSNorm("heads", eps=s.eps, name="norm_k", **kw)(k)
       k, v = heads(k), heads(v)
     if x is None:
-      return k, v
+      return jnp.swapaxes(k, 1, 2), jnp.transpose(v, (0, 2, 3, 1))
     b, t, p, _ = x.shape
     q = Dense(s.dim, ("embed", "heads"), name="to_q", **kw)(x.reshape(b, t * p, s.dim))
     if s.qk_norm:
       q = RMSNorm("heads", eps=s.eps, name="norm_q", **kw)(q)
     mask = text_mask if s.block_causal else None  # plain Wan has no text mask
-    out = attn_ops.cross_attention(heads(q), k, v, mask)
+    if precomputed:
+      out = attn_ops.cross_attention_heads_major(heads(q), k, v, mask)
+    else:
+      out = attn_ops.cross_attention(heads(q), k, v, mask)
     out = Dense(s.dim, ("heads", "embed"), name="to_out", **kw)(out.reshape(b, t * p, s.dim))
     return out.reshape(b, t, p, s.dim)
 
@@ -183,6 +198,8 @@ class Transformer(nn.Module):
     per_layer_text = isinstance(text, TextKV)
     if per_layer_text:
       text = (text.k, text.v)
+      if s.scan_layers and isinstance(text[0], (tuple, list)):  # the scan reads a stack
+        text = tuple(jnp.stack(a) for a in text)
     block = Block
     if s.remat != "none" and not cached and not text_kv_only:
       block = nn.remat(Block, policy=REMAT_POLICY[s.remat], prevent_cse=not s.scan_layers)
@@ -213,7 +230,7 @@ class Transformer(nn.Module):
       new_layers.append(new_kv)
       feats.append(feat)
     if text_kv_only:
-      return TextKV(*(jnp.stack(a) for a in zip(*new_layers)))
+      return TextKV(*(tuple(a) for a in zip(*new_layers)))
     if feature_layers is not None:
       feats = [feats[i] for i in feature_layers]
     return x, (new_layers if commit else None), (jnp.stack(feats) if features else None)
