@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from common import device_line  # noqa: E402
+from common import device_line, random_batch  # noqa: E402
 from aapt_jax import load_config, parallel  # noqa: E402
 from aapt_jax.models import Conditioning, build_generator, init_params, with_text_kv  # noqa: E402
 from aapt_jax.training.program import build_train_program, with_stage  # noqa: E402
@@ -123,30 +123,6 @@ def streaming(label, path, overrides, steps, text_len=512):
           f"{per_latent * 1e3 / ms:7.2f} video fps | setup {setup_s:.0f}s")
 
 
-def _batch(config, spec, adversarial, text_len=512):
-  rng = np.random.default_rng(0)
-  b = int(config.train.batch_size)
-  h, w = spec.latent_size
-  frame = (h, w, spec.latent_channels)
-  a = config.adversarial
-  t = int(a.segment_frames) if adversarial else int(config.train.clip_frames)
-  batch = {"latents": rng.standard_normal((b, t) + frame).astype(np.float32)}
-  if spec.num_actions:
-    batch["actions"] = rng.integers(0, spec.num_actions, (b, t)).astype(np.int32)
-  if adversarial:
-    batch["rollout_first"] = rng.standard_normal((b,) + frame).astype(np.float32)
-    if spec.num_actions:
-      batch["rollout_actions"] = rng.integers(0, spec.num_actions,
-                                              (b, int(a.rollout_frames))).astype(np.int32)
-    return batch
-  if spec.control_dim:
-    batch["controls"] = rng.standard_normal((b, t, spec.control_dim)).astype(np.float32)
-  if spec.text_dim:
-    batch["text_embedding"] = rng.standard_normal((b, text_len, spec.text_dim)).astype(np.float32)
-    batch["text_mask"] = np.ones((b, text_len), bool)
-  return batch
-
-
 def train_step(label, path, overrides, steps, adversarial=False):
   """(row text, steps/s) of the stage-1 (or stage-3) step, state donated."""
   config = load_config(os.path.join(ROOT, path), overrides)
@@ -157,7 +133,8 @@ def train_step(label, path, overrides, steps, adversarial=False):
   model = program.model
   with jax.set_mesh(mesh):
     state = program.init_state(0)
-  batch = jax.device_put(_batch(config, model.spec, adversarial), program.batch_sharding)
+  batch = jax.device_put(random_batch(config, model.spec, np.random.default_rng(0), 512,
+                                     adversarial), program.batch_sharding)
   with jax.set_mesh(mesh):
     compiled = program.step.lower(state, batch).compile()
     setup_s = time.perf_counter() - t0

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import config_names, device_line  # noqa: E402
+from common import config_names, device_line, random_batch  # noqa: E402
 from aapt_jax import load_config, parallel  # noqa: E402
 from aapt_jax.training.program import build_train_program  # noqa: E402
 
@@ -58,20 +58,6 @@ def matmul_peak(sizes=(1024, 2048, 3072), repeats=5):
     if rate > best[0]:
       best = (rate, n)
   return best
-
-
-def random_batch(config, spec, rng):
-  b, t = int(config.train.batch_size), int(config.train.clip_frames)
-  h, w = spec.latent_size
-  batch = {"latents": rng.standard_normal((b, t, h, w, spec.latent_channels)).astype(np.float32)}
-  if spec.num_actions:
-    batch["actions"] = rng.integers(0, spec.num_actions, (b, t)).astype(np.int32)
-  if spec.control_dim:
-    batch["controls"] = rng.standard_normal((b, t, spec.control_dim)).astype(np.float32)
-  if spec.text_dim:
-    batch["text_embedding"] = rng.standard_normal((b, TEXT_LEN, spec.text_dim)).astype(np.float32)
-    batch["text_mask"] = np.ones((b, TEXT_LEN), bool)
-  return batch
 
 
 def flops_of(compiled):
@@ -99,7 +85,7 @@ def bench(name, steps):
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
   program = build_train_program(config, mesh)
   spec = program.model.spec
-  batch = random_batch(config, spec, np.random.default_rng(0))
+  batch = random_batch(config, spec, np.random.default_rng(0), TEXT_LEN)
   batch = jax.device_put(batch, program.batch_sharding)
   params = program.param_count()
 
