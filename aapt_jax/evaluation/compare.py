@@ -15,10 +15,8 @@ import json
 import os
 from collections.abc import Callable, Sequence
 
-import numpy as np
-
 from aapt_jax.evaluation import metrics, suite
-from aapt_jax.evaluation.report import _ROWS, _cell, _json_ready
+from aapt_jax.evaluation.report import _ROWS, _cell, _json_ready, drift_cells
 
 # the arms' open-loop rows and the trivial predictors beside them
 BASELINES = ("hold_start", "copy_previous")
@@ -150,14 +148,7 @@ def markdown(result: dict, title: str = "Comparison") -> str:
   curves = [(a["name"], a["drift"]["roughness"]) for a in result["arms"]]
   curves.append(("*emulator*", result["emulator_drift"]["roughness"]))
   for name, c in curves:
-    c = np.asarray(c, np.float64)
-    cells = []
-    for label in result["buckets"]:
-      lo, hi = (int(v) for v in label.split("-"))
-      part = c[:, lo:hi + 1]
-      part = part[np.isfinite(part)]
-      cells.append(f"{part.mean():.2f}" if part.size else "–")
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append(f"| {name} | " + " | ".join(drift_cells(c, result["buckets"])) + " |")
   ref = reference_arm(result)
   if ref is not None:
     lines += ["", f"## PSNR difference to {ref['name']}, seed by seed (dB)", "",

@@ -36,17 +36,22 @@ def _bucket_edges(ax, result):
     ax.axvline(int(label.split("-")[1]) + 0.5, color="grey", lw=0.5, ls=":")
 
 
-def _bars(ax, result, metric, title):
-  table = result["table"].get(metric, {})
-  names = list(table)  # all of them, so a predictor keeps its colour in every panel
-  width = 0.8 / max(len(names), 1)
-  for k, name in enumerate(names):
-    mean = [c["mean"] if c["mean"] is not None else np.nan for c in table[name]]
-    err = [c["std"] if c["std"] is not None else 0.0 for c in table[name]]
+def _bar_rows(ax, rows, buckets, title):
+  """Grouped bars, one group per horizon bucket: rows [(name, spread per
+  bucket)] as mean ± std over seeds."""
+  width = 0.8 / max(len(rows), 1)
+  for k, (name, cells) in enumerate(rows):
+    mean = [c["mean"] if c["mean"] is not None else np.nan for c in cells]
+    err = [c["std"] if c["std"] is not None else 0.0 for c in cells]
     ax.bar(np.arange(len(mean)) + k * width, mean, width, yerr=err, label=name)
-  ax.set_xticks(np.arange(len(result["buckets"])) + 0.4 - width / 2)
-  ax.set_xticklabels(result["buckets"], fontsize=7)
+  ax.set_xticks(np.arange(len(buckets)) + 0.4 - width / 2)
+  ax.set_xticklabels(buckets, fontsize=7)
   ax.set_title(title, fontsize=9)
+
+
+def _bars(ax, result, metric, title):
+  # all predictors, so a predictor keeps its colour in every panel
+  _bar_rows(ax, list(result["table"].get(metric, {}).items()), result["buckets"], title)
 
 
 def write_plots(result: dict, out_dir: str) -> dict[str, str]:
@@ -114,16 +119,8 @@ def _compare_bars(ax, result, metric, title, baselines=()):
   then the named baselines'."""
   rows = [(a["name"], a["open_loop"].get(metric)) for a in result["arms"]]
   rows += [(b, result["baselines"][b].get(metric)) for b in baselines]
-  rows = [(n, cells) for n, cells in rows if cells]
-  width = 0.8 / max(len(rows), 1)
-  for k, (name, cells) in enumerate(rows):
-    mean = [c["mean"] if c["mean"] is not None else np.nan for c in cells]
-    err = [c["std"] if c["std"] is not None else 0.0 for c in cells]
-    ax.bar(np.arange(len(mean)) + k * width, mean, width, yerr=err, label=name)
-  ax.set_xticks(np.arange(len(result["buckets"])) + 0.4 - width / 2)
-  ax.set_xticklabels(result["buckets"], fontsize=7)
+  _bar_rows(ax, [(n, cells) for n, cells in rows if cells], result["buckets"], title)
   ax.set_xlabel("latent frames (horizon)", fontsize=7)
-  ax.set_title(title, fontsize=9)
 
 
 def write_comparison_plots(result: dict, out_dir: str) -> dict[str, str]:

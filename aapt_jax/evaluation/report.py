@@ -49,6 +49,18 @@ def _json_ready(tree):
   return tree
 
 
+def drift_cells(curves, buckets) -> list[str]:
+  """Per horizon bucket ("lo-hi"), the mean of drift curves [seeds, T+1] over
+  seeds and the bucket's frames (NaN left out; "–" when none)."""
+  cells = []
+  for label in buckets:
+    lo, hi = (int(v) for v in label.split("-"))
+    part = np.asarray(curves, np.float64)[:, lo:hi + 1]
+    part = part[np.isfinite(part)]
+    cells.append(f"{part.mean():.2f}" if part.size else "–")
+  return cells
+
+
 def markdown(result: dict) -> str:
   """report.md's text: one table per metric (rows predictors, columns horizons)."""
   s = result["settings"]
@@ -78,13 +90,8 @@ def markdown(result: dict) -> str:
             header, rule]
   for stat in ("mean_colour", "roughness", "change"):
     for name, curves in result["drift"].items():
-      values = []
-      for lo_hi in result["buckets"]:
-        lo, hi = (int(v) for v in lo_hi.split("-"))
-        part = np.asarray(curves[stat])[:, lo:hi + 1]
-        part = part[np.isfinite(part)]
-        values.append(f"{part.mean():.2f}" if part.size else "–")
-      lines.append(f"| {stat} {name} | " + " | ".join(values) + " |")
+      lines.append(f"| {stat} {name} | " + " | ".join(drift_cells(curves[stat],
+                                                                 result["buckets"])) + " |")
   lines.append("")
   lines += ["## FVD (I3D, Kinetics-400)", ""]
   if result["fvd"]:
