@@ -1,5 +1,7 @@
-"""Reads a checkpoint folder: `config.json` plus its safetensors, one file or
-sharded (`*.safetensors.index.json`), with the safetensors numpy API (no torch).
+"""Reads a checkpoint folder: `config.json` plus its safetensors, one file
+(diffusers' `diffusion_pytorch_model.safetensors` or transformers'
+`model.safetensors`) or sharded (`*.safetensors.index.json`), with the
+safetensors numpy API (no torch).
 
 Tensors are read lazily, one at a time, so converting a large model holds
 one copy of it (the converted tree), not two.
@@ -13,7 +15,7 @@ import os
 import numpy as np
 from safetensors import safe_open
 
-SINGLE_FILE = "diffusion_pytorch_model.safetensors"
+SINGLE_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")  # diffusers, transformers
 INDEX_SUFFIX = ".safetensors.index.json"
 
 
@@ -27,7 +29,8 @@ class SafetensorsFolder:
     config_file = os.path.join(self.path, "config.json")
     if not os.path.isfile(config_file):
       raise FileNotFoundError(f"{self.path} has no config.json: pass the folder that holds the "
-                              "model's config.json and safetensors (a pipeline's transformer/)")
+                              "model's config.json and safetensors (a pipeline's transformer/, vae/ "
+                              "or text_encoder/)")
     try:
       with open(config_file) as f:
         self.config = json.load(f)
@@ -62,10 +65,12 @@ class SafetensorsFolder:
         raise FileNotFoundError(f"shard files listed in {os.path.basename(indexes[0])} are "
                                 f"missing: {', '.join(os.path.basename(m) for m in missing)}")
       return files
-    single = os.path.join(self.path, SINGLE_FILE)
-    if not os.path.isfile(single):
-      raise FileNotFoundError(f"{self.path} has neither {SINGLE_FILE} nor a sharded "
-                              f"*{INDEX_SUFFIX}")
+    singles = [os.path.join(self.path, f) for f in SINGLE_FILES
+               if os.path.isfile(os.path.join(self.path, f))]
+    if not singles:
+      raise FileNotFoundError(f"{self.path} has neither {' nor '.join(SINGLE_FILES)} nor a "
+                              f"sharded *{INDEX_SUFFIX}")
+    single = singles[0]
     with safe_open(single, framework="np") as f:
       return {name: single for name in f.keys()}
 
