@@ -29,6 +29,8 @@ setup(
         "tqdm>=4.66",
         "absl-py>=2.0",       # logging (training), flags (launch scripts)
         "safetensors>=0.8.0",
+        "tokenizers>=0.20",   # umT5's tokenizer.json (convert/umt5.py)
+        "sentencepiece>=0.2",  # ... or its spiece.model
         "av>=12.0",
         "ale-py>=0.12",
         "vizdoom>=1.3.2",

@@ -130,6 +130,12 @@ def get_config(arg=None):
                               # space-to-depth (0 = latents come from a VAE)
   d.record_episodes = 8       # with data.world set and data.path empty, the trainer
   d.record_frames = 500       # records this many episodes of at most this many frames
+  d.text_encoder = ""         # the umT5 folder that turns captions into the text
+                              # embeddings (a transformers UMT5EncoderModel, e.g.
+                              # Wan2.1-T2V-1.3B-Diffusers/text_encoder, its tokenizer/
+                              # beside it); StreamingSession.start(text="...") encodes with
+                              # it; "" = none (text only as precomputed embeddings)
+  d.text_length = 512         # tokens a caption is padded/truncated to (Wan: 512)
 
   # --------------------------------------------- stage 2: consistency distillation
   cs = c.consistency = ml_collections.ConfigDict()

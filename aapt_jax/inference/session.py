@@ -175,7 +175,8 @@ class StreamingModel:
   set when the config names a world, else model.num_actions; 0 = continuous
   controls only), `control_dim`, `action_names` (or None), `frame_size` (H, W),
   `frames_per_latent` (k), `fps` (the world's frame rate, or None),
-  `sampler_steps`, `source` (where it was loaded from).
+  `sampler_steps`, `source` (where it was loaded from). `encode_text(caption)`
+  embeds a string with the config's text encoder (data.text_encoder).
   """
   config: Any
   params: Any
@@ -214,11 +215,41 @@ class StreamingModel:
     self.fps = self.world.fps if self.world else None
     self.step_fn = make_session_step(self.generator, self.decoder, self.sampler_steps,
                                      float(c.diffusion.timestep_shift))
+    self._text_encoder = None  # loaded by the first encode_text
 
   @classmethod
-  def load(cls, checkpoint: str | None = None, *, sampler_steps: int = 0) -> StreamingModel:
+  def load(cls, checkpoint: str | None = None, *, sampler_steps: int = 0,
+           text_encoder: str | None = None) -> StreamingModel:
+    """The model in `checkpoint` (see StreamingSession.load); `text_encoder`
+    (a umT5 folder) replaces the config's data.text_encoder."""
     config, params, vae_params, start_frame, source = loading.load_world_model(checkpoint)
+    if text_encoder is not None:
+      config.data.text_encoder = text_encoder
     return cls(config, params, vae_params, start_frame, sampler_steps, source)
+
+  def encode_text(self, caption: str) -> tuple[np.ndarray, np.ndarray]:
+    """(embedding float32 [L, text_dim], mask bool [L]) of `caption`, L =
+    data.text_length, by the umT5 encoder in data.text_encoder (loaded on the
+    first call, then reused). ValueError when the config names no encoder or
+    its width is not model.text_dim."""
+    if self._text_encoder is None:
+      folder = self.config.data.get("text_encoder", "")
+      if not folder:
+        raise ValueError(
+            f"{self.source} names no text encoder, so text must be an embedding "
+            f"[L, {self.generator.spec.text_dim}]; to pass strings, set data.text_encoder to "
+            "the umT5 folder the model's text embeddings came from (e.g. "
+            "Wan2.1-T2V-1.3B-Diffusers/text_encoder: --config.data.text_encoder=DIR when "
+            "training or exporting) or load with text_encoder=DIR")
+      from aapt_jax.convert.umt5 import TextEncoder  # reads files: only when strings are used
+      encoder = TextEncoder.load(folder)
+      if encoder.d_model != self.generator.spec.text_dim:
+        raise ValueError(f"data.text_encoder {folder} makes {encoder.d_model}-d embeddings "
+                         f"but the model takes model.text_dim={self.generator.spec.text_dim}")
+      self._text_encoder = encoder
+    emb, mask = self._text_encoder.encode([caption], int(self.config.data.get("text_length",
+                                                                            512)))
+    return emb[0], mask[0]
 
   def check_config(self, config) -> None:
     """ValueError naming the fields where `config` (say a --config given with a
@@ -257,12 +288,14 @@ class StreamingSession:
 
   @classmethod
   def load(cls, checkpoint: str | None = None, *, sampler_steps: int = 0,
-           seed: int = 0) -> StreamingSession:
+           seed: int = 0, text_encoder: str | None = None) -> StreamingSession:
     """A session over the generator in `checkpoint`: a run, stage or step
     directory (its EMA params), an export directory, the name of an export
     shipped with the package ("atari"; an unknown name raises ValueError
-    listing them), or None (the shipped "atari")."""
-    return cls(StreamingModel.load(checkpoint, sampler_steps=sampler_steps), seed)
+    listing them), or None (the shipped "atari"). `text_encoder`: the umT5
+    folder for text strings (default: the config's data.text_encoder)."""
+    return cls(StreamingModel.load(checkpoint, sampler_steps=sampler_steps,
+                                   text_encoder=text_encoder), seed)
 
   num_actions = property(lambda self: self.model.num_actions)
   control_dim = property(lambda self: self.model.control_dim)
@@ -284,17 +317,18 @@ class StreamingSession:
     spec = self.model.generator.spec
     if text is None:
       return None, None
-    if isinstance(text, str):
-      raise ValueError("text strings need a text encoder, which this release does not have "
-                       f"yet: pass an embedding [L, {spec.text_dim}]")
     if not spec.text_dim:
       raise ValueError("text given but this model takes no text (model.text_dim=0)")
-    emb = np.asarray(text, np.float32)
-    if emb.ndim != 2 or emb.shape[1] != spec.text_dim or not emb.shape[0]:
-      raise ValueError(f"text embedding must be [L, {spec.text_dim}], got {emb.shape}")
+    if isinstance(text, str):
+      emb, mask = self.model.encode_text(text)                    # [L, text_dim], [L]
+    else:
+      emb = np.asarray(text, np.float32)
+      if emb.ndim != 2 or emb.shape[1] != spec.text_dim or not emb.shape[0]:
+        raise ValueError(f"text embedding must be [L, {spec.text_dim}], got {emb.shape}")
+      mask = np.ones(emb.shape[0], bool)
     cond = with_text_kv(self.model.generator, self.model.params,
                         Conditioning(text=jnp.asarray(emb)[None]))
-    return cond.text_kv, jnp.ones((1, emb.shape[0]), bool)  # text keys/values once per prompt
+    return cond.text_kv, jnp.asarray(mask)[None]  # text keys/values once per prompt
 
   def _control_inputs(self, controls):
     """(actions int32 [1, 1] or None, controls float32 [1, 1, A] or None): fixed
@@ -343,7 +377,9 @@ class StreamingSession:
             seed: int | None = None) -> np.ndarray:
     """Starts (or restarts) the stream from `first_frame` (uint8 [H, W, 3];
     None = the export's start frame or the world's first frame), with `text`
-    (an embedding [L, text_dim]; strings need a text encoder). `seed` sets the
+    (an embedding [L, text_dim], all L tokens attended, or a string, embedded
+    by `StreamingModel.encode_text`: data.text_length tokens, the padding
+    masked). `seed` sets the
     noise (default: the session's seed). Returns the decoded first frame(s)
     uint8 [k, H, W, 3]."""
     m = self.model
