@@ -100,6 +100,8 @@ def test_text_encoder_encodes_as_wan(io):
   assert (emb[~mask] == 0).all()  # zeros past the caption's tokens, as Wan pads
   enc.encode(captions[::-1], int(io["max_length"]))
   assert enc._encode_ids._cache_size() == 1  # one compile per shape
+  empty, none = enc.encode([], 8)
+  assert empty.shape == (0, 8, enc.d_model) and none.shape == (0, 8)
   with pytest.raises(ValueError, match="list of strings"):
     enc.encode("one caption", 8)
 

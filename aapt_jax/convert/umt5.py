@@ -239,4 +239,6 @@ class TextEncoder:
     if isinstance(captions, str):
       raise ValueError("captions must be a list of strings, got one string")
     ids, mask = self.tokenizer([clean_caption(c) for c in captions], max_length)
+    if not len(ids):
+      return np.zeros((0, max_length, self.d_model), np.float32), mask
     return np.asarray(self._encode_ids(self.params, ids, mask)), mask
