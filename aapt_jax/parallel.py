@@ -156,16 +156,24 @@ class DistributedConfig:
   num_processes: int | None = None
   process_id: int | None = None
   heartbeat_timeout_s: int | None = None
+  # The accelerators this process uses (e.g. (SLURM_LOCALID,) with one
+  # process per GPU); None = all of the host's.
+  local_device_ids: tuple[int, ...] | None = None
 
 
 def initialize_distributed(cfg: DistributedConfig | None = None) -> None:
-  """`jax.distributed.initialize`: explicit coordinator flags (SLURM/TPU/local
-  tests), or the platform's autodetection when none are given."""
+  """`jax.distributed.initialize`: an explicit coordinator (flags, SLURM's
+  environment read by `aapt_jax.slurm`, local tests), used as given, or the
+  platform's autodetection (Cloud TPU, ...) when none is given."""
   cfg = cfg or DistributedConfig()
   kwargs = {}
   if cfg.coordinator_address:
     kwargs.update(coordinator_address=cfg.coordinator_address,
                   num_processes=cfg.num_processes, process_id=cfg.process_id)
+    if cfg.local_device_ids is not None:
+      kwargs["local_device_ids"] = list(cfg.local_device_ids)
+    else:  # all local devices: keep JAX's SLURM/MPI detection from picking one
+      kwargs["cluster_detection_method"] = "deactivate"
   if cfg.heartbeat_timeout_s:
     # A process whose peer stops sending heartbeats for this long is
     # terminated instead of hanging (JAX's default: 100 s).

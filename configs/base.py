@@ -191,6 +191,7 @@ def get_config(arg=None):
   ds.num_processes = 1
   ds.process_id = 0
   ds.heartbeat_timeout_s = 0  # 0 = JAX's default (100 s); tests use a few seconds
+  ds.from_slurm = True        # under srun with several tasks: initialize from SLURM's env
 
   # ------------------------------------------------------------------- mesh
   # Device mesh axes; their product must equal the number of devices.

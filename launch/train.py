@@ -5,12 +5,15 @@
 
 Multi-host: the same command on every host, with --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I (or config.distributed.initialize=True to let
-JAX detect the cluster). SIGTERM saves a checkpoint and exits 0.
+JAX detect the cluster, e.g. a TPU pod). Under `srun` with several tasks the
+processes find each other from SLURM's environment (aapt_jax/slurm.py; flags
+win over it, config.distributed.from_slurm=False ignores it); launchers for
+SLURM and TPU pods: launch/cluster/. SIGTERM saves a checkpoint and exits 0.
 """
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,10 +44,18 @@ def main(_):
   explicit = any(f is not None for f in (FLAGS.coordinator_address, FLAGS.num_processes,
                                          FLAGS.process_id))
   try:
-    from aapt_jax import parallel
+    from aapt_jax import parallel, slurm
     from aapt_jax.pipeline import train
     from aapt_jax.training.metrics import NonFiniteLossError
-    if explicit or d.initialize:
+    from_slurm = None
+    if d.from_slurm and not explicit:
+      from_slurm = slurm.distributed_config(os.environ, d.heartbeat_timeout_s or None)
+    if from_slurm is not None:
+      logging.info("jax.distributed from SLURM's environment: process %d of %d, "
+                   "coordinator %s", from_slurm.process_id, from_slurm.num_processes,
+                   from_slurm.coordinator_address)
+      parallel.initialize_distributed(from_slurm)
+    elif explicit or d.initialize:
       if d.coordinator_address and (d.num_processes < 1 or not
                                     0 <= d.process_id < d.num_processes):
         raise ValueError(f"--process_id={d.process_id} must be in [0, --num_processes="
