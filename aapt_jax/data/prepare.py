@@ -23,6 +23,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from tqdm import tqdm
@@ -32,6 +33,7 @@ from aapt_jax.data import worlds
 from aapt_jax.data.worlds.policies import default_policy
 
 WORLDS = worlds.NAMES
+FRAME_FIELDS = ("video", "actions", "controls", "poses")  # cut with each clip
 
 
 def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
@@ -55,6 +57,13 @@ def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
                      f", ...); pass --overwrite or choose another --out")
   for p in old:
     os.remove(p)
+
+
+def check_positive(**values: int) -> None:
+  """ValueError naming the flag of the first value below 1."""
+  for name, value in values.items():
+    if int(value) < 1:
+      raise ValueError(f"--{name} must be >= 1, got {value}")
 
 
 def clip_starts(num_frames: int, clip_frames: int, stride: int) -> list[int]:
@@ -82,62 +91,33 @@ def prepare_world(out_dir: str, *, world: str = "atari", game: str, episodes: in
   (`policies.default_policy`: sticky-random keeping its previous action with
   probability `repeat_prob`, or the camera explorer for a camera world).
   """
-  for name, value, low in (("episodes", episodes, 1), ("clip_frames", clip_frames, 1),
-                           ("size", size, 1), ("frame_skip", frame_skip, 1),
-                           ("num_shards", num_shards, 1)):
-    if int(value) < low:
-      raise ValueError(f"--{name} must be >= {low}, got {value}")
+  check_positive(episodes=episodes, clip_frames=clip_frames, size=size,
+                 frame_skip=frame_skip, num_shards=num_shards)
   clip_stride = clip_stride or clip_frames
-  if clip_stride < 1:
-    raise ValueError(f"--clip_stride must be >= 1, got {clip_stride}")
+  check_positive(clip_stride=clip_stride)
   name = world
   world = worlds.make_world(name, game, size=size, frame_skip=frame_skip)  # checks game
   check_output_dir(out_dir, overwrite)
 
-  base = {"world": name, "game": world.game, "fps": float(world.fps)}
-  skipped: list[str] = []
-  counts = {"episodes": 0, "episode_frames": 0, "clips": 0, "clip_frames": 0}
-  bar = tqdm(total=episodes, unit="episode", disable=not progress,
-             desc=f"{name}/{world.game}")
-  with records.RecordWriter(os.path.join(out_dir, "clips"), num_shards) as clips_w, \
-       records.RecordWriter(os.path.join(out_dir, "episodes"), num_shards) as eps_w:
+  def played():
     for k in range(episodes):
       ep_seed = seed + k
       try:
         policy = default_policy(world, seed=ep_seed, repeat_prob=repeat_prob)
         ep = world.record_episode(ep_seed, policy, max_frames=frames_per_episode or None)
       except (RuntimeError, ValueError) as e:
-        skipped.append(f"episode {k} (seed {ep_seed}): emulator error: {e}")
-        bar.update(1)
+        yield f"episode {k} (seed {ep_seed})", f"emulator error: {e}"
         continue
-      T = len(ep)
+      fields = {"video": ep.frames, "episode": k, "seed": ep_seed}
+      for key in FRAME_FIELDS[1:]:
+        if getattr(ep, key, None) is not None:
+          fields[key] = getattr(ep, key)
+      yield f"episode {k}", fields
 
-      def write(writer, kind, start, stop, label):
-        """Writes frames start..stop of the episode; counts it or records why not."""
-        example = dict(base, video=ep.frames[start:stop], episode=k, start=start,
-                       seed=ep_seed)
-        for key in ("actions", "controls", "poses"):
-          value = getattr(ep, key, None)
-          if value is not None:
-            example[key] = value[start:stop]
-        try:
-          writer.write(example, source=label)
-          counts[kind + "s"] += 1
-          counts[kind + "_frames"] += stop - start
-        except ValueError as e:
-          skipped.append(f"{label}: {e}")
-
-      write(eps_w, "episode", 0, T, f"episode {k}")
-      starts = clip_starts(T, clip_frames, clip_stride)
-      if not starts:
-        skipped.append(f"episode {k}: {T} frames < clip_frames={clip_frames}, "
-                       "no clips")
-      for s in starts:
-        write(clips_w, "clip", s, s + clip_frames, f"episode {k} clip at frame {s}")
-      bar.update(1)
-      bar.set_postfix(frames=counts["episode_frames"], clips=counts["clips"])
-  bar.close()
-
+  counts, skipped, files = record_episodes(
+      out_dir, played(), base={"world": name, "game": world.game, "fps": float(world.fps)},
+      clip_frames=clip_frames, clip_stride=clip_stride, num_shards=num_shards,
+      total=episodes, desc=f"{name}/{world.game}", progress=progress)
   summary = {
       "world": name, "game": world.game, "rom_id": getattr(world, "rom_id", None),
       "num_actions": world.num_actions, "action_names": world.action_names,
@@ -146,14 +126,72 @@ def prepare_world(out_dir: str, *, world: str = "atari", game: str, episodes: in
       "size": list(world.size), "frame_skip": world.frame_skip, "fps": world.fps,
       "clip_frames": clip_frames, "clip_stride": clip_stride, "seed": seed,
       "repeat_prob": repeat_prob, "frames_per_episode": frames_per_episode or None,
-      "record_format": records.FORMAT, "counts": counts,
-      "files": {"clips": [os.path.basename(p) for p in clips_w.paths],
-                "episodes": [os.path.basename(p) for p in eps_w.paths]},
+      "record_format": records.FORMAT, "counts": counts, "files": files,
       "skipped": skipped,
   }
+  write_metadata(out_dir, summary)
+  return summary
+
+
+def record_episodes(out_dir: str, episodes: Iterable[tuple[str, dict[str, Any] | str]], *,
+                    base: dict[str, Any], clip_frames: int, clip_stride: int,
+                    num_shards: int = 1, total: int | None = None, desc: str = "",
+                    progress: bool = True) -> tuple[dict[str, int], list[str], dict]:
+  """Writes every episode of `episodes` whole to `out_dir`/episodes-* and cut
+  into clips of `clip_frames` frames every `clip_stride` frames to
+  `out_dir`/clips-* (`num_shards` files each; the directory is checked by
+  the caller). Returns (counts, skipped, files) for metadata.json.
+
+  `episodes` yields ``(label, fields)``: `fields` holds the per-frame arrays
+  ``video`` uint8 [T, H, W, 3] and any of ``actions`` [T], ``controls``
+  [T, A], ``poses`` [T, P] (``FRAME_FIELDS``, cut with the clip) and
+  scalars (``episode``, ``seed``, ``text``, ...) every clip of the episode
+  keeps; or `fields` is a str, the reason the episode `label` was skipped.
+  Every example also holds `base` (``world``, ``game``, ``fps``). An example
+  the records refuse, or an episode shorter than one clip, is skipped with
+  its label and reason.
+  """
+  skipped: list[str] = []
+  counts = {"episodes": 0, "episode_frames": 0, "clips": 0, "clip_frames": 0}
+  bar = tqdm(total=total, unit="episode", disable=not progress, desc=desc)
+  with records.RecordWriter(os.path.join(out_dir, "clips"), num_shards) as clips_w, \
+       records.RecordWriter(os.path.join(out_dir, "episodes"), num_shards) as eps_w:
+    for label, fields in episodes:
+      if isinstance(fields, str):
+        skipped.append(f"{label}: {fields}")
+        bar.update(1)
+        continue
+      T = len(fields["video"])
+
+      def write(writer, kind, start, stop, where):
+        """Writes frames start..stop of the episode; counts it or records why not."""
+        example = dict(base, start=start)
+        for key, value in fields.items():
+          example[key] = value[start:stop] if key in FRAME_FIELDS else value
+        try:
+          writer.write(example, source=where)
+          counts[kind + "s"] += 1
+          counts[kind + "_frames"] += stop - start
+        except ValueError as e:
+          skipped.append(f"{where}: {e}")
+
+      write(eps_w, "episode", 0, T, label)
+      starts = clip_starts(T, clip_frames, clip_stride)
+      if not starts:
+        skipped.append(f"{label}: {T} frames < clip_frames={clip_frames}, no clips")
+      for s in starts:
+        write(clips_w, "clip", s, s + clip_frames, f"{label} clip at frame {s}")
+      bar.update(1)
+      bar.set_postfix(frames=counts["episode_frames"], clips=counts["clips"])
+  bar.close()
+  files = {"clips": [os.path.basename(p) for p in clips_w.paths],
+           "episodes": [os.path.basename(p) for p in eps_w.paths]}
+  return counts, skipped, files
+
+
+def write_metadata(out_dir: str, summary: dict[str, Any]) -> None:
   with open(os.path.join(out_dir, "metadata.json"), "w") as f:
     json.dump(summary, f, indent=2)
-  return summary
 
 
 def format_summary(summary: dict[str, Any], out_dir: str) -> str:
