@@ -133,6 +133,73 @@ def prepare_world(out_dir: str, *, world: str = "atari", game: str, episodes: in
   return summary
 
 
+def prepare_tfds(out_dir: str, *, name: str, data_dir: str = "", split: str = "train",
+                 video: str | None = None, action: str | None = None,
+                 caption: str | None = None, action_shift: int = 1,
+                 episodes: int | None = None, frames_per_episode: int | None = None,
+                 clip_frames: int = 16, clip_stride: int | None = None, size: int = 64,
+                 fps: float = 10.0, num_shards: int = 1, overwrite: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
+  """Records the episodes of a TFDS dataset's `split` (the first `episodes`;
+  None/0: all) like a world's: clips, episodes and metadata.json in
+  `out_dir`; returns the summary (also in metadata.json).
+
+  `video`, `action`, `caption` are feature paths (None: RLDS's
+  ``steps/observation/image``, ``steps/action`` and, where the dataset has
+  it, ``steps/language_instruction``; "" for action or caption: none); see
+  `worlds.tfds_world` for how they are read and aligned. Episode k of the
+  split is record field ``episode`` k. The dataset's frames are kept as they
+  are (at most `frames_per_episode` of each); `fps` is their rate, recorded
+  in every example. metadata.json says whether the actions became action ids
+  (``action_kind`` "ids", ``num_actions``) or controls (``action_kind``
+  "controls", ``control_dim``, ``control_names``).
+  """
+  from aapt_jax.data.worlds import tfds_world
+  check_positive(clip_frames=clip_frames, size=size, num_shards=num_shards)
+  clip_stride = clip_stride or clip_frames
+  check_positive(clip_stride=clip_stride)
+  if episodes is not None and episodes < 0:
+    raise ValueError(f"--episodes must be >= 0 (0 = all), got {episodes}")
+  if not fps > 0:
+    raise ValueError(f"--tfds_fps must be > 0, got {fps}")
+  if not name:
+    raise ValueError("--tfds_name: name the dataset (e.g. --tfds_name=bridge)")
+  reader = tfds_world.TfdsEpisodes(
+      name, data_dir=data_dir, split=split,
+      video=tfds_world.RLDS_VIDEO if video is None else video,
+      action=tfds_world.RLDS_ACTION if action is None else action, caption=caption,
+      size=size, action_shift=action_shift, max_frames=frames_per_episode or None)
+  check_output_dir(out_dir, overwrite)
+  total = min(episodes, len(reader)) if episodes else len(reader)
+
+  def read():
+    for k in range(total):
+      try:
+        fields = reader.episode(k)
+      except ValueError as e:
+        yield f"episode {k}", str(e)
+        continue
+      yield f"episode {k}", dict(fields, episode=k)
+
+  counts, skipped, files = record_episodes(
+      out_dir, read(), base={"world": "tfds", "game": name, "fps": float(fps)},
+      clip_frames=clip_frames, clip_stride=clip_stride, num_shards=num_shards,
+      total=total, desc=f"tfds/{name}", progress=progress)
+  num_actions, action_names = reader.names()
+  summary = {
+      "world": "tfds", "game": name, "tfds": reader.describe(),
+      "action_kind": reader.action_kind, "num_actions": num_actions,
+      "action_names": action_names, "control_dim": reader.control_dim,
+      **({"control_names": reader.control_names} if reader.control_dim else {}),
+      "size": [size, size], "fps": float(fps), "clip_frames": clip_frames,
+      "clip_stride": clip_stride, "frames_per_episode": frames_per_episode or None,
+      "record_format": records.FORMAT, "counts": counts, "files": files,
+      "skipped": skipped,
+  }
+  write_metadata(out_dir, summary)
+  return summary
+
+
 def record_episodes(out_dir: str, episodes: Iterable[tuple[str, dict[str, Any] | str]], *,
                     base: dict[str, Any], clip_frames: int, clip_stride: int,
                     num_shards: int = 1, total: int | None = None, desc: str = "",
