@@ -287,7 +287,7 @@ def test_a_tiny_config_trains_on_the_records(data_dir, tmp_path):
       "data.path": out, "data.world": "", "data.frame_size": SIZE,
       "data.space_to_depth": 4, "model.latent_channels": 48, "model.text_dim": 0,
       "model.num_actions": 0, "model.control_dim": 3, "train.steps": 2,
-      "train.batch_size": 2, "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 1,
+      "train.batch_size": 8, "mesh.data": 2, "mesh.fsdp": 4, "mesh.tensor": 1,
       "checkpoint.every_steps": 2})
   summary = Trainer(config, str(tmp_path / "run")).run()
   assert summary["stage"] == "diffusion" and summary["step"] == 2

@@ -1,6 +1,9 @@
-"""Data preparation: worlds -> ArrayRecord clips + whole episodes + metadata.
+"""Data preparation: worlds and datasets -> ArrayRecord clips + whole episodes + metadata.
 
-`prepare_world(out_dir, world="atari", game=...)` writes into `out_dir`:
+`prepare_world(out_dir, world="atari", game=...)` (a simulator) and
+`prepare_tfds(out_dir, name=...)` (a TFDS dataset, RLDS episodes in
+particular; `worlds.tfds_world`) write into `out_dir`, both through
+`record_episodes`:
 
 * ``clips-NNNNN-of-MMMMM.array_record``: fixed-length clips of
   `clip_frames` frames (cut every `clip_stride` frames from each episode),
@@ -12,8 +15,10 @@
   ``start = 0``) -- later stages roll out longer than any clip and take their
   action sequences (and, via ``seed``, exact emulator replays) from them;
 * ``metadata.json``: world, game, num_actions, action_names, control_dim (and
-  control_names), size, frame_skip, fps, counts, the files, and everything
-  skipped with the reason.
+  control_names), size, frame_skip (a simulator), fps, counts, the files, and
+  everything skipped with the reason; a TFDS dataset adds ``tfds`` (name,
+  version, split, the feature paths read) and ``action_kind`` ("ids",
+  "controls" or None).
 
 A bad item never stops the run silently: it is skipped, counted, and
 reported with its reason in the summary and in metadata.json.

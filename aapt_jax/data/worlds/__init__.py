@@ -28,6 +28,10 @@ Registered: `atari` (ale-py, `atari.AtariWorld`), `doom` (vizdoom,
 world's module is imported when it is first asked for, so `worlds` loads
 without its emulator. `policies.default_policy(world, seed)` is the policy a
 world is recorded with.
+
+Not registered, since nothing can be played in it: `tfds_world.TfdsEpisodes`,
+the episodes of a TFDS dataset (RLDS ``steps`` by default) as frames and
+actions or controls, which `prepare.prepare_tfds` records like a world's.
 """
 from __future__ import annotations
 
