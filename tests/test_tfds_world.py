@@ -73,6 +73,11 @@ class AaptTfdsIds(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "episode_metadata": {"file_path": f"ep{k}"}}
 
 
+def action_dict(a, i, t):
+  """An RT-1-like action of several parts."""
+  return {"world_vector": a, "gripper": np.float32(2 * a[0]), "terminate": np.int32(i == t - 1)}
+
+
 class AaptTfdsControls(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """RLDS-shaped, Open X-Embodiment-like: steps of an encoded PNG Image (and
   a wrist camera left unread), a float action vector; the caption per
@@ -85,6 +90,9 @@ class AaptTfdsControls(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "observation": {"image": F.Image(shape=(H, W, 3), encoding_format="png"),
                             "wrist_image": F.Image(shape=(H, W, 3), encoding_format="png")},
             "action": F.Tensor(shape=(3,), dtype=np.float32),
+            "action_dict": {"world_vector": F.Tensor(shape=(3,), dtype=np.float32),
+                            "gripper": F.Tensor(shape=(), dtype=np.float32),
+                            "terminate": F.Tensor(shape=(), dtype=np.int32)},
         }),
         "episode_metadata": {"instruction": F.Text()},
     }))
@@ -95,7 +103,8 @@ class AaptTfdsControls(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self):
     for k, (frames, actions, caption) in enumerate(generated(1, action_dim=3)):
       yield k, {"steps": [{"observation": {"image": png(f), "wrist_image": png(255 - f)},
-                           "action": a} for f, a in zip(frames, actions)],
+                           "action": a, "action_dict": action_dict(a, i, len(frames))}
+                          for i, (f, a) in enumerate(zip(frames, actions))],
                 "episode_metadata": {"instruction": caption}}
 
 
@@ -198,6 +207,26 @@ def test_encoded_image_rlds_records_controls(data_dir, tmp_path):
     assert e["controls"].dtype == np.float32 and e["text"] == caption
 
 
+def test_a_dict_action_becomes_its_parts_concatenated(data_dir, tmp_path):
+  out = str(tmp_path / "dict")
+  summary = prepare.prepare_tfds(out, name="aapt_tfds_controls", data_dir=data_dir,
+                                 action="steps/action_dict", caption="", clip_frames=4,
+                                 size=SIZE, episodes=1, progress=False)
+  names = summary["control_names"]
+  assert summary["control_dim"] == 5 and sorted(names) == [
+      "steps/action_dict/gripper", "steps/action_dict/terminate",
+      "steps/action_dict/world_vector/0", "steps/action_dict/world_vector/1",
+      "steps/action_dict/world_vector/2"]
+  frames, actions, _ = generated(1, action_dim=3)[0]
+  columns = {"steps/action_dict/gripper": 2 * actions[:, 0],
+             "steps/action_dict/terminate": np.arange(len(frames)) == len(frames) - 1}
+  columns.update({f"steps/action_dict/world_vector/{j}": actions[:, j] for j in range(3)})
+  want = np.stack([columns[n] for n in names], -1).astype(np.float32)   # [T, 5]
+  episode = read(out, "episodes")[0]
+  np.testing.assert_array_equal(episode["controls"], shifted(want))
+  assert "text" not in episode
+
+
 def test_episode_level_sequences_without_shift(data_dir, tmp_path):
   out = str(tmp_path / "video")
   summary = prepare.prepare_tfds(out, name="aapt_tfds_video", data_dir=data_dir,
@@ -255,6 +284,28 @@ def test_user_errors_name_the_flag(data_dir, tmp_path, kwargs, message):
   with pytest.raises(ValueError, match=message):
     prepare.prepare_tfds(str(tmp_path / "x"), data_dir=data_dir, progress=False, **kwargs)
   assert not os.path.exists(tmp_path / "x")  # checked before anything is written
+
+
+def test_a_video_feature_needs_tensorflow(data_dir, tmp_path):
+  """tfds makes a Video feature with tf.dtypes: a dataset with one (here the
+  episode-level dataset with its features.json edited to say Video) cannot be
+  read without TensorFlow, and the error says so."""
+  import shutil
+  try:
+    import tensorflow  # noqa: F401
+    pytest.skip("TensorFlow is installed")
+  except ImportError:
+    pass
+  shutil.copytree(os.path.join(data_dir, "aapt_tfds_video"), tmp_path / "aapt_tfds_video")
+  path = tmp_path / "aapt_tfds_video" / "1.0.0" / "features.json"
+  spec = json.loads(path.read_text())
+  spec["featuresDict"]["features"]["frames"] = {
+      "pythonClassName": "tensorflow_datasets.core.features.video_feature.Video",
+      "video": {"shape": {"dimensions": ["-1", str(H), str(W), "3"]}, "dtype": "uint8",
+                "encodingFormat": "png"}}
+  path.write_text(json.dumps(spec))
+  with pytest.raises(ValueError, match="--tfds_name='aapt_tfds_video': .*without TensorFlow"):
+    tfds_world.TfdsEpisodes("aapt_tfds_video", data_dir=str(tmp_path), video="frames")
 
 
 def _run_script(*args):

@@ -320,23 +320,25 @@ class TfdsEpisodes:
 
   @staticmethod
   def _builder(name: str, data_dir: str):
+    """The dataset's builder made from its files alone (never its code, never
+    a download); ValueError naming --tfds_name or --tfds_data_dir."""
     tfds = _tfds()
-    data_dir = os.path.expanduser(data_dir) if data_dir else None
-    if data_dir and not os.path.isdir(data_dir):
-      raise ValueError(f"--tfds_data_dir={data_dir!r} is not a directory")
+    from tensorflow_datasets.core import read_only_builder
+    root = os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR",
+                                                         "~/tensorflow_datasets"))
+    if not os.path.isdir(root):
+      raise ValueError(f"--tfds_data_dir={root!r} is not a directory")
     try:
-      builder = tfds.builder(name, data_dir=data_dir)
-      prepared = builder.is_prepared()
-    except (tfds.core.registered.DatasetNotFoundError, ValueError, FileNotFoundError):
-      prepared = False
-    if prepared:
-      return builder
-    root = data_dir or os.path.expanduser(os.environ.get("TFDS_DATA_DIR",
-                                                          "~/tensorflow_datasets"))
-    found = sorted(
-        os.path.relpath(d, root).replace(os.sep, "/")
-        for d, _, files in os.walk(root) if "dataset_info.json" in files) \
-        if os.path.isdir(root) else []
+      return read_only_builder.builder_from_files(name, data_dir=root)
+    except tfds.core.registered.DatasetNotFoundError:
+      pass
+    except ImportError as e:  # a Video feature, e.g., is made with tf.dtypes
+      raise ValueError(f"--tfds_name={name!r}: tfds cannot read this dataset's features "
+                       f"without TensorFlow ({e}); Video features need it") from None
+    except ValueError as e:  # a malformed name or version
+      raise ValueError(f"--tfds_name={name!r}: {e}") from None
+    found = sorted(os.path.relpath(d, root).replace(os.sep, "/")
+                   for d, _, files in os.walk(root) if "dataset_info.json" in files)
     raise ValueError(f"--tfds_name={name!r}: not prepared in --tfds_data_dir={root!r} "
                      f"(prepared there: {', '.join(found) or 'nothing'}); build it with "
                      "`tfds build NAME --data_dir=DIR --file_format=array_record` or "
