@@ -89,7 +89,6 @@ class Field:
   episode -- or from one step -- to the value, `feature` the feature the
   path names and `frame` the feature of one frame's value (None: one value
   per episode)."""
-  flag: str
   path: str
   steps: tuple[str, ...] | None
   keys: tuple[str, ...]
@@ -147,15 +146,15 @@ def resolve(features, path: str, flag: str, dataset: str) -> Field:
   if not parts:
     raise ValueError(f"--{flag}: empty feature path")
   if steps is not None:
-    return Field(flag, path, steps, parts[len(steps):], feature, feature)
+    return Field(path, steps, parts[len(steps):], feature, feature)
   if stacked:
-    return Field(flag, path, None, parts, feature, feature)
+    return Field(path, None, parts, feature, feature)
   if isinstance(feature, F.Sequence) and not isinstance(feature, F.Dataset):
-    return Field(flag, path, None, parts, feature, feature.feature)
+    return Field(path, None, parts, feature, feature.feature)
   if (type(feature) is F.Tensor and len(feature.shape) >= 1):  # time on the first axis
     frame = F.Tensor(shape=tuple(feature.shape[1:]), dtype=feature.np_dtype)
-    return Field(flag, path, None, parts, feature, frame)
-  return Field(flag, path, None, parts, feature, None)
+    return Field(path, None, parts, feature, frame)
+  return Field(path, None, parts, feature, None)
 
 
 def _is_image(feature) -> bool:
@@ -254,8 +253,8 @@ class TfdsEpisodes:
   actions or controls and a caption (see the module docstring).
 
   Args:
-    name: the dataset, as `tfds.builder` takes it ("name", "name/config",
-      "name:1.0.0").
+    name: the dataset ("name", "name/config", "name:1.0.0"), found in
+      `data_dir` by its files.
     data_dir: the directory it is prepared in ("" = TFDS_DATA_DIR or
       ~/tensorflow_datasets).
     split: a split, with tfds' slicing ("train", "train[:100]").
@@ -413,7 +412,7 @@ class TfdsEpisodes:
       out.update(self._actions([_frame(values, i) for i in range(n)]))
     if self.caption is not None:
       text = self._values(episode, self.caption, steps)
-      texts = text if isinstance(text, list) else [text]
+      texts = list(text) if isinstance(text, (list, np.ndarray)) else [text]
       texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
       out["text"] = next((t for t in texts if t), "")
     return out
