@@ -308,6 +308,19 @@ def test_a_video_feature_needs_tensorflow(data_dir, tmp_path):
     tfds_world.TfdsEpisodes("aapt_tfds_video", data_dir=str(tmp_path), video="frames")
 
 
+def test_a_tfrecord_dataset_is_a_clear_error(data_dir, tmp_path):
+  """TFRecord (how Open X-Embodiment is stored on GCS) has no random access:
+  tfds.data_source refuses it (its dataset_info.json edited to say so here)."""
+  import shutil
+  shutil.copytree(os.path.join(data_dir, "aapt_tfds_ids"), tmp_path / "aapt_tfds_ids")
+  path = tmp_path / "aapt_tfds_ids" / "1.0.0" / "dataset_info.json"
+  info = json.loads(path.read_text())
+  info["fileFormat"] = "tfrecord"
+  path.write_text(json.dumps(info))
+  with pytest.raises(ValueError, match="--tfds_name='aapt_tfds_ids': .* not ArrayRecord"):
+    tfds_world.TfdsEpisodes("aapt_tfds_ids", data_dir=str(tmp_path))
+
+
 def _run_script(*args):
   return subprocess.run([sys.executable, "launch/prepare_data.py", "--world=tfds", *args],
                         cwd=ROOT, capture_output=True, text=True, timeout=120)

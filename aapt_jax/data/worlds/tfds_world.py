@@ -311,9 +311,10 @@ class TfdsEpisodes:
       raise ValueError(f"--tfds_split={split!r}: {e} (splits of {name}: "
                        f"{', '.join(builder.info.splits)})") from None
     except NotImplementedError:
+      file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
       raise ValueError(f"--tfds_name={name!r}: {builder.data_dir} holds the dataset as "
-                       f"{builder.info.file_format}, not ArrayRecord: convert it once "
-                       "(tfds convert_format --dataset_version_dir=... "
+                       f"{file_format}, not ArrayRecord: convert it once (tfds "
+                       f"convert_format --dataset_version_dir={builder.data_dir} "
                        "--out_file_format=array_record, which needs TensorFlow) or "
                        "build it with --file_format=array_record") from None
 
