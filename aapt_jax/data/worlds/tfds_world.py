@@ -8,7 +8,8 @@ A dataset, not a simulator: it is not in the worlds' REGISTRY (nothing can be
 played or replayed); `prepare.prepare_tfds` records it like a world's
 episodes. The dataset must be prepared in `data_dir` in a random-access
 format (ArrayRecord: ``tfds build --file_format=array_record``); it is read
-with `tfds.data_source`, from its files alone (its builder code need not be
+through the builder's ``as_data_source`` (what `tfds.data_source` returns),
+the builder made from the dataset's files alone (its code need not be
 importable), and never downloaded.
 
 Feature paths name features by their keys joined with "/". A path through a
@@ -38,24 +39,26 @@ default) ``actions[i]`` is the dataset's action i - 1 and ``actions[0]`` is
 0 (id 0, or zero controls: nothing recorded produced the first frame); the
 last step's action is dropped. ``action_shift=0`` keeps them as they are.
 
-What tfds does without TensorFlow (tensorflow-datasets 4.9.10, tested):
+What tfds does without TensorFlow (tensorflow-datasets 4.9.10; tests/test_tfds_world.py
+builds and reads each of these unless said otherwise):
 
-* builds ArrayRecord datasets of ``Tensor``, ``ClassLabel``, ``Text``,
-  ``FeaturesDict``, ``Sequence`` and nested ``Dataset`` features, and of
-  ``Image`` features when each image is given as encoded PNG/JPEG bytes (or
-  a PIL image or a file); an ``Image`` given as a numpy array needs TF to
-  encode it;
-* reads all of these through `tfds.data_source`: ``Image`` features (at
-  the top level or in ``steps``) are read with ``tfds.decode.SkipDecoding()``
-  -- every one of them, so the unused cameras of a robot dataset cost no
-  decoding -- and the PNG/JPEG bytes of the chosen one are decoded here with
-  Pillow (`decode_frame`). An ``Image`` inside a ``Sequence`` cannot be
-  skipped (tfds' numpy path has no batched SkipDecoding); tfds decodes those
-  itself, with Pillow (or OpenCV when installed);
-* a ``Video`` feature cannot even be constructed without TensorFlow
-  (``tfds.features.Video`` calls ``tf.dtypes``): datasets with one cannot
-  be read here. Datasets stored as TFRecord (as Open X-Embodiment's are on
-  GCS) must be converted to ArrayRecord first, which needs TensorFlow once.
+* it builds ArrayRecord datasets of ``Tensor``, ``ClassLabel``, ``Text``,
+  ``FeaturesDict``, ``Sequence`` and ``Dataset`` (RLDS ``steps``) features,
+  and of ``Image`` features given encoded PNG bytes per image (JPEG bytes,
+  PIL images and image files take the same path in tfds' source, not
+  tested); an ``Image`` given as a numpy array needs TF (tf.image.encode_png);
+* it reads all of these through `tfds.data_source`. ``Image`` features at
+  the top level or in ``steps`` are read with ``tfds.decode.SkipDecoding()``
+  -- all of them, so a robot dataset's unused cameras cost no decoding --
+  and the chosen one's PNG/JPEG bytes are decoded here with Pillow
+  (`decode_frame`; JPEG tested on its own). An ``Image`` inside a
+  ``Sequence`` cannot be skipped (tfds' numpy path has no batched
+  SkipDecoding): tfds decodes those itself, with Pillow (OpenCV if installed);
+* it cannot make a ``Video`` feature (``tfds.features.Video`` calls
+  ``tf.dtypes``), so a dataset with one cannot be opened here (a clear
+  --tfds_name error), nor read TFRecord files (no random access; Open
+  X-Embodiment is TFRecord on GCS): those must be converted to ArrayRecord
+  once with TensorFlow (``tfds convert_format``).
 """
 from __future__ import annotations
 
