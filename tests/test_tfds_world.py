@@ -13,7 +13,8 @@ from PIL import Image
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from aapt_jax.data import prepare, records  # noqa: E402
+from aapt_jax.data import records  # noqa: E402
+from aapt_jax.data.prepare_tfds import prepare_tfds  # noqa: E402
 from aapt_jax.data.worlds import tfds_world  # noqa: E402
 from aapt_jax.image_utils import center_crop_resize  # noqa: E402
 from helpers import ROOT, config_path  # noqa: E402
@@ -162,7 +163,7 @@ def test_center_crop_resize():
 
 def test_discrete_rlds_records_equal_the_generated_episodes(data_dir, tmp_path):
   out = str(tmp_path / "ids")
-  summary = prepare.prepare_tfds(out, name="aapt_tfds_ids", data_dir=data_dir,
+  summary = prepare_tfds(out, name="aapt_tfds_ids", data_dir=data_dir,
                                  clip_frames=4, clip_stride=2, size=SIZE, fps=5.0,
                                  progress=False)
   assert json.load(open(os.path.join(out, "metadata.json"))) == json.loads(json.dumps(summary))
@@ -190,7 +191,7 @@ def test_discrete_rlds_records_equal_the_generated_episodes(data_dir, tmp_path):
 
 def test_encoded_image_rlds_records_controls(data_dir, tmp_path):
   out = str(tmp_path / "controls")
-  summary = prepare.prepare_tfds(out, name="aapt_tfds_controls", data_dir=data_dir,
+  summary = prepare_tfds(out, name="aapt_tfds_controls", data_dir=data_dir,
                                  caption="episode_metadata/instruction", clip_frames=4,
                                  size=SIZE, frames_per_episode=10, progress=False)
   assert summary["action_kind"] == "controls" and summary["num_actions"] == 0
@@ -209,9 +210,9 @@ def test_encoded_image_rlds_records_controls(data_dir, tmp_path):
 
 def test_a_dict_action_becomes_its_parts_concatenated(data_dir, tmp_path):
   out = str(tmp_path / "dict")
-  summary = prepare.prepare_tfds(out, name="aapt_tfds_controls", data_dir=data_dir,
-                                 action="steps/action_dict", caption="", clip_frames=4,
-                                 size=SIZE, episodes=1, progress=False)
+  summary = prepare_tfds(out, name="aapt_tfds_controls", data_dir=data_dir,
+                                 split="train[:1]", action="steps/action_dict", caption="",
+                                 clip_frames=4, size=SIZE, progress=False)
   names = summary["control_names"]
   assert summary["control_dim"] == 5 and sorted(names) == [
       "steps/action_dict/gripper", "steps/action_dict/terminate",
@@ -229,9 +230,9 @@ def test_a_dict_action_becomes_its_parts_concatenated(data_dir, tmp_path):
 
 def test_episode_level_sequences_without_shift(data_dir, tmp_path):
   out = str(tmp_path / "video")
-  summary = prepare.prepare_tfds(out, name="aapt_tfds_video", data_dir=data_dir,
-                                 video="frames", action="moves", action_shift=0,
-                                 clip_frames=5, size=SIZE, episodes=2, progress=False)
+  summary = prepare_tfds(out, name="aapt_tfds_video", data_dir=data_dir,
+                                 split="train[:2]", video="frames", action="moves",
+                                 action_shift=0, clip_frames=5, size=SIZE, progress=False)
   assert summary["num_actions"] == 6 and summary["action_names"][5] == "fire"
   assert summary["tfds"]["caption"] == "" and summary["counts"]["episodes"] == 2
   eps = {e["episode"]: e for e in read(out, "episodes")}
@@ -282,7 +283,7 @@ def test_decode_frame():
 ])
 def test_user_errors_name_the_flag(data_dir, tmp_path, kwargs, message):
   with pytest.raises(ValueError, match=message):
-    prepare.prepare_tfds(str(tmp_path / "x"), data_dir=data_dir, progress=False, **kwargs)
+    prepare_tfds(str(tmp_path / "x"), data_dir=data_dir, progress=False, **kwargs)
   assert not os.path.exists(tmp_path / "x")  # checked before anything is written
 
 
@@ -345,7 +346,7 @@ def test_a_tiny_config_trains_on_the_records(data_dir, tmp_path):
   from aapt_jax import load_config
   from aapt_jax.training.trainer import Trainer
   out = str(tmp_path / "records")
-  prepare.prepare_tfds(out, name="aapt_tfds_controls", data_dir=data_dir, clip_frames=5,
+  prepare_tfds(out, name="aapt_tfds_controls", data_dir=data_dir, clip_frames=5,
                        clip_stride=1, size=SIZE, progress=False)
   config = load_config(config_path("tiny.py"), {
       "data.path": out, "data.world": "", "data.frame_size": SIZE,

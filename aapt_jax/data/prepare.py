@@ -1,9 +1,6 @@
-"""Data preparation: worlds and datasets -> ArrayRecord clips + whole episodes + metadata.
+"""Data preparation: worlds -> ArrayRecord clips + whole episodes + metadata.
 
-`prepare_world(out_dir, world="atari", game=...)` (a simulator) and
-`prepare_tfds(out_dir, name=...)` (a TFDS dataset, RLDS episodes in
-particular; `worlds.tfds_world`) write into `out_dir`, both through
-`record_episodes`:
+`prepare_world(out_dir, world="atari", game=...)` writes into `out_dir`:
 
 * ``clips-NNNNN-of-MMMMM.array_record``: fixed-length clips of
   `clip_frames` frames (cut every `clip_stride` frames from each episode),
@@ -15,10 +12,8 @@ particular; `worlds.tfds_world`) write into `out_dir`, both through
   ``start = 0``) -- later stages roll out longer than any clip and take their
   action sequences (and, via ``seed``, exact emulator replays) from them;
 * ``metadata.json``: world, game, num_actions, action_names, control_dim (and
-  control_names), size, frame_skip (a simulator), fps, counts, the files, and
-  everything skipped with the reason; a TFDS dataset adds ``tfds`` (name,
-  version, split, the feature paths read) and ``action_kind`` ("ids",
-  "controls" or None).
+  control_names), size, frame_skip, fps, counts, the files, and everything
+  skipped with the reason.
 
 A bad item never stops the run silently: it is skipped, counted, and
 reported with its reason in the summary and in metadata.json.
@@ -28,7 +23,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterable
 from typing import Any
 
 from tqdm import tqdm
@@ -38,7 +32,6 @@ from aapt_jax.data import worlds
 from aapt_jax.data.worlds.policies import default_policy
 
 WORLDS = worlds.NAMES
-FRAME_FIELDS = ("video", "actions", "controls", "poses")  # cut with each clip
 
 
 def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
@@ -64,16 +57,50 @@ def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
     os.remove(p)
 
 
-def check_positive(**values: int) -> None:
-  """ValueError naming the flag of the first value below 1."""
-  for name, value in values.items():
-    if int(value) < 1:
-      raise ValueError(f"--{name} must be >= 1, got {value}")
-
-
 def clip_starts(num_frames: int, clip_frames: int, stride: int) -> list[int]:
   """Start indices of the full clips of an episode of `num_frames` frames."""
   return list(range(0, num_frames - clip_frames + 1, stride))
+
+
+PER_FRAME_FIELDS = ("video", "actions", "controls", "poses")
+
+
+def write_episode(clips_writer: records.RecordWriter, episodes_writer: records.RecordWriter,
+                  episode: dict[str, Any], *, clip_frames: int, clip_stride: int,
+                  label: str, offset: int = 0) -> tuple[dict[str, int], list[str]]:
+  """Writes one whole episode to `episodes_writer` and its clips to `clips_writer`.
+
+  `episode` is the episode's record: its per-frame fields (`PER_FRAME_FIELDS`,
+  each [T, ...]) and per-episode values (fps, world, text, ...). A clip is
+  the record with the per-frame fields cut to `clip_frames` frames from
+  every start s of `clip_starts(T, clip_frames, clip_stride)` and ``start``
+  set to `offset` + s (`offset`, the episode's own ``start``: its first
+  frame in a longer recording it is a part of). Returns the counts written
+  ({"episodes", "episode_frames", "clips", "clip_frames"}) and a reason,
+  starting with `label`, for each record not written (too few frames for a
+  clip, or a record the writer rejected).
+  """
+  T = len(episode["video"])
+  counts = {"episodes": 0, "episode_frames": 0, "clips": 0, "clip_frames": 0}
+  problems: list[str] = []
+
+  def write(writer, kind, start, stop, where):
+    example = {k: v[start:stop] if k in PER_FRAME_FIELDS else v for k, v in episode.items()}
+    example["start"] = offset + start
+    try:
+      writer.write(example, source=where)
+      counts[kind + "s"] += 1
+      counts[kind + "_frames"] += stop - start
+    except ValueError as e:
+      problems.append(f"{where}: {e}")
+
+  write(episodes_writer, "episode", 0, T, label)
+  starts = clip_starts(T, clip_frames, clip_stride)
+  if not starts:
+    problems.append(f"{label}: {T} frames < clip_frames={clip_frames}, no clips")
+  for s in starts:
+    write(clips_writer, "clip", s, s + clip_frames, f"{label} clip at frame {s}")
+  return counts, problems
 
 
 def prepare_atari(out_dir: str, **kwargs) -> dict[str, Any]:
@@ -96,33 +123,47 @@ def prepare_world(out_dir: str, *, world: str = "atari", game: str, episodes: in
   (`policies.default_policy`: sticky-random keeping its previous action with
   probability `repeat_prob`, or the camera explorer for a camera world).
   """
-  check_positive(episodes=episodes, clip_frames=clip_frames, size=size,
-                 frame_skip=frame_skip, num_shards=num_shards)
+  for name, value, low in (("episodes", episodes, 1), ("clip_frames", clip_frames, 1),
+                           ("size", size, 1), ("frame_skip", frame_skip, 1),
+                           ("num_shards", num_shards, 1)):
+    if int(value) < low:
+      raise ValueError(f"--{name} must be >= {low}, got {value}")
   clip_stride = clip_stride or clip_frames
-  check_positive(clip_stride=clip_stride)
+  if clip_stride < 1:
+    raise ValueError(f"--clip_stride must be >= 1, got {clip_stride}")
   name = world
   world = worlds.make_world(name, game, size=size, frame_skip=frame_skip)  # checks game
   check_output_dir(out_dir, overwrite)
 
-  def played():
+  base = {"world": name, "game": world.game, "fps": float(world.fps)}
+  skipped: list[str] = []
+  counts = {"episodes": 0, "episode_frames": 0, "clips": 0, "clip_frames": 0}
+  bar = tqdm(total=episodes, unit="episode", disable=not progress,
+             desc=f"{name}/{world.game}")
+  with records.RecordWriter(os.path.join(out_dir, "clips"), num_shards) as clips_w, \
+       records.RecordWriter(os.path.join(out_dir, "episodes"), num_shards) as eps_w:
     for k in range(episodes):
       ep_seed = seed + k
       try:
         policy = default_policy(world, seed=ep_seed, repeat_prob=repeat_prob)
         ep = world.record_episode(ep_seed, policy, max_frames=frames_per_episode or None)
       except (RuntimeError, ValueError) as e:
-        yield f"episode {k} (seed {ep_seed})", f"emulator error: {e}"
+        skipped.append(f"episode {k} (seed {ep_seed}): emulator error: {e}")
+        bar.update(1)
         continue
-      fields = {"video": ep.frames, "episode": k, "seed": ep_seed}
-      for key in FRAME_FIELDS[1:]:
+      example = dict(base, video=ep.frames, episode=k, start=0, seed=ep_seed)
+      for key in PER_FRAME_FIELDS[1:]:
         if getattr(ep, key, None) is not None:
-          fields[key] = getattr(ep, key)
-      yield f"episode {k}", fields
+          example[key] = getattr(ep, key)
+      written, problems = write_episode(clips_w, eps_w, example, clip_frames=clip_frames,
+                                        clip_stride=clip_stride, label=f"episode {k}")
+      for key, n in written.items():
+        counts[key] += n
+      skipped.extend(problems)
+      bar.update(1)
+      bar.set_postfix(frames=counts["episode_frames"], clips=counts["clips"])
+  bar.close()
 
-  counts, skipped, files = record_episodes(
-      out_dir, played(), base={"world": name, "game": world.game, "fps": float(world.fps)},
-      clip_frames=clip_frames, clip_stride=clip_stride, num_shards=num_shards,
-      total=episodes, desc=f"{name}/{world.game}", progress=progress)
   summary = {
       "world": name, "game": world.game, "rom_id": getattr(world, "rom_id", None),
       "num_actions": world.num_actions, "action_names": world.action_names,
@@ -131,139 +172,14 @@ def prepare_world(out_dir: str, *, world: str = "atari", game: str, episodes: in
       "size": list(world.size), "frame_skip": world.frame_skip, "fps": world.fps,
       "clip_frames": clip_frames, "clip_stride": clip_stride, "seed": seed,
       "repeat_prob": repeat_prob, "frames_per_episode": frames_per_episode or None,
-      "record_format": records.FORMAT, "counts": counts, "files": files,
+      "record_format": records.FORMAT, "counts": counts,
+      "files": {"clips": [os.path.basename(p) for p in clips_w.paths],
+                "episodes": [os.path.basename(p) for p in eps_w.paths]},
       "skipped": skipped,
   }
-  write_metadata(out_dir, summary)
-  return summary
-
-
-def prepare_tfds(out_dir: str, *, name: str, data_dir: str = "", split: str = "train",
-                 video: str | None = None, action: str | None = None,
-                 caption: str | None = None, action_shift: int = 1,
-                 episodes: int | None = None, frames_per_episode: int | None = None,
-                 clip_frames: int = 16, clip_stride: int | None = None, size: int = 64,
-                 fps: float = 10.0, num_shards: int = 1, overwrite: bool = False,
-                 progress: bool = True) -> dict[str, Any]:
-  """Records the episodes of a TFDS dataset's `split` (the first `episodes`;
-  None/0: all) like a world's: clips, episodes and metadata.json in
-  `out_dir`; returns the summary (also in metadata.json).
-
-  `video`, `action`, `caption` are feature paths (None: RLDS's
-  ``steps/observation/image``, ``steps/action`` and, where the dataset has
-  it, ``steps/language_instruction``; "" for action or caption: none); see
-  `worlds.tfds_world` for how they are read and aligned. Episode k of the
-  split is record field ``episode`` k. The dataset's frames are kept as they
-  are (at most `frames_per_episode` of each); `fps` is their rate, recorded
-  in every example. metadata.json says whether the actions became action ids
-  (``action_kind`` "ids", ``num_actions``) or controls (``action_kind``
-  "controls", ``control_dim``, ``control_names``).
-  """
-  from aapt_jax.data.worlds import tfds_world
-  check_positive(clip_frames=clip_frames, size=size, num_shards=num_shards)
-  clip_stride = clip_stride or clip_frames
-  check_positive(clip_stride=clip_stride)
-  if episodes is not None and episodes < 0:
-    raise ValueError(f"--episodes must be >= 0 (0 = all), got {episodes}")
-  if not fps > 0:
-    raise ValueError(f"--tfds_fps must be > 0, got {fps}")
-  if not name:
-    raise ValueError("--tfds_name: name the dataset (e.g. --tfds_name=bridge)")
-  reader = tfds_world.TfdsEpisodes(
-      name, data_dir=data_dir, split=split,
-      video=tfds_world.RLDS_VIDEO if video is None else video,
-      action=tfds_world.RLDS_ACTION if action is None else action, caption=caption,
-      size=size, action_shift=action_shift, max_frames=frames_per_episode or None)
-  check_output_dir(out_dir, overwrite)
-  total = min(episodes, len(reader)) if episodes else len(reader)
-
-  def read():
-    for k in range(total):
-      try:
-        fields = reader.episode(k)
-      except ValueError as e:
-        yield f"episode {k}", str(e)
-        continue
-      yield f"episode {k}", dict(fields, episode=k)
-
-  counts, skipped, files = record_episodes(
-      out_dir, read(), base={"world": "tfds", "game": name, "fps": float(fps)},
-      clip_frames=clip_frames, clip_stride=clip_stride, num_shards=num_shards,
-      total=total, desc=f"tfds/{name}", progress=progress)
-  num_actions, action_names = reader.names()
-  summary = {
-      "world": "tfds", "game": name, "tfds": reader.describe(),
-      "action_kind": reader.action_kind, "num_actions": num_actions,
-      "action_names": action_names, "control_dim": reader.control_dim,
-      **({"control_names": reader.control_names} if reader.control_dim else {}),
-      "size": [size, size], "fps": float(fps), "clip_frames": clip_frames,
-      "clip_stride": clip_stride, "frames_per_episode": frames_per_episode or None,
-      "record_format": records.FORMAT, "counts": counts, "files": files,
-      "skipped": skipped,
-  }
-  write_metadata(out_dir, summary)
-  return summary
-
-
-def record_episodes(out_dir: str, episodes: Iterable[tuple[str, dict[str, Any] | str]], *,
-                    base: dict[str, Any], clip_frames: int, clip_stride: int,
-                    num_shards: int = 1, total: int | None = None, desc: str = "",
-                    progress: bool = True) -> tuple[dict[str, int], list[str], dict]:
-  """Writes every episode of `episodes` whole to `out_dir`/episodes-* and cut
-  into clips of `clip_frames` frames every `clip_stride` frames to
-  `out_dir`/clips-* (`num_shards` files each; the directory is checked by
-  the caller). Returns (counts, skipped, files) for metadata.json.
-
-  `episodes` yields ``(label, fields)``: `fields` holds the per-frame arrays
-  ``video`` uint8 [T, H, W, 3] and any of ``actions`` [T], ``controls``
-  [T, A], ``poses`` [T, P] (``FRAME_FIELDS``, cut with the clip) and
-  scalars (``episode``, ``seed``, ``text``, ...) every clip of the episode
-  keeps; or `fields` is a str, the reason the episode `label` was skipped.
-  Every example also holds `base` (``world``, ``game``, ``fps``). An example
-  the records refuse, or an episode shorter than one clip, is skipped with
-  its label and reason.
-  """
-  skipped: list[str] = []
-  counts = {"episodes": 0, "episode_frames": 0, "clips": 0, "clip_frames": 0}
-  bar = tqdm(total=total, unit="episode", disable=not progress, desc=desc)
-  with records.RecordWriter(os.path.join(out_dir, "clips"), num_shards) as clips_w, \
-       records.RecordWriter(os.path.join(out_dir, "episodes"), num_shards) as eps_w:
-    for label, fields in episodes:
-      if isinstance(fields, str):
-        skipped.append(f"{label}: {fields}")
-        bar.update(1)
-        continue
-      T = len(fields["video"])
-
-      def write(writer, kind, start, stop, where):
-        """Writes frames start..stop of the episode; counts it or records why not."""
-        example = dict(base, start=start)
-        for key, value in fields.items():
-          example[key] = value[start:stop] if key in FRAME_FIELDS else value
-        try:
-          writer.write(example, source=where)
-          counts[kind + "s"] += 1
-          counts[kind + "_frames"] += stop - start
-        except ValueError as e:
-          skipped.append(f"{where}: {e}")
-
-      write(eps_w, "episode", 0, T, label)
-      starts = clip_starts(T, clip_frames, clip_stride)
-      if not starts:
-        skipped.append(f"{label}: {T} frames < clip_frames={clip_frames}, no clips")
-      for s in starts:
-        write(clips_w, "clip", s, s + clip_frames, f"{label} clip at frame {s}")
-      bar.update(1)
-      bar.set_postfix(frames=counts["episode_frames"], clips=counts["clips"])
-  bar.close()
-  files = {"clips": [os.path.basename(p) for p in clips_w.paths],
-           "episodes": [os.path.basename(p) for p in eps_w.paths]}
-  return counts, skipped, files
-
-
-def write_metadata(out_dir: str, summary: dict[str, Any]) -> None:
   with open(os.path.join(out_dir, "metadata.json"), "w") as f:
     json.dump(summary, f, indent=2)
+  return summary
 
 
 def format_summary(summary: dict[str, Any], out_dir: str) -> str:

@@ -27,11 +27,8 @@ Registered: `atari` (ale-py, `atari.AtariWorld`), `doom` (vizdoom,
 `doom.DoomWorld`: a first-person camera, control_dim 3, num_actions 0). A
 world's module is imported when it is first asked for, so `worlds` loads
 without its emulator. `policies.default_policy(world, seed)` is the policy a
-world is recorded with.
-
-Not registered, since nothing can be played in it: `tfds_world.TfdsEpisodes`,
-the episodes of a TFDS dataset (RLDS ``steps`` by default) as frames and
-actions or controls, which `prepare.prepare_tfds` records like a world's.
+world is recorded with. `tfds_world.py` reads the episodes of a TFDS dataset
+(no simulator, so not registered; data/prepare_tfds.py records it).
 """
 from __future__ import annotations
 

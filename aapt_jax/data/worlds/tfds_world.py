@@ -5,7 +5,7 @@
     ep = episodes.episode(0)  # {"video": uint8 [T, 64, 64, 3], "controls": [T, A], "text": ...}
 
 A dataset, not a simulator: it is not in the worlds' REGISTRY (nothing can be
-played or replayed); `prepare.prepare_tfds` records it like a world's
+played or replayed); `prepare_tfds.prepare_tfds` records it like a world's
 episodes. The dataset must be prepared in `data_dir` in a random-access
 format (ArrayRecord: ``tfds build --file_format=array_record``); it is read
 through the builder's ``as_data_source`` (what `tfds.data_source` returns),
