@@ -1,5 +1,8 @@
 """Worlds: simulators that produce (frames, actions), by name.
 
+(`tfds_world.py` reads the episodes of a TFDS dataset instead: no simulator,
+so not registered; data/prepare_tfds.py records it.)
+
     world = make_world("atari", "Pong", size=64, frame_skip=4)
     world = world_from_config(config)          # config.data.world/game/frame_size/frame_skip
 
@@ -27,8 +30,7 @@ Registered: `atari` (ale-py, `atari.AtariWorld`), `doom` (vizdoom,
 `doom.DoomWorld`: a first-person camera, control_dim 3, num_actions 0). A
 world's module is imported when it is first asked for, so `worlds` loads
 without its emulator. `policies.default_policy(world, seed)` is the policy a
-world is recorded with. `tfds_world.py` reads the episodes of a TFDS dataset
-(no simulator, so not registered; data/prepare_tfds.py records it).
+world is recorded with.
 """
 from __future__ import annotations
 
