@@ -30,7 +30,8 @@ def prepare_tfds(out_dir: str, *, name: str, data_dir: str = "", split: str = "t
                  video: str | None = None, action: str | None = None,
                  caption: str | None = None, action_shift: int = 1,
                  frames_per_episode: int | None = None, clip_frames: int = 16,
-                 clip_stride: int | None = None, size: int = 64, fps: float = 10.0,
+                 clip_stride: int | None = None, size: int | tuple[int, int] = 64,
+                 fps: float = 10.0,
                  num_shards: int = 1, overwrite: bool = False,
                  progress: bool = True) -> dict[str, Any]:
   """Records every episode of the TFDS dataset `name`'s `split` (tfds'
@@ -39,14 +40,16 @@ def prepare_tfds(out_dir: str, *, name: str, data_dir: str = "", split: str = "t
 
   `video`, `action`, `caption` are feature paths (None: RLDS's
   ``steps/observation/image``, ``steps/action`` and, where the dataset has
-  it, ``steps/language_instruction``; "" for action or caption: none). Episode
+  it, ``steps/language_instruction``; "" for action or caption: none). Frames
+  are `size` x `size`, or (h, w) for a tuple. Episode
   k of the split is record field ``episode`` k. Frames are kept as the
   dataset has them (at most `frames_per_episode` per episode; no
   resampling): `fps` is their rate, recorded in every example. Every error a
   user can cause is a ValueError naming its flag, raised before anything is
   written; an episode that cannot be read is skipped with its reason.
   """
-  for flag, value in (("clip_frames", clip_frames), ("size", size),
+  hw = (size, size) if isinstance(size, int) else tuple(size)   # square, or (h, w)
+  for flag, value in (("clip_frames", clip_frames), ("size", min(hw)),
                       ("num_shards", num_shards), ("clip_stride", clip_stride or 1)):
     if int(value) < 1:
       raise ValueError(f"--{flag} must be >= 1, got {value}")
@@ -59,7 +62,7 @@ def prepare_tfds(out_dir: str, *, name: str, data_dir: str = "", split: str = "t
       name, data_dir=data_dir, split=split,
       video=tfds_world.RLDS_VIDEO if video is None else video,
       action=tfds_world.RLDS_ACTION if action is None else action, caption=caption,
-      size=size, action_shift=action_shift, max_frames=frames_per_episode or None)
+      size=hw, action_shift=action_shift, max_frames=frames_per_episode or None)
   check_output_dir(out_dir, overwrite)
 
   base = {"world": "tfds", "game": name, "fps": float(fps)}
@@ -89,7 +92,7 @@ def prepare_tfds(out_dir: str, *, name: str, data_dir: str = "", split: str = "t
       "action_kind": reader.action_kind, "num_actions": num_actions,
       "action_names": action_names, "control_dim": reader.control_dim,
       **({"control_names": reader.control_names} if reader.control_dim else {}),
-      "size": [size, size], "fps": float(fps), "clip_frames": clip_frames,
+      "size": list(hw), "fps": float(fps), "clip_frames": clip_frames,
       "clip_stride": clip_stride, "frames_per_episode": frames_per_episode or None,
       "record_format": records.FORMAT, "counts": counts,
       "files": {"clips": [os.path.basename(p) for p in clips_w.paths],
