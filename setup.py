@@ -35,6 +35,10 @@ setup(
         "ale-py>=0.12",
         "vizdoom>=1.3.2",
         "array-record>=0.5",
+        # launch/prepare_data.py --world=tfds: TFDS/RLDS datasets through
+        # tfds.data_source, without TensorFlow; Pillow decodes their images.
+        "tensorflow-datasets>=4.9.10",
+        "pillow>=10.0",
         "msgpack>=1.0",
         "tensorboardX>=2.6",
         "aiohttp>=3.9",       # launch/play.py: the playable page (HTTP + WebSocket)

@@ -34,3 +34,21 @@ def resize_area(frames: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
   x = np.matmul(x, _area_weights(W, w).T)                    # [N, h, C, w]
   x = x.transpose(0, 1, 3, 2).reshape(lead + (h, w, C))
   return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def center_crop_resize(frames: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+  """Center-crops uint8 images ``[..., H, W, C]`` to the aspect ratio of
+  `size` (int or (h, w)), then area-resizes them (`resize_area`) to
+  ``[..., h, w, C]``: nothing is stretched."""
+  h, w = (size, size) if isinstance(size, int) else size
+  frames = np.asarray(frames)
+  H, W = frames.shape[-3], frames.shape[-2]
+  if H * w > W * h:      # too tall: keep the middle H' = W * h / w rows
+    ch = max(1, round(W * h / w))
+    top = (H - ch) // 2
+    frames = frames[..., top:top + ch, :, :]
+  elif H * w < W * h:    # too wide
+    cw = max(1, round(H * w / h))
+    left = (W - cw) // 2
+    frames = frames[..., :, left:left + cw, :]
+  return resize_area(frames, (h, w))

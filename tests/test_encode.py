@@ -121,6 +121,24 @@ def test_actions_per_latent_frame_and_measured_statistics(encoded):
   assert meta["record_kind"] == "latents" and meta["latents_mean"] == summary["latents_mean"]
 
 
+def test_controls_are_kept_per_latent_frame(encoded, tmp_path):
+  """A camera or robot dataset's controls [T, A] go per latent frame like actions."""
+  rng = np.random.default_rng(0)
+  pixels, out = tmp_path / "pixels", tmp_path / "latents"
+  examples = [{"video": rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8), "fps": 8.0,
+               "controls": rng.standard_normal((10, 3)).astype(np.float32)} for _ in range(2)]
+  records.write_records(str(pixels / "clips-00000-of-00001.array_record"), examples)
+  records.write_records(str(pixels / "episodes-00000-of-00001.array_record"), examples)
+  (pixels / "metadata.json").write_text(json.dumps({"size": [8, 8]}))
+  encode.encode_records(str(pixels), str(out), vae_checkpoint=str(encoded["tmp"] / "vae_run"),
+                        batch_size=3, progress=False)
+  for kind in ("clips", "episodes"):
+    latents = records.RecordSource(records.resolve_paths(str(out / f"{kind}-*")), validate=True)
+    for example, q in zip(examples, latents):
+      assert q["controls"].dtype == np.float32 and q["controls"].shape == (5, 3)
+      np.testing.assert_array_equal(q["controls"], example["controls"][[0, 1, 3, 5, 7]])
+
+
 def test_a_run_finds_its_vae_through_vae_checkpoint(encoded, tmp_path):
   tmp, params = encoded["tmp"], encoded["params"]
   run_config = _config(stage="diffusion", **{"vae.checkpoint": str(tmp / "vae_run")})

@@ -5,6 +5,8 @@ Modules (imported explicitly, so `records` and `worlds` load without JAX):
   records   example schema, serialisation, `write_records`, `RecordSource`
   pipeline  grain `make_dataset`, `make_iterator`, `make_global_batch`,
             `pixels_to_latents` / `latents_to_pixels`
+  prepare_tfds  `prepare_tfds`: a TFDS dataset (RLDS episodes) -> the records
+            `prepare` makes, without TensorFlow
   prepare   `prepare_world`: a world -> clips + episodes + metadata.json
   worlds    simulators producing (frames, actions), by name: `worlds.make_world`
 """

@@ -16,7 +16,7 @@ std (the values to put in ``vae.latents_mean/latents_std``).
   video frames 1 + r(j-1) .. rj.
 * Actions per latent frame: latent frame j >= 1 takes the action of its first
   video frame, actions[1 + r(j-1)] -- what generation does, holding one
-  action for a latent frame's r video frames.
+  action for a latent frame's r video frames. ``controls`` likewise.
 * The encoder is causal, so an episode is encoded padded at the end to a
   length bucket (one compile per bucket, not per episode length) and the
   padding's latents dropped: exactly the unpadded encoding.
@@ -46,8 +46,9 @@ IMAGE_BATCH = 32      # one-frame videos encoded per call (sink_latents)
 
 
 def latent_actions(actions: np.ndarray, r: int) -> np.ndarray:
-  """Actions per video frame [T] (T = 1 + k*r) -> per latent frame [1 + k]."""
-  return np.concatenate([actions[:1], actions[1::r]]).astype(np.int32)
+  """Actions per video frame [T] (T = 1 + k*r) -> per latent frame [1 + k]
+  (controls [T, A] -> [1 + k, A] alike; the dtype is kept)."""
+  return np.concatenate([actions[:1], actions[1::r]])
 
 
 def _trimmed(num_frames: int, r: int) -> int:
@@ -109,8 +110,9 @@ def encode_records(src_dir: str, out_dir: str, *, vae_checkpoint: str, batch_siz
     video = example["video"][:_trimmed(len(example["video"]), r)]
     out.update(latents=np.asarray(latents, np.float32), temporal_factor=r,
                sink_latents=encode_images(video[::r]).astype(np.float32))
-    if "actions" in example:
-      out["actions"] = latent_actions(example["actions"][:_trimmed(len(example["video"]), r)], r)
+    for key in ("actions", "controls"):
+      if key in example:
+        out[key] = latent_actions(example[key][:_trimmed(len(example["video"]), r)], r)
     return out
 
   for kind in ("clips", "episodes"):

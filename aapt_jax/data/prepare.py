@@ -62,6 +62,47 @@ def clip_starts(num_frames: int, clip_frames: int, stride: int) -> list[int]:
   return list(range(0, num_frames - clip_frames + 1, stride))
 
 
+PER_FRAME_FIELDS = ("video", "actions", "controls", "poses")
+
+
+def write_episode(clips_writer: records.RecordWriter, episodes_writer: records.RecordWriter,
+                  episode: dict[str, Any], *, clip_frames: int, clip_stride: int,
+                  label: str, offset: int = 0) -> tuple[dict[str, int], list[str]]:
+  """Writes one whole episode to `episodes_writer` and its clips to `clips_writer`.
+
+  `episode` is the episode's record: its per-frame fields (`PER_FRAME_FIELDS`,
+  each [T, ...]) and per-episode values (fps, world, text, ...). A clip is
+  the record with the per-frame fields cut to `clip_frames` frames from
+  every start s of `clip_starts(T, clip_frames, clip_stride)` and ``start``
+  set to `offset` + s (`offset`, the episode's own ``start``: its first
+  frame in a longer recording it is a part of). Returns the counts written
+  ({"episodes", "episode_frames", "clips", "clip_frames"}) and a reason,
+  starting with `label`, for each record not written (too few frames for a
+  clip, or a record the writer rejected).
+  """
+  T = len(episode["video"])
+  counts = {"episodes": 0, "episode_frames": 0, "clips": 0, "clip_frames": 0}
+  problems: list[str] = []
+
+  def write(writer, kind, start, stop, where):
+    example = {k: v[start:stop] if k in PER_FRAME_FIELDS else v for k, v in episode.items()}
+    example["start"] = offset + start
+    try:
+      writer.write(example, source=where)
+      counts[kind + "s"] += 1
+      counts[kind + "_frames"] += stop - start
+    except ValueError as e:
+      problems.append(f"{where}: {e}")
+
+  write(episodes_writer, "episode", 0, T, label)
+  starts = clip_starts(T, clip_frames, clip_stride)
+  if not starts:
+    problems.append(f"{label}: {T} frames < clip_frames={clip_frames}, no clips")
+  for s in starts:
+    write(clips_writer, "clip", s, s + clip_frames, f"{label} clip at frame {s}")
+  return counts, problems
+
+
 def prepare_atari(out_dir: str, **kwargs) -> dict[str, Any]:
   """`prepare_world` of the Atari world."""
   return prepare_world(out_dir, world="atari", **kwargs)
@@ -110,30 +151,15 @@ def prepare_world(out_dir: str, *, world: str = "atari", game: str, episodes: in
         skipped.append(f"episode {k} (seed {ep_seed}): emulator error: {e}")
         bar.update(1)
         continue
-      T = len(ep)
-
-      def write(writer, kind, start, stop, label):
-        """Writes frames start..stop of the episode; counts it or records why not."""
-        example = dict(base, video=ep.frames[start:stop], episode=k, start=start,
-                       seed=ep_seed)
-        for key in ("actions", "controls", "poses"):
-          value = getattr(ep, key, None)
-          if value is not None:
-            example[key] = value[start:stop]
-        try:
-          writer.write(example, source=label)
-          counts[kind + "s"] += 1
-          counts[kind + "_frames"] += stop - start
-        except ValueError as e:
-          skipped.append(f"{label}: {e}")
-
-      write(eps_w, "episode", 0, T, f"episode {k}")
-      starts = clip_starts(T, clip_frames, clip_stride)
-      if not starts:
-        skipped.append(f"episode {k}: {T} frames < clip_frames={clip_frames}, "
-                       "no clips")
-      for s in starts:
-        write(clips_w, "clip", s, s + clip_frames, f"episode {k} clip at frame {s}")
+      example = dict(base, video=ep.frames, episode=k, start=0, seed=ep_seed)
+      for key in PER_FRAME_FIELDS[1:]:
+        if getattr(ep, key, None) is not None:
+          example[key] = getattr(ep, key)
+      written, problems = write_episode(clips_w, eps_w, example, clip_frames=clip_frames,
+                                        clip_stride=clip_stride, label=f"episode {k}")
+      for key, n in written.items():
+        counts[key] += n
+      skipped.extend(problems)
       bar.update(1)
       bar.set_postfix(frames=counts["episode_frames"], clips=counts["clips"])
   bar.close()

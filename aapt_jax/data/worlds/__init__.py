@@ -1,5 +1,8 @@
 """Worlds: simulators that produce (frames, actions), by name.
 
+(`tfds_world.py` reads the episodes of a TFDS dataset instead: no simulator,
+so not registered; data/prepare_tfds.py records it.)
+
     world = make_world("atari", "Pong", size=64, frame_skip=4)
     world = world_from_config(config)          # config.data.world/game/frame_size/frame_skip
 
