@@ -14,6 +14,8 @@ def _optim(**overrides):
   o.name = "adamw"            # adamw | rmsprop
   o.learning_rate = 1e-5      # peak learning rate
   o.schedule = "constant"     # constant | cosine (decays to 0 at train.steps)
+  o.hold_steps = 0            # steps at learning rate 0 before the warm-up (e.g. G
+                              # waits while a fresh discriminator learns)
   o.warmup_steps = 0          # linear warm-up from 0
   o.b1 = 0.9                  # adamw
   o.b2 = 0.999                # adamw

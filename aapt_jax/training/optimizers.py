@@ -5,17 +5,26 @@ import optax
 
 
 def schedule(o, total_steps: int):
+  """The learning rate per step: `hold_steps` at 0, a linear warm-up over
+  `warmup_steps`, then constant or a cosine decay to 0 at `total_steps`."""
   if o.learning_rate < 0:  # 0 freezes the network (e.g. a fixed discriminator)
     raise ValueError(f"optimizer learning_rate must be >= 0, got {o.learning_rate}")
+  hold = int(o.get("hold_steps", 0))
+  if hold < 0 or o.warmup_steps < 0:
+    raise ValueError(f"optimizer hold_steps and warmup_steps must be >= 0, got {hold} "
+                     f"and {o.warmup_steps}")
   if o.schedule == "constant":
     main = optax.constant_schedule(o.learning_rate)
   elif o.schedule == "cosine":
-    main = optax.cosine_decay_schedule(o.learning_rate, max(1, total_steps - o.warmup_steps))
+    main = optax.cosine_decay_schedule(o.learning_rate,
+                                       max(1, total_steps - hold - o.warmup_steps))
   else:
     raise ValueError(f"optimizer schedule must be 'constant' or 'cosine', got {o.schedule!r}")
   if o.warmup_steps > 0:
     warm = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
-    return optax.join_schedules([warm, main], [o.warmup_steps])
+    main = optax.join_schedules([warm, main], [o.warmup_steps])
+  if hold > 0:
+    return optax.join_schedules([optax.constant_schedule(0.0), main], [hold])
   return main
 
 
