@@ -128,6 +128,8 @@ def get_config(arg=None):
   d.frame_skip = 4            # emulator frames per recorded frame
   d.space_to_depth = 4        # pixel-space model: frames -> latents by s x s
                               # space-to-depth (0 = latents come from a VAE)
+  d.text_len = 512            # caption tokens per sample (model.text_dim > 0): the records'
+                              # text_embedding padded/truncated to it, with a mask (Wan: 512)
   d.record_episodes = 8       # with data.world set and data.path empty, the trainer
   d.record_frames = 500       # records this many episodes of at most this many frames
 

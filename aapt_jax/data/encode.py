@@ -8,7 +8,8 @@ reads the ``clips-*`` and ``episodes-*`` of a prepared pixel dataset
 them with ``vae.latents_mean/latents_std``) in place of ``video``, plus
 ``temporal_factor`` r and ``actions`` per latent frame, and a metadata.json
 that adds the VAE checkpoint and the latents' measured per-channel mean and
-std (the values to put in ``vae.latents_mean/latents_std``).
+std (the values to put in ``vae.latents_mean/latents_std``); its ``counts``
+and ``skipped`` add the latent records' to the pixel dataset's.
 
 * A record of T video frames keeps its first 1 + k*r frames (k as large as
   fits): the encoder needs T = 1 + k*r, and a frame is never silently
@@ -78,7 +79,7 @@ def encode_records(src_dir: str, out_dir: str, *, vae_checkpoint: str, batch_siz
                             "with launch/prepare_data.py")
   with open(src_meta_path) as f:
     src_meta = json.load(f)
-  config, vae, params = load_trained_vae(vae_checkpoint)
+  config, vae, params = load_trained_vae(vae_checkpoint, src_meta.get("size"))
   r, frame_size = vae.spec.temporal_factor, tuple(vae.spec.frame_size)
   if tuple(src_meta.get("size", frame_size)) != frame_size:
     raise ValueError(f"{src_dir} holds {tuple(src_meta['size'])} frames but the VAE of "
@@ -101,7 +102,7 @@ def encode_records(src_dir: str, out_dir: str, *, vae_checkpoint: str, batch_siz
 
   stats = _ChannelStats()
   counts = {"clips": 0, "clip_latent_frames": 0, "episodes": 0, "episode_latent_frames": 0}
-  skipped: list[str] = []
+  skipped: list[str | dict[str, str]] = []  # {"file", "reason"} for a video folder's records
   out_files = {}
 
   def to_latent_record(example, latents):
@@ -136,7 +137,9 @@ def encode_records(src_dir: str, out_dir: str, *, vae_checkpoint: str, batch_siz
       for i in range(len(source)):
         example = source[i]
         if "video" not in example or len(example["video"]) < 1 + r:
-          skipped.append(f"{kind}[{i}]: fewer than 1 + r = {1 + r} video frames")
+          reason = f"fewer than 1 + r = {1 + r} video frames"
+          skipped.append({"file": example["file"], "reason": f"{kind}[{i}]: {reason}"}
+                         if "file" in example else f"{kind}[{i}]: {reason}")
         elif kind == "clips":
           if pending and len(example["video"]) != len(pending[0]["video"]):
             flush()
@@ -162,8 +165,9 @@ def encode_records(src_dir: str, out_dir: str, *, vae_checkpoint: str, batch_siz
   summary = dict(src_meta, record_kind="latents", pixel_source=os.path.abspath(src_dir),
                  vae_checkpoint=os.path.abspath(vae_checkpoint), temporal_factor=r,
                  latent_size=list(vae.spec.latent_size), z_dim=vae.spec.z_dim,
-                 latents_mean=mean, latents_std=std, counts=counts, files=out_files,
-                 skipped=skipped)
+                 latents_mean=mean, latents_std=std,
+                 counts={**src_meta.get("counts", {}), **counts}, files=out_files,
+                 skipped=src_meta.get("skipped", []) + skipped)
   with open(os.path.join(out_dir, "metadata.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary

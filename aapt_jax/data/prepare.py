@@ -23,6 +23,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import tempfile
+from collections.abc import Collection
 from typing import Any
 
 from tqdm import tqdm
@@ -34,22 +36,25 @@ from aapt_jax.data.worlds.policies import default_policy
 WORLDS = worlds.NAMES
 
 
-def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
+def check_output_dir(out_dir: str, overwrite: bool = False,
+                     keep: Collection[str] = ()) -> None:
   """Creates `out_dir` and checks it is writable and holds no earlier records
-  (unless `overwrite`, which deletes them); ValueError otherwise."""
+  (unless `overwrite`, which deletes them) other than the file names in
+  `keep` (those of a run being resumed); ValueError otherwise."""
   if not out_dir:
     raise ValueError("--out: an output directory is required")
   try:
     os.makedirs(out_dir, exist_ok=True)
-    probe = os.path.join(out_dir, ".write_test")
-    with open(probe, "w") as f:
-      f.write("ok")
+    fd, probe = tempfile.mkstemp(prefix=".write_test", dir=out_dir)  # unique: processes
+    os.close(fd)                                                      # may share out_dir
     os.remove(probe)
   except OSError as e:
     raise ValueError(f"cannot write to output directory {out_dir!r}: "
                      f"{e.strerror or e}") from None
   old = sorted(glob.glob(os.path.join(out_dir, "clips-*" + records.SUFFIX)) +
                glob.glob(os.path.join(out_dir, "episodes-*" + records.SUFFIX)))
+  if not overwrite:
+    old = [p for p in old if os.path.basename(p) not in keep]
   if old and not overwrite:
     raise ValueError(f"{out_dir!r} already holds records ({os.path.basename(old[0])}"
                      f", ...); pass --overwrite or choose another --out")
@@ -60,6 +65,46 @@ def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
 def clip_starts(num_frames: int, clip_frames: int, stride: int) -> list[int]:
   """Start indices of the full clips of an episode of `num_frames` frames."""
   return list(range(0, num_frames - clip_frames + 1, stride))
+
+
+PER_FRAME_FIELDS = ("video", "actions", "controls", "poses")
+
+
+def write_episode(clips_writer: records.RecordWriter, episodes_writer: records.RecordWriter,
+                  episode: dict[str, Any], *, clip_frames: int, clip_stride: int,
+                  label: str) -> tuple[dict[str, int], list[str]]:
+  """Writes one whole episode to `episodes_writer` and its clips to `clips_writer`.
+
+  `episode` is the episode's record: its per-frame fields (`PER_FRAME_FIELDS`,
+  each [T, ...]) and per-episode values (fps, world, text, ...). A clip is
+  the record with the per-frame fields cut to `clip_frames` frames from
+  every start of `clip_starts(T, clip_frames, clip_stride)` and ``start``
+  set to that frame. Returns the counts written ({"episodes",
+  "episode_frames", "clips", "clip_frames"}) and a reason, starting with
+  `label`, for each record not written (too few frames for a clip, or a
+  record the writer rejected).
+  """
+  T = len(episode["video"])
+  counts = {"episodes": 0, "episode_frames": 0, "clips": 0, "clip_frames": 0}
+  problems: list[str] = []
+
+  def write(writer, kind, start, stop, where):
+    example = {k: v[start:stop] if k in PER_FRAME_FIELDS else v for k, v in episode.items()}
+    example["start"] = start
+    try:
+      writer.write(example, source=where)
+      counts[kind + "s"] += 1
+      counts[kind + "_frames"] += stop - start
+    except ValueError as e:
+      problems.append(f"{where}: {e}")
+
+  write(episodes_writer, "episode", 0, T, label)
+  starts = clip_starts(T, clip_frames, clip_stride)
+  if not starts:
+    problems.append(f"{label}: {T} frames < clip_frames={clip_frames}, no clips")
+  for s in starts:
+    write(clips_writer, "clip", s, s + clip_frames, f"{label} clip at frame {s}")
+  return counts, problems
 
 
 def prepare_atari(out_dir: str, **kwargs) -> dict[str, Any]:
@@ -110,30 +155,15 @@ def prepare_world(out_dir: str, *, world: str = "atari", game: str, episodes: in
         skipped.append(f"episode {k} (seed {ep_seed}): emulator error: {e}")
         bar.update(1)
         continue
-      T = len(ep)
-
-      def write(writer, kind, start, stop, label):
-        """Writes frames start..stop of the episode; counts it or records why not."""
-        example = dict(base, video=ep.frames[start:stop], episode=k, start=start,
-                       seed=ep_seed)
-        for key in ("actions", "controls", "poses"):
-          value = getattr(ep, key, None)
-          if value is not None:
-            example[key] = value[start:stop]
-        try:
-          writer.write(example, source=label)
-          counts[kind + "s"] += 1
-          counts[kind + "_frames"] += stop - start
-        except ValueError as e:
-          skipped.append(f"{label}: {e}")
-
-      write(eps_w, "episode", 0, T, f"episode {k}")
-      starts = clip_starts(T, clip_frames, clip_stride)
-      if not starts:
-        skipped.append(f"episode {k}: {T} frames < clip_frames={clip_frames}, "
-                       "no clips")
-      for s in starts:
-        write(clips_w, "clip", s, s + clip_frames, f"episode {k} clip at frame {s}")
+      example = dict(base, video=ep.frames, episode=k, start=0, seed=ep_seed)
+      for key in PER_FRAME_FIELDS[1:]:
+        if getattr(ep, key, None) is not None:
+          example[key] = getattr(ep, key)
+      written, problems = write_episode(clips_w, eps_w, example, clip_frames=clip_frames,
+                                        clip_stride=clip_stride, label=f"episode {k}")
+      for key, n in written.items():
+        counts[key] += n
+      skipped.extend(problems)
       bar.update(1)
       bar.set_postfix(frames=counts["episode_frames"], clips=counts["clips"])
   bar.close()
