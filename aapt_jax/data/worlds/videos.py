@@ -122,7 +122,7 @@ def read_frames(path: str, *, fps: float, size: tuple[int, int]) -> Iterator[np.
   except UnreadableVideo:
     raise
   except (av.FFmpegError, OSError) as e:
-    raise UnreadableVideo(f"cannot open: {e}") from None
+    raise UnreadableVideo(f"cannot open: {e.strerror or e}") from None
   with container:
     if not container.streams.video:
       raise UnreadableVideo("no video stream (not a video, or cut short)")
@@ -151,7 +151,7 @@ def read_frames(path: str, *, fps: float, size: tuple[int, int]) -> Iterator[np.
           k += 1
         held, held_pixels, t_prev = frame, None, t
     except av.FFmpegError as e:
-      raise UnreadableVideo(f"decode error after {count} frames: {e}") from None
+      raise UnreadableVideo(f"decode error after {count} frames: {e.strerror or e}") from None
     if held is None:
       raise UnreadableVideo("no frames could be decoded")
     end = t_prev + frame_duration
