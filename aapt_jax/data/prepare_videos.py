@@ -154,7 +154,7 @@ def prepare_videos(out_dir: str, *, src: str, size: int | tuple[int, int] = 64,
               "clip_stride": int(clip_stride), "num_shards": int(num_shards),
               "text_encoder": text_encoder_name if text_encoder is not None else "",
               "text_len": int(text_len) if text_encoder is not None else 0}
-  for g, marker in sorted(markers.items()):
+  for marker in markers.values():
     if marker.get("settings") != settings:
       changed = [k if k != "files_sha256" else "the list of videos"
                  for k in settings if marker.get("settings", {}).get(k) != settings[k]]
