@@ -74,6 +74,9 @@ def main(argv=None) -> int:
   videos.add_argument("--src", default="", help="the folder of videos (searched recursively)")
   videos.add_argument("--fps", type=float, default=16.0,
                       help="frames per second the videos are resampled to")
+  videos.add_argument("--max_video_frames", type=int, default=0,
+                      help="record a longer video in parts of this many frames (bounds the "
+                           "memory one video takes); 0 = whole videos")
   videos.add_argument("--text_encoder", default="",
                       help="a umT5 folder (aapt_jax.convert.umt5): store each caption's "
                            "embeddings per clip")
@@ -141,7 +144,8 @@ def _videos(args) -> int:
       encoder = TextEncoder.load(args.text_encoder)
     summary = prepare_videos.prepare_videos(
         pixels_dir, src=args.src, size=size, fps=args.fps, clip_frames=args.clip_frames,
-        clip_stride=args.clip_stride or None, num_shards=args.num_shards,
+        clip_stride=args.clip_stride or None, max_video_frames=args.max_video_frames,
+        num_shards=args.num_shards,
         num_processes=args.num_processes, process_index=args.process_index,
         text_encoder=encoder, text_encoder_name=os.path.abspath(args.text_encoder)
         if args.text_encoder else "", text_len=args.text_len, overwrite=args.overwrite,

@@ -172,6 +172,23 @@ def test_records_metadata_and_skipped_files(recorded):
   assert "wrote 6 clips" in text and all(f"- {name}: " in text for name in BAD)
 
 
+def test_long_videos_are_recorded_in_parts(folder, recorded, tmp_path):
+  """max_video_frames=6: a video of 10 frames -> parts of 6 and 4 frames at
+  starts 0 and 6, each with the one clip of 4 frames that fits in it."""
+  out = tmp_path / "parts"
+  summary = record(out, src=folder, max_video_frames=6)
+  assert summary["counts"] == {"videos": 3, "video_frames": 30, "clips": 6, "clip_frames": 24}
+  whole = {e["file"]: e["video"]
+           for e in records.RecordSource(os.path.join(recorded[0], "episodes-*"))}
+  parts = records.RecordSource(str(out / "episodes-*"))
+  assert sorted((e["file"], e["start"], len(e["video"])) for e in parts) == \
+      sorted((f, s, n) for f in GOOD for s, n in ((0, 6), (6, 4)))
+  for r in list(parts) + list(records.RecordSource(str(out / "clips-*"))):
+    np.testing.assert_array_equal(r["video"], whole[r["file"]][r["start"]:][:len(r["video"])])
+  with pytest.raises(ValueError, match="max_video_frames"):
+    record(tmp_path / "x", src=folder, max_video_frames=3)
+
+
 def test_an_interrupted_run_resumes_to_the_uninterrupted_records(folder, recorded, tmp_path,
                                                                  monkeypatch):
   out = tmp_path / "resumed"

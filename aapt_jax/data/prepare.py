@@ -72,17 +72,18 @@ PER_FRAME_FIELDS = ("video", "actions", "controls", "poses")
 
 def write_episode(clips_writer: records.RecordWriter, episodes_writer: records.RecordWriter,
                   episode: dict[str, Any], *, clip_frames: int, clip_stride: int,
-                  label: str) -> tuple[dict[str, int], list[str]]:
+                  label: str, offset: int = 0) -> tuple[dict[str, int], list[str]]:
   """Writes one whole episode to `episodes_writer` and its clips to `clips_writer`.
 
   `episode` is the episode's record: its per-frame fields (`PER_FRAME_FIELDS`,
   each [T, ...]) and per-episode values (fps, world, text, ...). A clip is
   the record with the per-frame fields cut to `clip_frames` frames from
-  every start of `clip_starts(T, clip_frames, clip_stride)` and ``start``
-  set to that frame. Returns the counts written ({"episodes",
-  "episode_frames", "clips", "clip_frames"}) and a reason, starting with
-  `label`, for each record not written (too few frames for a clip, or a
-  record the writer rejected).
+  every start s of `clip_starts(T, clip_frames, clip_stride)` and ``start``
+  set to `offset` + s (`offset`, the episode's own ``start``: its first
+  frame in a longer recording it is a part of). Returns the counts written
+  ({"episodes", "episode_frames", "clips", "clip_frames"}) and a reason,
+  starting with `label`, for each record not written (too few frames for a
+  clip, or a record the writer rejected).
   """
   T = len(episode["video"])
   counts = {"episodes": 0, "episode_frames": 0, "clips": 0, "clip_frames": 0}
@@ -90,7 +91,7 @@ def write_episode(clips_writer: records.RecordWriter, episodes_writer: records.R
 
   def write(writer, kind, start, stop, where):
     example = {k: v[start:stop] if k in PER_FRAME_FIELDS else v for k, v in episode.items()}
-    example["start"] = start
+    example["start"] = offset + start
     try:
       writer.write(example, source=where)
       counts[kind + "s"] += 1

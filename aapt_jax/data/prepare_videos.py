@@ -8,7 +8,9 @@ the same loaders and configs train on it:
 
 * ``clips-GGGGG-of-TTTTT.array_record``: clips of `clip_frames` frames cut
   every `clip_stride` frames from each video;
-* ``episodes-GGGGG-of-TTTTT.array_record``: the whole videos;
+* ``episodes-GGGGG-of-TTTTT.array_record``: the whole videos (or their
+  parts of `max_video_frames` frames: a video is held in memory, at the
+  output size, one record at a time);
 * ``metadata.json``: the settings, ``counts`` (``videos``, ``video_frames``,
   ``clips``, ``clip_frames``), the files, and ``skipped``: one
   ``{"file", "reason"}`` per video not recorded (empty, unreadable, corrupt,
@@ -17,8 +19,8 @@ the same loaders and configs train on it:
 Record fields: ``video`` uint8 [T, h, w, 3] (worlds/videos.py: resampled to
 `fps`, center-cropped and area-resized to `size`), ``fps``, ``world``
 ("videos"), ``game`` (""), ``file`` (the video's path relative to `src`),
-``episode`` (its index in the sorted file list), ``start`` (the clip's first
-frame), ``text`` (its caption, "" without one) and, with a `text_encoder`,
+``episode`` (its index in the sorted file list), ``start`` (the record's
+first frame in the video), ``text`` (its caption, "" without one) and, with a `text_encoder`,
 ``text_embedding`` float32 [n, D]: the caption's n unpadded token embeddings
 (at most `text_len`), which the input pipeline pads to ``data.text_len``
 with a mask. No actions or controls.
@@ -106,14 +108,18 @@ def _caption_embedding(text_encoder, caption: str, text_len: int) -> np.ndarray:
 
 def prepare_videos(out_dir: str, *, src: str, size: int | tuple[int, int] = 64,
                    fps: float = 16.0, clip_frames: int = 16, clip_stride: int | None = None,
-                   num_shards: int = 0, num_processes: int = 1, process_index: int = 0,
-                   text_encoder=None, text_encoder_name: str = "", text_len: int = 512,
+                   max_video_frames: int = 0, num_shards: int = 0, num_processes: int = 1,
+                   process_index: int = 0, text_encoder=None, text_encoder_name: str = "", text_len: int = 512,
                    overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
   """Records this process's shards of the videos under `src` into `out_dir`
   (module docstring); returns the summary: metadata.json's content when
   every shard is finished (``complete`` True), else this process's view so
   far (``complete`` False, ``pending_shards``: the shards still missing).
 
+  `max_video_frames` > 0 bounds the memory a long video takes: it is
+  recorded in consecutive parts of that many frames (each an ``episodes``
+  record whose ``start`` is its first frame in the video, with the clips
+  that fit in it); a last part shorter than `clip_frames` is left out.
   `num_shards` 0 = the shard count of an earlier run into `out_dir`, else
   about one shard per `VIDEOS_PER_SHARD` videos (a multiple of
   `num_processes`). `text_encoder`: an object with ``encode(captions,
@@ -133,6 +139,9 @@ def prepare_videos(out_dir: str, *, src: str, size: int | tuple[int, int] = 64,
   clip_stride = clip_stride or clip_frames
   if clip_stride < 1:
     raise ValueError(f"--clip_stride must be >= 1, got {clip_stride}")
+  if max_video_frames and max_video_frames < clip_frames:
+    raise ValueError(f"--max_video_frames={max_video_frames} must be 0 (whole videos) or >= "
+                     f"--clip_frames={clip_frames}")
   files = videos.list_videos(src)
   if not files:
     raise FileNotFoundError(f"--src={src!r} holds no videos ({', '.join(videos.VIDEO_EXTENSIONS)})")
@@ -151,7 +160,8 @@ def prepare_videos(out_dir: str, *, src: str, size: int | tuple[int, int] = 64,
   mine = process_shards(num_shards, num_processes, process_index)
   settings = {"files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(),
               "size": [h, w], "fps": float(fps), "clip_frames": int(clip_frames),
-              "clip_stride": int(clip_stride), "num_shards": int(num_shards),
+              "clip_stride": int(clip_stride), "max_video_frames": int(max_video_frames),
+              "num_shards": int(num_shards),
               "text_encoder": text_encoder_name if text_encoder is not None else "",
               "text_len": int(text_len) if text_encoder is not None else 0}
   for marker in markers.values():
@@ -180,8 +190,8 @@ def prepare_videos(out_dir: str, *, src: str, size: int | tuple[int, int] = 64,
       for i in range(g, len(files), num_shards):
         _record_video(clips_w, episodes_w, src, files[i], i, captions[files[i]], counts,
                       skipped, size=(h, w), fps=fps, clip_frames=clip_frames,
-                      clip_stride=clip_stride, text_encoder=text_encoder,
-                      text_len=text_len, embeddings=embeddings)
+                      clip_stride=clip_stride, max_video_frames=max_video_frames,
+                      text_encoder=text_encoder, text_len=text_len, embeddings=embeddings)
         bar.update(1)
         bar.set_postfix(shard=f"{g + 1}/{num_shards}", clips=counts["clips"],
                         skipped=len(skipped))
@@ -197,7 +207,8 @@ def prepare_videos(out_dir: str, *, src: str, size: int | tuple[int, int] = 64,
       "world": WORLD, "game": "", "src": os.path.abspath(src), "num_actions": 0,
       "action_names": [], "control_dim": 0, "size": [h, w], "fps": float(fps),
       "clip_frames": int(clip_frames), "clip_stride": int(clip_stride),
-      "num_shards": int(num_shards), "text_encoder": settings["text_encoder"] or None,
+      "max_video_frames": int(max_video_frames) or None, "num_shards": int(num_shards),
+      "text_encoder": settings["text_encoder"] or None,
       "text_len": settings["text_len"] or None,
       "text_dim": None,
       "record_format": records.FORMAT,
@@ -221,33 +232,47 @@ def prepare_videos(out_dir: str, *, src: str, size: int | tuple[int, int] = 64,
 
 def _record_video(clips_w, episodes_w, src: str, file: str, index: int, caption: str,
                   counts: dict[str, int], skipped: list[dict[str, str]], *, size, fps,
-                  clip_frames, clip_stride, text_encoder, text_len, embeddings) -> None:
-  """Writes one video (whole, and its clips), adding to `counts`, or adds to
-  `skipped` why it could not be used."""
+                  clip_frames, clip_stride, max_video_frames, text_encoder, text_len,
+                  embeddings) -> None:
+  """Writes one video (whole, or in parts of `max_video_frames`, and the
+  clips of each), adding to `counts`, or adds to `skipped` why it could not
+  be used."""
+  base = {"fps": float(fps), "world": WORLD, "game": "", "file": file, "episode": index,
+          "text": caption}
+  offset, part = 0, []
+
+  def write_part():
+    nonlocal offset, part
+    if text_encoder is not None and "text_embedding" not in base:
+      if caption not in embeddings:
+        embeddings[caption] = _caption_embedding(text_encoder, caption, text_len)
+      base["text_embedding"] = embeddings[caption]
+    written, problems = write_episode(
+        clips_w, episodes_w, dict(base, video=np.stack(part), start=offset),
+        clip_frames=clip_frames, clip_stride=clip_stride, label=file, offset=offset)
+    for key in ("clips", "clip_frames"):
+      counts[key] += written[key]
+    counts["videos"] += written["episodes"] if offset == 0 else 0
+    counts["video_frames"] += written["episode_frames"]
+    skipped.extend({"file": file, "reason": p} for p in problems)
+    offset, part = offset + len(part), []
+
   try:
-    frames = list(videos.read_frames(os.path.join(src, file), fps=fps, size=size))
+    for frame in videos.read_frames(os.path.join(src, file), fps=fps, size=size):
+      part.append(frame)
+      if len(part) == max_video_frames:
+        write_part()
   except Exception as e:  # noqa: BLE001 - one bad file must not stop the run
     reason = str(e) if isinstance(e, videos.UnreadableVideo) else \
         f"cannot decode: {type(e).__name__}: {e}"
-    skipped.append({"file": file, "reason": reason})
+    kept = f" (its first {offset} frames are recorded)" if offset else ""
+    skipped.append({"file": file, "reason": reason + kept})
     return
-  if len(frames) < clip_frames:
-    skipped.append({"file": file, "reason": f"too short: {len(frames)} frames at {fps:g} fps "
-                    f"< clip_frames={clip_frames}"})
-    return
-  episode = {"video": np.stack(frames), "fps": float(fps), "world": WORLD, "game": "",
-             "file": file, "episode": index, "start": 0, "text": caption}
-  if text_encoder is not None:
-    if caption not in embeddings:
-      embeddings[caption] = _caption_embedding(text_encoder, caption, text_len)
-    episode["text_embedding"] = embeddings[caption]
-  written, problems = write_episode(clips_w, episodes_w, episode, clip_frames=clip_frames,
-                                    clip_stride=clip_stride, label=file)
-  for key in ("clips", "clip_frames"):
-    counts[key] += written[key]
-  counts["videos"] += written["episodes"]
-  counts["video_frames"] += written["episode_frames"]
-  skipped.extend({"file": file, "reason": p} for p in problems)
+  if offset + len(part) < clip_frames:
+    skipped.append({"file": file, "reason": f"too short: {offset + len(part)} frames at "
+                    f"{fps:g} fps < clip_frames={clip_frames}"})
+  elif len(part) >= clip_frames:  # a last part too short for a clip is left out
+    write_part()
 
 
 def _text_dim(out_dir: str, clip_files: Sequence[str]) -> int | None:
