@@ -6,5 +6,9 @@ Modules (imported explicitly, so `records` and `worlds` load without JAX):
   pipeline  grain `make_dataset`, `make_iterator`, `make_global_batch`,
             `pixels_to_latents` / `latents_to_pixels`
   prepare   `prepare_world`: a world -> clips + episodes + metadata.json
-  worlds    simulators producing (frames, actions), by name: `worlds.make_world`
+  prepare_videos  `prepare_videos`: a folder of videos -> the same, in resumable
+            shards split over processes, with captions (and text embeddings)
+  encode    `encode_records`: pixel records -> a VAE's latent records
+  worlds    simulators producing (frames, actions), by name: `worlds.make_world`;
+            worlds/videos.py reads a folder of video files
 """
