@@ -134,7 +134,11 @@ def _videos(args) -> int:
     size = (args.size, args.size) if isinstance(args.size, int) else args.size
     if args.vae_checkpoint:
       from aapt_jax.loading import load_trained_vae
-      load_trained_vae(args.vae_checkpoint, size)  # a bad checkpoint fails before recording
+      _, vae, _ = load_trained_vae(args.vae_checkpoint, size)  # fails before recording
+      if tuple(vae.spec.frame_size) != tuple(size):
+        h, w = vae.spec.frame_size
+        raise ValueError(f"--size={size[0]}x{size[1]}, but the VAE of {args.vae_checkpoint} "
+                         f"encodes {h}x{w} frames: pass --size={h}x{w}")
       if not args.overwrite and not os.path.isdir(os.path.join(pixels_dir,
                                                                prepare_videos.MARKERS)):
         prepare.check_output_dir(args.out)  # a new run: --out holds no other records

@@ -19,6 +19,7 @@ from aapt_jax.data import records
 from aapt_jax.data.worlds import videos
 from helpers import ROOT, config_path, load_benchmark
 
+WAN_VAE = os.path.join(ROOT, "tests", "fixtures", "wan_vae")  # 8x spatial, 4x temporal
 D_MODEL = 12  # the fake text encoder's width = configs/tiny.py model.text_dim
 GOOD = {"a.mp4": (20, 10, 32, 48, "mpeg4"),      # frames, fps, H, W, codec: landscape
         "sub/b.mkv": (50, 25, 48, 32, "libx264"),  # portrait, faster
@@ -264,10 +265,13 @@ def test_script_records_a_folder_naming_what_it_skipped(folder, tmp_path, capsys
   for bad, message in ((["--src="], "needs --src"),
                        ([f"--src={tmp_path / 'none'}"], "not a directory"),
                        (["--fps=0"], "--fps must be > 0"),
-                       (["--fps=6"], "other settings")):
+                       (["--fps=6"], "other settings"),
+                       ([f"--out={tmp_path / 'z'}", "--size=30", f"--vae_checkpoint={WAN_VAE}"],
+                        "multiples of 8")):
     assert script.main(args + bad) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[-1], err
+  assert not (tmp_path / "z" / "pixels").exists()  # the checkpoint is checked first
 
 
 @pytest.mark.slow
@@ -282,11 +286,10 @@ def test_wan_vae_latents_with_text_and_a_tiny_config_trains(folder, tmp_path, ca
   _fake_umt5(monkeypatch)
   monkeypatch.setattr(encode, "EPISODE_BUCKET", 8)  # the same latents, less padding to encode
   script = load_benchmark("prepare_data", folder="launch")
-  wan_vae = os.path.join(ROOT, "tests", "fixtures", "wan_vae")
   out = tmp_path / "data"
   args = ["--world=videos", f"--src={folder}", f"--out={out}", "--size=32", "--fps=10",
           "--clip_frames=9", "--clip_stride=4", f"--text_encoder={tmp_path}", "--text_len=8",
-          f"--vae_checkpoint={wan_vae}"]
+          f"--vae_checkpoint={WAN_VAE}"]
   assert script.main(args) == 0
   printed = capsys.readouterr().out
   assert "skipped 4 video(s)" in printed and "- garbage.mkv: cannot open" in printed

@@ -126,8 +126,9 @@ def prepare_videos(out_dir: str, *, src: str, size: int | tuple[int, int] = 64,
   max_length) -> (emb [N, L, D], mask [N, L])`` (aapt_jax.convert.umt5's
   TextEncoder), named `text_encoder_name` in the metadata; None = captions as
   text only. `overwrite` deletes the records, markers and metadata already
-  in `out_dir` first; otherwise records other than this recording's refuse,
-  as does a marker of other settings.
+  in `out_dir` first (with several processes: only in a run before they
+  start); otherwise records other than this recording's refuse, as does a
+  marker of other settings.
   """
   h, w = (size, size) if isinstance(size, int) else tuple(size)
   for name, value, low in (("size", min(h, w), 1), ("clip_frames", clip_frames, 1),
