@@ -82,8 +82,12 @@ def main(argv=None) -> int:
                            "embeddings per clip")
   videos.add_argument("--text_len", type=int, default=512,
                       help="caption tokens kept (the encoder's max_length)")
-  videos.add_argument("--num_processes", type=int, default=1)
-  videos.add_argument("--process_index", type=int, default=0)
+  videos.add_argument("--num_processes", type=int, default=1,
+                      help="machines (or jobs) sharing the recording into one --out")
+  videos.add_argument("--process_index", type=int, default=0, help="this one's index")
+  videos.add_argument("--workers", type=int, default=1,
+                      help="local processes this machine records with (each loads its own "
+                           "--text_encoder)")
   args = p.parse_args(argv)
   if args.world == "videos":
     return _videos(args)
@@ -142,18 +146,22 @@ def _videos(args) -> int:
       if not args.overwrite and not os.path.isdir(os.path.join(pixels_dir,
                                                                prepare_videos.MARKERS)):
         prepare.check_output_dir(args.out)  # a new run: --out holds no other records
-    encoder = None
-    if args.text_encoder:
-      from aapt_jax.convert.umt5 import TextEncoder  # lazily: only a text run needs it
-      encoder = TextEncoder.load(args.text_encoder)
-    summary = prepare_videos.prepare_videos(
-        pixels_dir, src=args.src, size=size, fps=args.fps, clip_frames=args.clip_frames,
-        clip_stride=args.clip_stride or None, max_video_frames=args.max_video_frames,
-        num_shards=args.num_shards,
-        num_processes=args.num_processes, process_index=args.process_index,
-        text_encoder=encoder, text_encoder_name=os.path.abspath(args.text_encoder)
-        if args.text_encoder else "", text_len=args.text_len, overwrite=args.overwrite,
-        progress=True)
+    options = dict(src=args.src, size=size, fps=args.fps, clip_frames=args.clip_frames,
+                   clip_stride=args.clip_stride or None, max_video_frames=args.max_video_frames,
+                   num_shards=args.num_shards, num_processes=args.num_processes,
+                   process_index=args.process_index, text_len=args.text_len,
+                   overwrite=args.overwrite, progress=True)
+    if args.workers > 1:
+      summary = prepare_videos.prepare_videos_in_workers(
+          pixels_dir, workers=args.workers, text_encoder_dir=args.text_encoder, **options)
+    else:
+      encoder = None
+      if args.text_encoder:
+        from aapt_jax.convert.umt5 import TextEncoder  # lazily: only a text run needs it
+        encoder = TextEncoder.load(args.text_encoder)
+      summary = prepare_videos.prepare_videos(
+          pixels_dir, text_encoder=encoder, text_encoder_name=os.path.abspath(
+              args.text_encoder) if args.text_encoder else "", **options)
   except (ValueError, OSError, ImportError) as e:
     print(f"prepare_data: error: {e}", file=sys.stderr)
     return 2
@@ -170,7 +178,7 @@ def _videos(args) -> int:
     return 0
   if args.num_processes > 1:
     print("every shard is recorded: encode the latents once, by rerunning this command "
-          "with --num_processes=1")
+          "with --num_processes=1 (on one machine)")
     return 0
   try:
     with open(os.path.join(args.out, "metadata.json")) as f:

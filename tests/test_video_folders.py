@@ -235,6 +235,16 @@ def test_processes_split_the_files_and_each_is_recorded_once(folder, recorded, t
     record(tmp_path / "x", src=folder, num_shards=4, num_processes=3)
 
 
+def test_local_workers_record_what_one_process_records(folder, tmp_path):
+  options = dict(src=folder, size=16, fps=5.0, clip_frames=4, num_shards=4, progress=False)
+  one = pv.prepare_videos(str(tmp_path / "one"), **options)
+  two = pv.prepare_videos_in_workers(str(tmp_path / "two"), workers=2, **options)
+  assert one["complete"] and two == one
+  assert all_records(str(tmp_path / "two")) == all_records(str(tmp_path / "one"))
+  markers = sorted(os.listdir(tmp_path / "two" / pv.MARKERS))
+  assert markers == [f"{g:05d}-of-00004.json" for g in range(4)]
+
+
 def test_foreign_records_are_refused(folder, tmp_path):
   records.write_records(str(tmp_path / "clips-00000-of-00001.array_record"),
                         [{"video": np.zeros((2, 4, 4, 3), np.uint8), "fps": 1.0}])

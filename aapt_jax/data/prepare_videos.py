@@ -20,10 +20,10 @@ Record fields: ``video`` uint8 [T, h, w, 3] (worlds/videos.py: resampled to
 `fps`, center-cropped and area-resized to `size`), ``fps``, ``world``
 ("videos"), ``game`` (""), ``file`` (the video's path relative to `src`),
 ``episode`` (its index in the sorted file list), ``start`` (the record's
-first frame in the video), ``text`` (its caption, "" without one) and, with a `text_encoder`,
-``text_embedding`` float32 [n, D]: the caption's n unpadded token embeddings
-(at most `text_len`), which the input pipeline pads to ``data.text_len``
-with a mask. No actions or controls.
+first frame in the video), ``text`` (its caption, "" without one) and,
+with a `text_encoder`, ``text_embedding`` float32 [n, D]: the caption's n
+unpadded token embeddings (at most `text_len`), which the input pipeline
+pads to ``data.text_len`` with a mask. No actions or controls.
 
 Shards: the sorted files are dealt to T = `num_shards` shards (file i to
 shard i % T) and shard g is recorded by process g % `num_processes`; T is a
@@ -33,7 +33,8 @@ whole, then its marker ``out_dir/.shards/GGGGG-of-TTTTT.json`` (its counts,
 skipped files and the recording's settings) is written. So an interrupted
 run leaves only whole shards in `out_dir` (usable as they are), and a rerun
 with the same settings skips the shards that have a marker. The process that
-finds every shard's marker writes metadata.json.
+finds every shard's marker writes metadata.json. `prepare_videos_in_workers`
+runs several local processes so.
 """
 from __future__ import annotations
 
@@ -109,8 +110,9 @@ def _caption_embedding(text_encoder, caption: str, text_len: int) -> np.ndarray:
 def prepare_videos(out_dir: str, *, src: str, size: int | tuple[int, int] = 64,
                    fps: float = 16.0, clip_frames: int = 16, clip_stride: int | None = None,
                    max_video_frames: int = 0, num_shards: int = 0, num_processes: int = 1,
-                   process_index: int = 0, text_encoder=None, text_encoder_name: str = "", text_len: int = 512,
-                   overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+                   process_index: int = 0, text_encoder=None, text_encoder_name: str = "",
+                   text_len: int = 512, overwrite: bool = False,
+                   progress: bool = True) -> dict[str, Any]:
   """Records this process's shards of the videos under `src` into `out_dir`
   (module docstring); returns the summary: metadata.json's content when
   every shard is finished (``complete`` True), else this process's view so
@@ -145,14 +147,12 @@ def prepare_videos(out_dir: str, *, src: str, size: int | tuple[int, int] = 64,
                      f"--clip_frames={clip_frames}")
   files = videos.list_videos(src)
   if not files:
-    raise FileNotFoundError(f"--src={src!r} holds no videos ({', '.join(videos.VIDEO_EXTENSIONS)})")
+    raise FileNotFoundError(f"--src={src!r} holds no videos "
+                            f"({', '.join(videos.VIDEO_EXTENSIONS)})")
   captions = videos.read_captions(src, files)
 
   if overwrite:
-    for path in (os.path.join(out_dir, MARKERS), os.path.join(out_dir, PARTIAL)):
-      shutil.rmtree(path, ignore_errors=True)
-    if os.path.exists(os.path.join(out_dir, METADATA)):
-      os.remove(os.path.join(out_dir, METADATA))
+    clear_output(out_dir)
   markers = _read_markers(out_dir)
   if not num_shards:
     earlier = {m["settings"]["num_shards"] for m in markers.values()}
@@ -173,7 +173,7 @@ def prepare_videos(out_dir: str, *, src: str, size: int | tuple[int, int] = 64,
                        f"{', '.join(changed)}); pass --overwrite or choose another --out")
   ours = {shard_name(kind, g, num_shards) for g in range(num_shards)
           for kind in ("clips", "episodes")}
-  check_output_dir(out_dir, overwrite, keep=ours)
+  check_output_dir(out_dir, keep=ours)
   os.makedirs(os.path.join(out_dir, MARKERS), exist_ok=True)
   os.makedirs(os.path.join(out_dir, PARTIAL), exist_ok=True)
 
@@ -203,23 +203,41 @@ def prepare_videos(out_dir: str, *, src: str, size: int | tuple[int, int] = 64,
     _write_json(os.path.join(out_dir, MARKERS, f"{g:05d}-of-{num_shards:05d}.json"), markers[g])
   bar.close()
 
-  markers.update(_read_markers(out_dir))  # other processes' finished shards
+  return _summarize(out_dir, src, settings)
+
+
+def clear_output(out_dir: str) -> None:
+  """Deletes what a recording left in `out_dir`: records, markers, the
+  shards in progress and metadata.json."""
+  for path in (os.path.join(out_dir, MARKERS), os.path.join(out_dir, PARTIAL)):
+    shutil.rmtree(path, ignore_errors=True)
+  for path in (glob.glob(os.path.join(out_dir, "clips-*" + records.SUFFIX)) +
+               glob.glob(os.path.join(out_dir, "episodes-*" + records.SUFFIX)) +
+               [os.path.join(out_dir, METADATA)]):
+    if os.path.exists(path):
+      os.remove(path)
+
+
+def _summarize(out_dir: str, src: str, settings: dict[str, Any]) -> dict[str, Any]:
+  """The summary of the shards finished so far (by any process); writes it as
+  metadata.json when every shard is."""
+  markers = _read_markers(out_dir)
+  num_shards = settings["num_shards"]
   summary = {
       "world": WORLD, "game": "", "src": os.path.abspath(src), "num_actions": 0,
-      "action_names": [], "control_dim": 0, "size": [h, w], "fps": float(fps),
-      "clip_frames": int(clip_frames), "clip_stride": int(clip_stride),
-      "max_video_frames": int(max_video_frames) or None, "num_shards": int(num_shards),
+      "action_names": [], "control_dim": 0, "size": settings["size"], "fps": settings["fps"],
+      "clip_frames": settings["clip_frames"], "clip_stride": settings["clip_stride"],
+      "max_video_frames": settings["max_video_frames"] or None, "num_shards": num_shards,
       "text_encoder": settings["text_encoder"] or None,
-      "text_len": settings["text_len"] or None,
-      "text_dim": None,
+      "text_len": settings["text_len"] or None, "text_dim": None,
       "record_format": records.FORMAT,
       "counts": {k: sum(m["counts"][k] for m in markers.values())
                  for k in ("videos", "video_frames", "clips", "clip_frames")},
       "files": {kind: [markers[g]["files"][kind] for g in sorted(markers)]
                 for kind in ("clips", "episodes")},
-      "skipped": sorted((s for m in markers.values() for s in m["skipped"]),
-                        key=lambda s: s["file"]),
+      "skipped": [s for g in sorted(markers) for s in markers[g]["skipped"]],
   }
+  summary["skipped"].sort(key=lambda s: s["file"])
   pending = [g for g in range(num_shards) if g not in markers]
   if pending:
     return dict(summary, complete=False, pending_shards=pending)
@@ -229,6 +247,51 @@ def prepare_videos(out_dir: str, *, src: str, size: int | tuple[int, int] = 64,
   shutil.rmtree(os.path.join(out_dir, PARTIAL), ignore_errors=True)
   _write_json(os.path.join(out_dir, METADATA), summary)
   return summary
+
+
+def _worker(kwargs: dict[str, Any], text_encoder_dir: str) -> None:
+  """One local worker of `prepare_videos_in_workers` (a spawned process)."""
+  text_encoder = None
+  if text_encoder_dir:
+    from aapt_jax.convert.umt5 import TextEncoder  # each worker holds its own
+    text_encoder = TextEncoder.load(text_encoder_dir)
+  prepare_videos(**kwargs, text_encoder=text_encoder)
+
+
+def prepare_videos_in_workers(out_dir: str, *, workers: int, num_processes: int = 1,
+                              process_index: int = 0, text_encoder_dir: str = "",
+                              progress: bool = True, **kwargs) -> dict[str, Any]:
+  """`prepare_videos` by `workers` local processes: this machine, process
+  `process_index` of `num_processes`, runs workers that each record as
+  process ``process_index * workers + i`` of ``num_processes * workers``, so
+  the shards (and the resume) are those of that many processes. Each worker
+  loads the text encoder from `text_encoder_dir` itself ("" = none). Returns
+  the summary, as `prepare_videos` does; a worker's error is raised here."""
+  import concurrent.futures
+  import multiprocessing
+  if workers < 1:
+    raise ValueError(f"--workers must be >= 1, got {workers}")
+  total = num_processes * workers
+  if not 0 <= process_index < num_processes:
+    raise ValueError(f"--process_index={process_index} must be in [0, --num_processes="
+                     f"{num_processes})")
+  name = os.path.abspath(text_encoder_dir) if text_encoder_dir else ""
+  if kwargs.pop("overwrite", False):
+    clear_output(out_dir)  # once, before the workers start
+  jobs = [dict(kwargs, out_dir=out_dir, num_processes=total, text_encoder_name=name,
+               process_index=process_index * workers + i, progress=progress and i == 0)
+          for i in range(workers)]
+  context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    futures = [pool.submit(_worker, job, text_encoder_dir) for job in jobs]
+    try:
+      for future in futures:
+        future.result()
+    except BaseException:
+      pool.shutdown(wait=True, cancel_futures=True)
+      raise
+  markers = _read_markers(out_dir)  # every worker finished its shards
+  return _summarize(out_dir, kwargs["src"], next(iter(markers.values()))["settings"])
 
 
 def _record_video(clips_w, episodes_w, src: str, file: str, index: int, caption: str,
