@@ -183,7 +183,7 @@ def _videos(args) -> int:
   try:
     with open(os.path.join(args.out, "metadata.json")) as f:
       done = json.load(f)
-    if (done.get("pixel_source"), done.get("vae_checkpoint")) == (
+    if not args.overwrite and (done.get("pixel_source"), done.get("vae_checkpoint")) == (
         os.path.abspath(pixels_dir), os.path.abspath(args.vae_checkpoint)):
       print(f"{args.out} already holds these videos in the latents of {args.vae_checkpoint}")
       return 0
