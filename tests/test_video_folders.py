@@ -132,6 +132,16 @@ def test_frames_are_resampled_by_timestamps_and_center_cropped(folder):
   assert not np.array_equal(up[0], up[2])
 
 
+def test_center_crop_then_area_resize_by_hand():
+  frame = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)   # 4 x 6 -> 2 x 2
+  square = frame[:, 1:5].astype(np.float64)                        # the centered 4 x 4
+  by_hand = square.reshape(2, 2, 2, 2, 3).mean((1, 3))             # 2 x 2 pixel blocks
+  np.testing.assert_array_equal(videos.crop_and_resize(frame, (2, 2)), np.rint(by_hand))
+  tall = frame.transpose(1, 0, 2)                                  # 6 x 4 -> rows 1..4
+  np.testing.assert_array_equal(videos.crop_and_resize(tall, (2, 2)),
+                                np.rint(by_hand.transpose(1, 0, 2)))
+
+
 def test_captions_sidecar_then_jsonl_then_empty(folder):
   files = videos.list_videos(folder)
   assert files == sorted(list(GOOD) + list(BAD))       # notes.md and the .txt are no videos
