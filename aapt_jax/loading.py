@@ -17,6 +17,7 @@ package to read weights.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -192,7 +193,6 @@ def adapt_params(params, target) -> tuple[Any, list[str]]:
 def is_wan_vae_folder(path: str) -> bool:
   """Whether `path` is a diffusers Wan2.1 VAE folder (config.json of an
   AutoencoderKLWan, next to its safetensors)."""
-  import json
   try:
     with open(os.path.join(path, "config.json")) as f:
       return json.load(f).get("_class_name") == "AutoencoderKLWan"

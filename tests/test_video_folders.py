@@ -294,6 +294,18 @@ def test_script_records_a_folder_naming_what_it_skipped(folder, tmp_path, capsys
   assert not (tmp_path / "z" / "pixels").exists()  # the checkpoint is checked first
 
 
+def test_the_trainer_checks_the_records_text_width():
+  from aapt_jax.training.validation import check_example
+  config = load_config(config_path("tiny.py"), {"data.space_to_depth": 4,
+                                                 "model.latent_channels": 48})
+  example = {"video": np.zeros((5, 16, 16, 3), np.uint8), "fps": 5.0,
+             "text_embedding": np.zeros((3, D_MODEL), np.float32)}
+  check_example(example, config, "clips[0]")  # model.text_dim = 12 = D_MODEL
+  example["text_embedding"] = np.zeros((3, 7), np.float32)
+  with pytest.raises(ValueError, match="text_embedding.*model.text_dim=12"):
+    check_example(example, config, "clips[0]")
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_wan_vae_latents_with_text_and_a_tiny_config_trains(folder, tmp_path, capsys,
