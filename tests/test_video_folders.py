@@ -329,6 +329,10 @@ def test_wan_vae_latents_with_text_and_a_tiny_config_trains(folder, tmp_path, ca
   assert (meta["record_kind"], meta["temporal_factor"], meta["counts"]["videos"]) == \
       ("latents", 4, 3)
   assert meta["counts"]["clips"] == 9 and len(meta["skipped"]) == 4  # 20 frames: 3 clips each
+  wan_config = json.load(open(os.path.join(WAN_VAE, "config.json")))
+  assert (meta["vae_latents_mean"], meta["vae_latents_std"]) == \
+      (wan_config["latents_mean"], wan_config["latents_std"])
+  assert "the Wan VAE's own latent statistics" in printed
   clip = records.read_record(records.resolve_paths(str(out / "clips-*"))[0], 0)
   assert clip["latents"].shape == (3, 4, 4, 4) and "video" not in clip
   np.testing.assert_array_equal(clip["text_embedding"], expected_embedding(clip["text"]))

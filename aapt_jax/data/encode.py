@@ -8,8 +8,9 @@ reads the ``clips-*`` and ``episodes-*`` of a prepared pixel dataset
 them with ``vae.latents_mean/latents_std``) in place of ``video``, plus
 ``temporal_factor`` r and ``actions`` per latent frame, and a metadata.json
 that adds the VAE checkpoint and the latents' measured per-channel mean and
-std (the values to put in ``vae.latents_mean/latents_std``); its ``counts``
-and ``skipped`` add the latent records' to the pixel dataset's.
+std (the values to put in ``vae.latents_mean/latents_std``; for a Wan2.1 VAE
+folder also ``vae_latents_mean/std``, its own, which a Wan DiT expects); its
+``counts`` and ``skipped`` add the latent records' to the pixel dataset's.
 
 * A record of T video frames keeps its first 1 + k*r frames (k as large as
   fits): the encoder needs T = 1 + k*r, and a frame is never silently
@@ -39,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from aapt_jax.data import records
-from aapt_jax.loading import load_trained_vae
+from aapt_jax.loading import is_wan_vae_folder, load_trained_vae
 from aapt_jax.data.prepare import check_output_dir
 
 EPISODE_BUCKET = 128  # latent frames: episodes are padded to a multiple of this
@@ -168,6 +169,9 @@ def encode_records(src_dir: str, out_dir: str, *, vae_checkpoint: str, batch_siz
                  latents_mean=mean, latents_std=std,
                  counts={**src_meta.get("counts", {}), **counts}, files=out_files,
                  skipped=src_meta.get("skipped", []) + skipped)
+  if is_wan_vae_folder(vae_checkpoint):  # a Wan DiT was trained with the VAE's own statistics
+    summary.update(vae_latents_mean=list(config.vae.latents_mean),
+                   vae_latents_std=list(config.vae.latents_std))
   with open(os.path.join(out_dir, "metadata.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary
@@ -175,11 +179,18 @@ def encode_records(src_dir: str, out_dir: str, *, vae_checkpoint: str, batch_siz
 
 def format_summary(summary: dict[str, Any], out_dir: str) -> str:
   c = summary["counts"]
+  if "vae_latents_mean" in summary:  # a Wan VAE: keep the statistics its DiT knows
+    stats = ("the Wan VAE's own latent statistics (what Wan's DiT was trained with; "
+             "configs/base.py's defaults are Wan2.1's):", summary["vae_latents_mean"],
+             summary["vae_latents_std"])
+  else:
+    stats = ("the measured latent statistics:", summary["latents_mean"],
+             summary["latents_std"])
   return (f"encoded {c['clips']} clips ({c['clip_latent_frames']} latent frames) and "
           f"{c['episodes']} episodes ({c['episode_latent_frames']} latent frames) with the VAE "
           f"of {summary['vae_checkpoint']} (r = {summary['temporal_factor']}) into {out_dir}; "
           f"skipped {len(summary['skipped'])}.\n"
           f"train on them with --config.data.path={out_dir} "
-          f"--config.vae.checkpoint={summary['vae_checkpoint']} and the measured latent "
-          f"statistics:\n  --config.vae.latents_mean=\"{tuple(summary['latents_mean'])}\" "
-          f"--config.vae.latents_std=\"{tuple(summary['latents_std'])}\"")
+          f"--config.vae.checkpoint={summary['vae_checkpoint']} and {stats[0]}\n"
+          f"  --config.vae.latents_mean=\"{tuple(stats[1])}\" "
+          f"--config.vae.latents_std=\"{tuple(stats[2])}\"")
