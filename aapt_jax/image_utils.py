@@ -30,8 +30,8 @@ def resize_area(frames: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
   lead, C = frames.shape[:-3], frames.shape[-1]
   x = frames.reshape((-1, H, W * C)).astype(np.float32)
   x = np.matmul(_area_weights(H, h), x)                      # [N, h, W*C]
-  x = x.reshape(-1, h, W, C).transpose(0, 1, 3, 2)           # [N, h, C, W]
-  x = np.matmul(x, _area_weights(W, w).T)                    # [N, h, C, w]
+  x = x.reshape(-1, h, W, C).transpose(0, 1, 3, 2).reshape(-1, W)  # [N*h*C, W]
+  x = (x @ _area_weights(W, w).T).reshape(-1, h, C, w)      # [N, h, C, w]: one 2-D matmul
   x = x.transpose(0, 1, 3, 2).reshape(lead + (h, w, C))
   return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 

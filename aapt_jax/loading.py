@@ -17,6 +17,7 @@ package to read weights.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -189,14 +190,39 @@ def adapt_params(params, target) -> tuple[Any, list[str]]:
 # ----------------------------------------------------------------------------
 # The video VAE.
 
-def load_trained_vae(path: str):
-  """(config, VAE module, float32 params) of a VAE this package trained: a
-  stage-"vae" checkpoint (a run, stage or step directory; its EMA params) or
-  a VAE export (launch/export.py of such a run), or a shipped export's name
-  ("atari_vae"). ValueError when `path` holds another stage. (A diffusers
-  Wan VAE folder loads with `aapt_jax.convert.wan.load_vae`.)"""
+def is_wan_vae_folder(path: str) -> bool:
+  """Whether `path` is a diffusers Wan2.1 VAE folder (config.json of an
+  AutoencoderKLWan, next to its safetensors)."""
+  try:
+    with open(os.path.join(path, "config.json")) as f:
+      return json.load(f).get("_class_name") == "AutoencoderKLWan"
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def load_trained_vae(path: str, frame_size: tuple[int, int] | None = None):
+  """(config, VAE module, float32 params) of a VAE: a stage-"vae" checkpoint
+  of this package (a run, stage or step directory; its EMA params), a VAE
+  export (launch/export.py of such a run), a shipped export's name
+  ("atari_vae"), or a diffusers Wan2.1 VAE folder (e.g. the ``vae/`` of
+  Wan2.1-T2V-1.3B-Diffusers, read by convert.wan_vae.load_vae). A Wan folder
+  stores no frame size: `frame_size` (h, w), multiples of its spatial factor,
+  sets the one its config describes (default Wan's 480x832); a checkpoint of
+  ours keeps its own. ValueError when `path` holds another stage."""
   from aapt_jax.models import build_vae
   path = _source_path(path)
+  if is_wan_vae_folder(path):
+    from aapt_jax.convert.wan_vae import load_vae
+    from aapt_jax.models.vae import VAESpec
+    config, params = load_vae(path)
+    if frame_size is not None:
+      s = VAESpec.from_config(config).spatial_factor
+      if frame_size[0] % s or frame_size[1] % s:
+        raise ValueError(f"the Wan VAE of {path} encodes frames of multiples of {s} pixels, "
+                         f"got {tuple(frame_size)}")
+      with config.unlocked():
+        config.model.latent_size = (frame_size[0] // s, frame_size[1] // s)
+    return config, build_vae(config), params
   if export_lib.is_export(path):
     config, params = export_lib.read_vae_export(path)
     return config, build_vae(config), params
@@ -215,7 +241,8 @@ def load_run_vae(config, where: str):
   if not path:
     raise ValueError(f"checkpoint {where} works in VAE latents but its config names no "
                      "vae.checkpoint (the stage-'vae' run whose encoder made its latents)")
-  vae_config, _, vae_params = load_trained_vae(path)
+  from aapt_jax.models.vae import VAESpec
+  vae_config, _, vae_params = load_trained_vae(path, VAESpec.from_config(config).frame_size)
   fields = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample")
   pick = lambda c: {"vae": {k: config_to_dict(c)["vae"][k] for k in fields},
                     "model": {"latent_size": config_to_dict(c)["model"]["latent_size"]}}

@@ -130,6 +130,9 @@ def get_config(arg=None):
   d.frame_skip = 4            # emulator frames per recorded frame
   d.space_to_depth = 4        # pixel-space model: frames -> latents by s x s
                               # space-to-depth (0 = latents come from a VAE)
+  d.text_len = 512            # caption tokens per sample (model.text_dim > 0): the records'
+                              # text_embedding padded/truncated to it, with a mask, and a
+                              # caption StreamingSession.start(text="...") encodes (Wan: 512)
   d.record_episodes = 8       # with data.world set and data.path empty, the trainer
   d.record_frames = 500       # records this many episodes of at most this many frames
   d.text_encoder = ""         # the umT5 folder that turns captions into the text
@@ -137,7 +140,6 @@ def get_config(arg=None):
                               # Wan2.1-T2V-1.3B-Diffusers/text_encoder, its tokenizer/
                               # beside it); StreamingSession.start(text="...") encodes with
                               # it; "" = none (text only as precomputed embeddings)
-  d.text_length = 512         # tokens a caption is padded/truncated to (Wan: 512)
 
   # --------------------------------------------- stage 2: consistency distillation
   cs = c.consistency = ml_collections.ConfigDict()

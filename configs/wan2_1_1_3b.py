@@ -26,6 +26,8 @@ def get_config(arg=None):
   m.dtype = "bfloat16"
   m.remat = "full"
   c.adversarial.disc_clips_per_forward = 1  # stage 3: one clip per D forward (memory)
+  c.data.space_to_depth = 0   # records in Wan-VAE latents (prepare_data --vae_checkpoint),
+                              # normalised by vae.latents_mean/std (base: Wan2.1's)
   if arg == "plain":
     m.block_causal = False
     m.frame_recycling = False

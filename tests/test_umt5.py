@@ -154,7 +154,7 @@ def test_bad_folders_raise_clear_errors(tmp_path):
 # A tiny world whose text is the fixture's 32-d umT5 embedding.
 TINY_TEXT = (("stage", "consistency"), ("model.latent_channels", 12), ("model.text_dim", 32),
              ("data.world", ""), ("data.frame_size", 8), ("data.space_to_depth", 2),
-             ("data.text_encoder", ENCODER_DIR), ("data.text_length", 16))
+             ("data.text_encoder", ENCODER_DIR), ("data.text_len", 16))
 
 
 def test_session_starts_from_a_caption():

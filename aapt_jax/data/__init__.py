@@ -8,5 +8,9 @@ Modules (imported explicitly, so `records` and `worlds` load without JAX):
   prepare_tfds  `prepare_tfds`: a TFDS dataset (RLDS episodes) -> the records
             `prepare` makes, without TensorFlow
   prepare   `prepare_world`: a world -> clips + episodes + metadata.json
-  worlds    simulators producing (frames, actions), by name: `worlds.make_world`
+  prepare_videos  `prepare_videos`: a folder of videos -> the same, in resumable
+            shards split over processes, with captions (and text embeddings)
+  encode    `encode_records`: pixel records -> a VAE's latent records
+  worlds    simulators producing (frames, actions), by name: `worlds.make_world`;
+            worlds/videos.py reads a folder of video files
 """

@@ -8,7 +8,9 @@ reads the ``clips-*`` and ``episodes-*`` of a prepared pixel dataset
 them with ``vae.latents_mean/latents_std``) in place of ``video``, plus
 ``temporal_factor`` r and ``actions`` per latent frame, and a metadata.json
 that adds the VAE checkpoint and the latents' measured per-channel mean and
-std (the values to put in ``vae.latents_mean/latents_std``).
+std (the values to put in ``vae.latents_mean/latents_std``; for a Wan2.1 VAE
+folder also ``vae_latents_mean/std``, its own, which a Wan DiT expects); its
+``counts`` and ``skipped`` add the latent records' to the pixel dataset's.
 
 * A record of T video frames keeps its first 1 + k*r frames (k as large as
   fits): the encoder needs T = 1 + k*r, and a frame is never silently
@@ -38,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from aapt_jax.data import records
-from aapt_jax.loading import load_trained_vae
+from aapt_jax.loading import is_wan_vae_folder, load_trained_vae
 from aapt_jax.data.prepare import check_output_dir
 
 EPISODE_BUCKET = 128  # latent frames: episodes are padded to a multiple of this
@@ -79,7 +81,7 @@ def encode_records(src_dir: str, out_dir: str, *, vae_checkpoint: str, batch_siz
                             "with launch/prepare_data.py")
   with open(src_meta_path) as f:
     src_meta = json.load(f)
-  config, vae, params = load_trained_vae(vae_checkpoint)
+  config, vae, params = load_trained_vae(vae_checkpoint, src_meta.get("size"))
   r, frame_size = vae.spec.temporal_factor, tuple(vae.spec.frame_size)
   if tuple(src_meta.get("size", frame_size)) != frame_size:
     raise ValueError(f"{src_dir} holds {tuple(src_meta['size'])} frames but the VAE of "
@@ -102,7 +104,7 @@ def encode_records(src_dir: str, out_dir: str, *, vae_checkpoint: str, batch_siz
 
   stats = _ChannelStats()
   counts = {"clips": 0, "clip_latent_frames": 0, "episodes": 0, "episode_latent_frames": 0}
-  skipped: list[str] = []
+  skipped: list[str | dict[str, str]] = []  # {"file", "reason"} for a video folder's records
   out_files = {}
 
   def to_latent_record(example, latents):
@@ -138,7 +140,9 @@ def encode_records(src_dir: str, out_dir: str, *, vae_checkpoint: str, batch_siz
       for i in range(len(source)):
         example = source[i]
         if "video" not in example or len(example["video"]) < 1 + r:
-          skipped.append(f"{kind}[{i}]: fewer than 1 + r = {1 + r} video frames")
+          reason = f"fewer than 1 + r = {1 + r} video frames"
+          skipped.append({"file": example["file"], "reason": f"{kind}[{i}]: {reason}"}
+                         if "file" in example else f"{kind}[{i}]: {reason}")
         elif kind == "clips":
           if pending and len(example["video"]) != len(pending[0]["video"]):
             flush()
@@ -164,8 +168,12 @@ def encode_records(src_dir: str, out_dir: str, *, vae_checkpoint: str, batch_siz
   summary = dict(src_meta, record_kind="latents", pixel_source=os.path.abspath(src_dir),
                  vae_checkpoint=os.path.abspath(vae_checkpoint), temporal_factor=r,
                  latent_size=list(vae.spec.latent_size), z_dim=vae.spec.z_dim,
-                 latents_mean=mean, latents_std=std, counts=counts, files=out_files,
-                 skipped=skipped)
+                 latents_mean=mean, latents_std=std,
+                 counts={**src_meta.get("counts", {}), **counts}, files=out_files,
+                 skipped=src_meta.get("skipped", []) + skipped)
+  if is_wan_vae_folder(vae_checkpoint):  # a Wan DiT was trained with the VAE's own statistics
+    summary.update(vae_latents_mean=list(config.vae.latents_mean),
+                   vae_latents_std=list(config.vae.latents_std))
   with open(os.path.join(out_dir, "metadata.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary
@@ -173,11 +181,18 @@ def encode_records(src_dir: str, out_dir: str, *, vae_checkpoint: str, batch_siz
 
 def format_summary(summary: dict[str, Any], out_dir: str) -> str:
   c = summary["counts"]
+  if "vae_latents_mean" in summary:  # a Wan VAE: keep the statistics its DiT knows
+    stats = ("the Wan VAE's own latent statistics (what Wan's DiT was trained with; "
+             "configs/base.py's defaults are Wan2.1's):", summary["vae_latents_mean"],
+             summary["vae_latents_std"])
+  else:
+    stats = ("the measured latent statistics:", summary["latents_mean"],
+             summary["latents_std"])
   return (f"encoded {c['clips']} clips ({c['clip_latent_frames']} latent frames) and "
           f"{c['episodes']} episodes ({c['episode_latent_frames']} latent frames) with the VAE "
           f"of {summary['vae_checkpoint']} (r = {summary['temporal_factor']}) into {out_dir}; "
           f"skipped {len(summary['skipped'])}.\n"
           f"train on them with --config.data.path={out_dir} "
-          f"--config.vae.checkpoint={summary['vae_checkpoint']} and the measured latent "
-          f"statistics:\n  --config.vae.latents_mean=\"{tuple(summary['latents_mean'])}\" "
-          f"--config.vae.latents_std=\"{tuple(summary['latents_std'])}\"")
+          f"--config.vae.checkpoint={summary['vae_checkpoint']} and {stats[0]}\n"
+          f"  --config.vae.latents_mean=\"{tuple(stats[1])}\" "
+          f"--config.vae.latents_std=\"{tuple(stats[2])}\"")

@@ -23,6 +23,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import tempfile
+from collections.abc import Collection
 from typing import Any
 
 from tqdm import tqdm
@@ -34,22 +36,25 @@ from aapt_jax.data.worlds.policies import default_policy
 WORLDS = worlds.NAMES
 
 
-def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
+def check_output_dir(out_dir: str, overwrite: bool = False,
+                     keep: Collection[str] = ()) -> None:
   """Creates `out_dir` and checks it is writable and holds no earlier records
-  (unless `overwrite`, which deletes them); ValueError otherwise."""
+  (unless `overwrite`, which deletes them) other than the file names in
+  `keep` (those of a run being resumed); ValueError otherwise."""
   if not out_dir:
     raise ValueError("--out: an output directory is required")
   try:
     os.makedirs(out_dir, exist_ok=True)
-    probe = os.path.join(out_dir, ".write_test")
-    with open(probe, "w") as f:
-      f.write("ok")
+    fd, probe = tempfile.mkstemp(prefix=".write_test", dir=out_dir)  # unique: processes
+    os.close(fd)                                                      # may share out_dir
     os.remove(probe)
   except OSError as e:
     raise ValueError(f"cannot write to output directory {out_dir!r}: "
                      f"{e.strerror or e}") from None
   old = sorted(glob.glob(os.path.join(out_dir, "clips-*" + records.SUFFIX)) +
                glob.glob(os.path.join(out_dir, "episodes-*" + records.SUFFIX)))
+  if not overwrite:
+    old = [p for p in old if os.path.basename(p) not in keep]
   if old and not overwrite:
     raise ValueError(f"{out_dir!r} already holds records ({os.path.basename(old[0])}"
                      f", ...); pass --overwrite or choose another --out")

@@ -12,8 +12,9 @@ field               value                                      required
                     frame; ``actions[i]`` is the action whose
                     effect frame i shows
 ``controls``        float32 ``[T', A]``                          no
-``text``            str                                         no
-``text_embedding``  float32/float16 ``[L, D]``                   no
+``text``            str: the clip's caption                     no
+``text_embedding``  float32/float16 ``[L, D]``: the caption's L  no
+                    (unpadded) token embeddings
 ``temporal_factor`` int r >= 1: video frames per latent frame    no (1)
                     after the first (``T = 1 + (T' - 1) * r``)
 ``sink_latents``    float ``[T', h, w, C]``: latent frame j's    no
@@ -25,6 +26,8 @@ field               value                                      required
 ``start``           int index of the clip's first frame in its   no
                     episode
 ``seed``            int seed the episode was recorded with       no
+``file``            str the source video's path (relative to     no
+                    the recorded folder; data/prepare_videos.py)
 ==================  =========================================  ==========
 
 When only ``video`` is present, ``T' = 1 + (T - 1) / temporal_factor`` (with
@@ -62,7 +65,7 @@ _ND = "__ndarray__"
 _FMT = "__format__"
 _SCALAR_TYPES = (str, int, float, bool)
 _METADATA_TYPES = {"world": str, "game": str, "text": str, "episode": int,
-                   "start": int, "seed": int, "temporal_factor": int}
+                   "start": int, "seed": int, "temporal_factor": int, "file": str}
 
 
 # ----------------------------------------------------------------------------

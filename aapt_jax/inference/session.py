@@ -229,7 +229,7 @@ class StreamingModel:
 
   def encode_text(self, caption: str) -> tuple[np.ndarray, np.ndarray]:
     """(embedding float32 [L, text_dim], mask bool [L]) of `caption`, L =
-    data.text_length, by the umT5 encoder in data.text_encoder (loaded on the
+    data.text_len, by the umT5 encoder in data.text_encoder (loaded on the
     first call, then reused). ValueError when the config names no encoder or
     its width is not model.text_dim."""
     if self._text_encoder is None:
@@ -247,7 +247,7 @@ class StreamingModel:
         raise ValueError(f"data.text_encoder {folder} makes {encoder.d_model}-d embeddings "
                          f"but the model takes model.text_dim={self.generator.spec.text_dim}")
       self._text_encoder = encoder
-    emb, mask = self._text_encoder.encode([caption], int(self.config.data.get("text_length",
+    emb, mask = self._text_encoder.encode([caption], int(self.config.data.get("text_len",
                                                                             512)))
     return emb[0], mask[0]
 
@@ -378,7 +378,7 @@ class StreamingSession:
     """Starts (or restarts) the stream from `first_frame` (uint8 [H, W, 3];
     None = the export's start frame or the world's first frame), with `text`
     (an embedding [L, text_dim], all L tokens attended, or a string, embedded
-    by `StreamingModel.encode_text`: data.text_length tokens, the padding
+    by `StreamingModel.encode_text`: data.text_len tokens, the padding
     masked). `seed` sets the
     noise (default: the session's seed). Returns the decoded first frame(s)
     uint8 [k, H, W, 3]."""

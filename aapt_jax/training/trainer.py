@@ -101,15 +101,18 @@ class Trainer:
     # stored VAE latents are raw: the DiT sees them normalised, as the decoder expects
     stats = None if config.data.space_to_depth or self.spec.vae else (
         tuple(config.vae.latents_mean), tuple(config.vae.latents_std))
+    # records' caption embeddings reach a model that takes text, padded to data.text_len
+    text_len = int(config.data.text_len) if config.model.text_dim else None
     if self.spec.adversarial:
       ds = pipeline.make_adversarial_dataset(
           source, episodes, segment_frames=config.adversarial.segment_frames,
           rollout_frames=config.adversarial.rollout_frames, batch_size=per_process,
-          seed=config.train.seed, space_to_depth=s2d, latent_stats=stats)
+          seed=config.train.seed, space_to_depth=s2d, latent_stats=stats, text_len=text_len)
     else:
       ds = pipeline.make_dataset(source, clip_frames=config.train.clip_frames,
                                  batch_size=per_process, seed=config.train.seed,
-                                 space_to_depth=s2d, pixels=self.spec.vae, latent_stats=stats)
+                                 space_to_depth=s2d, pixels=self.spec.vae, latent_stats=stats,
+                                 text_len=text_len)
     iterator = pipeline.make_iterator(ds)
 
     ckpt = checkpointing.Checkpointer(self.checkpoint_dir, keep=config.checkpoint.keep)

@@ -112,6 +112,14 @@ def check_example(example: dict, config, where: str, min_frames: int | None = No
     if u.ndim != 2 or u.shape[1] != m.control_dim:
       raise ValueError(f"{where}: field 'controls': shape {u.shape} but model.control_dim="
                        f"{m.control_dim}")
+  if "text_embedding" in example and m.text_dim:
+    e = example["text_embedding"]
+    if e.ndim != 2 or e.shape[1] != m.text_dim:
+      raise ValueError(f"{where}: field 'text_embedding': shape {e.shape} but model.text_dim="
+                       f"{m.text_dim}; set model.text_dim to the text encoder's width")
+    if int(config.data.text_len) < 1:
+      raise ValueError(f"config field data.text_len={config.data.text_len} must be >= 1 "
+                       "for records with text")
 
 
 def check_vae_example(example: dict, config, where: str) -> None:
