@@ -334,6 +334,23 @@ def layer_by_layer(model: Generator, params):
   return unscanned, ({"params": tree} if wrapped else tree)
 
 
+def scanned_params(model: Generator, params):
+  """The inverse of `layer_by_layer`'s params: per-layer params ("blocks_0",
+  ...) stacked back on a "layers" axis under "blocks" for the scanned
+  `model` (a copy; what exports and checkpoints hold). Params already
+  stacked, or a `model` without `scan_layers`, come back as they are.
+  params: the bare tree or {"params": ...}."""
+  wrapped = "params" in params and "transformer" not in params
+  tree = dict(params["params"] if wrapped else params)
+  transformer = dict(tree["transformer"])
+  if not model.spec.scan_layers or "blocks" in transformer:
+    return params
+  layers = [transformer.pop(f"blocks_{i}") for i in range(model.spec.num_layers)]
+  transformer["blocks"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+  tree["transformer"] = transformer
+  return {"params": tree} if wrapped else tree
+
+
 def build_generator(config) -> Generator:
   """A Generator from a full config (or its `model` section)."""
   model_config = config.model if "model" in config else config
