@@ -150,12 +150,11 @@ class Generator(nn.Module):
       kv = cond.text_kv.k
       shape = ((len(kv), *kv[0].shape) if isinstance(kv, (tuple, list))
                else tuple(kv.shape))  # per layer, or stacked
-      if len(shape) != 5 or shape[:3] != (s.num_layers, b, s.num_heads) or \
-          shape[4] != s.head_dim:
-        raise _shape_error("cond.text_kv.k [layers, B, H, L, Dh]",
-                           (s.num_layers, b, s.num_heads, "L", s.head_dim), shape)
-      if cond.text_mask is not None and tuple(cond.text_mask.shape) != (b, shape[3]):
-        raise _shape_error("cond.text_mask", (b, shape[3]), cond.text_mask.shape)
+      if len(shape) != 5 or shape[:4] != (s.num_layers, b, s.num_heads, s.head_dim):
+        raise _shape_error("cond.text_kv.k [layers, B, H, Dh, L]",
+                           (s.num_layers, b, s.num_heads, s.head_dim, "L"), shape)
+      if cond.text_mask is not None and tuple(cond.text_mask.shape) != (b, shape[4]):
+        raise _shape_error("cond.text_mask", (b, shape[4]), cond.text_mask.shape)
 
   def _check_cache(self, cache: kvc.KVCache, batch):
     s = self.spec
