@@ -285,7 +285,8 @@ class StreamingModel:
     return self.world.reset(0 if seed is None else seed)
 
 
-# the generator's bare params stacked as checkpoints hold them (a copy of step_params)
+# the generator's bare params stacked as checkpoints hold them (a copy of step_params);
+# set after the class: in its body, dataclass would take it for the InitVar's default
 StreamingModel.params = property(lambda self: scanned_params(self.generator, self.step_params))
 
 
