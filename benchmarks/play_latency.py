@@ -77,7 +77,7 @@ def bench(name, frames, samples):
   rows = []
 
   # the generator alone (the session's sampler, no decode), the latent fetched to host
-  gen = make_frame_fn(model.generator, model.sampler_steps,
+  gen = make_frame_fn(model.step_generator, model.sampler_steps,
                       float(model.config.diffusion.timestep_shift))
   s = model.generator.spec
   key = jax.random.key(0)
@@ -88,7 +88,7 @@ def bench(name, frames, samples):
   def generator_step():
     a = jax.numpy.full((1, 1), int(rng.integers(s.num_actions)), jax.numpy.int32) \
         if s.num_actions else None
-    state["x"], state["cache"] = gen(model.params, key, jax.numpy.int32(state["i"]),
+    state["x"], state["cache"] = gen(model.step_params, key, jax.numpy.int32(state["i"]),
                                      state["x"], state["cache"], a, controls, None, None)
     state["i"] += 1
     np.asarray(state["x"])

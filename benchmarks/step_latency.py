@@ -15,10 +15,11 @@ split per layer once (`layer_by_layer`), as a stream does.
 
 With peer and peer_kv, an interleaved comparison at the last frame (the
 steps alternate, so both see the same machine load) also times the step of
-an earlier checkout at the peer setting (text per step) when `--baseline`
-names one, e.g. `git archive de44aff aapt_jax configs | tar -x -C /tmp/base`
-(the step before its speed-up): its modules are imported under their own
-objects in this process.
+an earlier checkout at the peer setting when `--baseline` names one, e.g.
+`git archive de44aff aapt_jax configs | tar -x -C /tmp/base` (the step before
+its speed-up): text per step, and, where that checkout has `with_text_kv`
+and `layer_by_layer`, its text keys/values once on per-layer params too. Its
+modules are imported under their own objects in this process.
 """
 from __future__ import annotations
 
@@ -177,7 +178,10 @@ def interleaved(frame, steps, baseline=None):
           "text K/V once": peer_step(load_config, models_now, True, True, frame)}
   if baseline:
     load, models = import_baseline(baseline)
-    runs = {"baseline (text per step)": peer_step(load, models, False, False, frame), **runs}
+    before = {"baseline (text per step)": peer_step(load, models, False, False, frame)}
+    if hasattr(models, "with_text_kv") and hasattr(models, "layer_by_layer"):
+      before["baseline (text K/V once)"] = peer_step(load, models, True, True, frame)
+    runs = {**before, **runs}
   runs = {k: [*r, []] for k, r in runs.items()}
   for _ in range(steps + 3):  # 3 warm-up steps
     for r in runs.values():
@@ -229,6 +233,9 @@ def main():
     ref = "baseline (text per step)" if args.baseline else "text per step"
     print(f"speed-up over {ref} (median): "
           + ", ".join(f"{k} {ab[ref][0] / med:.2f}x" for k, (med, _) in ab.items() if k != ref))
+    if "baseline (text K/V once)" in ab:
+      print(f"text K/V once, this tree over the baseline's (median): "
+            f"{ab['baseline (text K/V once)'][0] / ab['text K/V once'][0]:.2f}x")
   print("latency: median ms per latent frame (one step = one forward, 1NFE) at that frame;"
         " flat = last / 4N; recompute = one forward over sink + N + current without a cache;"
         " ratio = recompute / cached at the last frame; cache = KV cache size; temp = XLA"

@@ -238,7 +238,7 @@ def test_precomputed_text_kv_equals_text(rollout):
   latents, timesteps, cond = rollout["latents"], rollout["timesteps"], rollout["cond"]
   text_kv = jax.jit(lambda p, t: model.apply(p, t, method="text_kv"))(params, cond.text)
   s = model.spec
-  assert text_kv.k.shape == (s.num_layers, B, s.num_heads, cond.text.shape[1], s.head_dim)
+  assert text_kv.k.shape == (s.num_layers, B, s.num_heads, s.head_dim, cond.text.shape[1])
   assert text_kv.v.shape == (s.num_layers, B, s.num_heads, s.head_dim, cond.text.shape[1])
   with_kv = cond.replace(text=None, text_kv=text_kv)  # the text itself is not read
   t = s.window_frames + 2

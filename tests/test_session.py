@@ -13,8 +13,9 @@ import pytest
 from aapt_jax.checkpointing import config_to_dict
 from aapt_jax.data import pipeline
 from aapt_jax import loading
-from aapt_jax.inference.session import StreamingModel, StreamingSession, sampler_grid
-from aapt_jax.models import Conditioning
+from aapt_jax.inference.session import (StreamingModel, StreamingSession, StreamState,
+                                        make_session_step, sampler_grid)
+from aapt_jax.models import Conditioning, layer_by_layer, scanned_params, with_text_kv
 from aapt_jax.models.vae import denormalize_latents, normalize_latents
 from helpers import ROOT, compiled
 from streaming_helpers import TINY_ATARI, tiny_streaming_model, tiny_world, write_tiny_export
@@ -112,6 +113,51 @@ def test_session_equals_generator_step_and_decode_by_hand(overrides, steps):
   # the actions matter: another action at frame 1 gives another frame
   session.reset()
   assert np.abs(session.step(2).astype(int) - steps_out[0].astype(int)).max() > 0
+
+
+def test_prepared_step_equals_scanned_step_in_every_state_array():
+  """The session steps the generator split per layer once at load
+  (`step_generator` on `step_params`, the state donated); over 3N + 2 frames
+  (the ring wrapped twice) with text, actions and controls it equals the step
+  of the scanned generator on the stacked params: the pixels and every array
+  of the stream state (each layer's sink and ring keys/values, the counter,
+  the latent, the decoder cache). Only the split copy is kept, and `params`
+  stacks it back to what was loaded."""
+  streaming = tiny_streaming_model(TINY_FULL)
+  _, loaded = tiny_world(TINY_FULL)
+  assert streaming.generator.spec.scan_layers and not streaming.step_generator.spec.scan_layers
+  assert "blocks" not in streaming.step_params["transformer"]
+  for got, want in zip(jax.tree.leaves(streaming.params), jax.tree.leaves(loaded), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  model, split = layer_by_layer(streaming.generator, loaded)
+  assert jax.tree.all(jax.tree.map(np.array_equal, scanned_params(streaming.generator, split),
+                                   loaded))
+  scanned_step = make_session_step(streaming.generator, streaming.decoder, 1,
+                                   float(streaming.config.diffusion.timestep_shift))
+  text = Conditioning(text=jax.random.normal(jax.random.key(3), (1, 4, 12)))
+  runs = [(streaming.step_fn, streaming.step_params,
+           with_text_kv(streaming.step_generator, streaming.step_params, text).text_kv),
+          (scanned_step, loaded, with_text_kv(streaming.generator, loaded, text).text_kv)]
+  first = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+  latent = jnp.asarray(streaming.decoder.encode_first(streaming.decoder_params, first))
+  states = [StreamState(index=jnp.zeros((), jnp.int32), latent=jnp.copy(latent),
+                        cache=streaming.generator.init_cache(1),
+                        decode_cache=streaming.decoder.init_decode_cache(1)) for _ in runs]
+  mask = jnp.ones((1, 4), bool)
+  frames = 3 * streaming.generator.spec.window_frames + 2
+  key = jax.random.key(7)
+  for i in range(frames):
+    actions = jnp.full((1, 1), i % 5 - 1, jnp.int32)
+    controls = jnp.full((1, 1, 3), 0.3 * (i % 3 - 1), jnp.float32)
+    out = []
+    for j, (step, params, text_kv) in enumerate(runs):
+      pixels, states[j] = step(params, streaming.decoder_params, key, states[j], actions,
+                               controls, text_kv, mask)
+      out.append(np.asarray(pixels).astype(int))
+    assert np.abs(out[0] - out[1]).max() <= 1, i
+  assert int(states[0].index) == frames and int(states[0].cache.counter) == frames
+  for got, want in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
 
 
 def test_reset_replays_and_bad_input_is_a_clear_error():

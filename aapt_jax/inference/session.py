@@ -33,7 +33,7 @@ from aapt_jax.data.worlds import world_from_config
 from aapt_jax.export import check_params
 from aapt_jax.inference.decoders import build_decoder, uses_vae
 from aapt_jax.models import (Conditioning, Generator, KVCache, TextKV, abstract_params,
-                             build_generator, with_text_kv)
+                             build_generator, layer_by_layer, scanned_params, with_text_kv)
 from aapt_jax.objectives.flow_matching import shift_timesteps
 
 DIFFUSION_SAMPLER_STEPS = 16  # Euler steps per frame for a stage-1 (diffusion) model
@@ -129,6 +129,7 @@ def generate_latents(model: Generator, params, first_latent: np.ndarray,
     bad = [a for a in actions[:num_frames] if not 0 <= int(a) < s.num_actions]
     if bad:
       raise ValueError(f"invalid action ids {bad[:5]}: valid ids are 0..{s.num_actions - 1}")
+  model, params = layer_by_layer(model, params)  # once per stream: per-layer params
   frame_fn = make_frame_fn(model, sampler_steps, shift)
   key = jax.random.key(seed)
   x = jnp.asarray(first_latent, jnp.float32)[None, None]         # [1, 1, h, w, C]
@@ -170,7 +171,15 @@ def _cast(tree, dtype):
 class StreamingModel:
   """A loaded world model: params, decoder, world metadata and the compiled step.
 
-  Attributes: `generator` (the Generator module), `decoder`, `world` (the
+  `params` (the generator's bare tree as checkpoints and exports hold it) is
+  split per layer once here (`layer_by_layer`): the step runs
+  `step_generator` (the same model unscanned) on `step_params`, reading and
+  writing each layer's weights and cache in place. Only the split copy is
+  kept: reading `params` stacks it back (a copy, for exports and
+  full-sequence calls of `generator`).
+
+  Attributes: `generator` (the Generator module), `step_generator` and
+  `step_params` (what the step runs), `decoder`, `world` (the
   config's world, or None), `num_actions` (the actions a player may send: the world's action
   set when the config names a world, else model.num_actions; 0 = continuous
   controls only), `control_dim`, `action_names` (or None), `frame_size` (H, W),
@@ -179,18 +188,19 @@ class StreamingModel:
   embeds a string with the config's text encoder (data.text_encoder).
   """
   config: Any
-  params: Any
+  params: dataclasses.InitVar[Any]  # stored split per layer (step_params); see `params` below
   decoder_params: Any = None
   start_frame: np.ndarray | None = None
   sampler_steps: int = 0
   source: str = "random init"
 
-  def __post_init__(self):
+  def __post_init__(self, params):
     c = self.config
     self.generator = build_generator(c)
     self.decoder = build_decoder(c)
-    check_params(self.params, abstract_params(c), f"the params of {self.source}")
-    self.params = _cast(self.params, self.generator.spec.params_dtype)
+    check_params(params, abstract_params(c), f"the params of {self.source}")
+    self.step_generator, self.step_params = layer_by_layer(
+        self.generator, _cast(params, self.generator.spec.params_dtype))  # once per load
     if uses_vae(c):
       if self.decoder_params is None:
         raise ValueError(f"{self.source}: this config decodes with the video VAE "
@@ -213,7 +223,7 @@ class StreamingModel:
     self.frame_size = tuple(self.decoder.frame_size)
     self.frames_per_latent = self.decoder.frames_per_latent
     self.fps = self.world.fps if self.world else None
-    self.step_fn = make_session_step(self.generator, self.decoder, self.sampler_steps,
+    self.step_fn = make_session_step(self.step_generator, self.decoder, self.sampler_steps,
                                      float(c.diffusion.timestep_shift))
     self._text_encoder = None  # loaded by the first encode_text
 
@@ -275,6 +285,11 @@ class StreamingModel:
     return self.world.reset(0 if seed is None else seed)
 
 
+# the generator's bare params stacked as checkpoints hold them (a copy of step_params);
+# set after the class: in its body, dataclass would take it for the InitVar's default
+StreamingModel.params = property(lambda self: scanned_params(self.generator, self.step_params))
+
+
 class StreamingSession:
   """One stream of a `StreamingModel` (see the module docstring)."""
 
@@ -326,7 +341,7 @@ class StreamingSession:
       if emb.ndim != 2 or emb.shape[1] != spec.text_dim or not emb.shape[0]:
         raise ValueError(f"text embedding must be [L, {spec.text_dim}], got {emb.shape}")
       mask = np.ones(emb.shape[0], bool)
-    cond = with_text_kv(self.model.generator, self.model.params,
+    cond = with_text_kv(self.model.step_generator, self.model.step_params,
                         Conditioning(text=jnp.asarray(emb)[None]))
     return cond.text_kv, jnp.asarray(mask)[None]  # text keys/values once per prompt
 
@@ -368,7 +383,7 @@ class StreamingSession:
   def _run(self, controls, text) -> np.ndarray:
     actions, vector = controls
     m = self.model
-    frames, self._state = m.step_fn(m.params, m.decoder_params, self._key, self._state,
+    frames, self._state = m.step_fn(m.step_params, m.decoder_params, self._key, self._state,
                                     actions, vector, *text)
     return np.asarray(frames)
 

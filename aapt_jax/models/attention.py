@@ -394,15 +394,15 @@ def cross_attention(q, k, v, mask=None):
                     preferred_element_type=jnp.float32).astype(q.dtype)
 
 
-def cross_attention_heads_major(q, k, v_t, mask=None):
-  """`cross_attention` with precomputed keys k [B, H, L, Dh] and transposed
-  values v_t [B, H, Dh, L] (a prompt's TextKV): q [B, S, H, Dh] -> [B, S, H, Dh].
+def cross_attention_heads_major(q, k_t, v_t, mask=None):
+  """`cross_attention` with precomputed, transposed keys k_t and values v_t,
+  both [B, H, Dh, L] (a prompt's TextKV): q [B, S, H, Dh] -> [B, S, H, Dh].
 
   The scale goes on q and the normalisation on the output (both [S, Dh]
   sized), so the [S, L] scores are read and written once (exp)."""
   d = q.shape[-1]
   q = q * jnp.asarray(d ** -0.5, q.dtype)
-  scores = jnp.einsum("bshd,bhld->bhsl", q, k, preferred_element_type=jnp.float32)
+  scores = jnp.einsum("bshd,bhdl->bhsl", q, k_t, preferred_element_type=jnp.float32)
   if mask is not None:
     scores = jnp.where(mask[:, None, None, :], scores, _NEG_INF)
   m = jax.lax.stop_gradient(jnp.max(scores, axis=-1))             # [B, H, S]

@@ -150,12 +150,11 @@ class Generator(nn.Module):
       kv = cond.text_kv.k
       shape = ((len(kv), *kv[0].shape) if isinstance(kv, (tuple, list))
                else tuple(kv.shape))  # per layer, or stacked
-      if len(shape) != 5 or shape[:3] != (s.num_layers, b, s.num_heads) or \
-          shape[4] != s.head_dim:
-        raise _shape_error("cond.text_kv.k [layers, B, H, L, Dh]",
-                           (s.num_layers, b, s.num_heads, "L", s.head_dim), shape)
-      if cond.text_mask is not None and tuple(cond.text_mask.shape) != (b, shape[3]):
-        raise _shape_error("cond.text_mask", (b, shape[3]), cond.text_mask.shape)
+      if len(shape) != 5 or shape[:4] != (s.num_layers, b, s.num_heads, s.head_dim):
+        raise _shape_error("cond.text_kv.k [layers, B, H, Dh, L]",
+                           (s.num_layers, b, s.num_heads, s.head_dim, "L"), shape)
+      if cond.text_mask is not None and tuple(cond.text_mask.shape) != (b, shape[4]):
+        raise _shape_error("cond.text_mask", (b, shape[4]), cond.text_mask.shape)
 
   def _check_cache(self, cache: kvc.KVCache, batch):
     s = self.spec
@@ -332,6 +331,23 @@ def layer_by_layer(model: Generator, params):
   tree["transformer"] = transformer
   unscanned = Generator(dataclasses.replace(model.spec, scan_layers=False))
   return unscanned, ({"params": tree} if wrapped else tree)
+
+
+def scanned_params(model: Generator, params):
+  """The inverse of `layer_by_layer`'s params: per-layer params ("blocks_0",
+  ...) stacked back on a "layers" axis under "blocks" for the scanned
+  `model` (a copy; what exports and checkpoints hold). Params already
+  stacked, or a `model` without `scan_layers`, come back as they are.
+  params: the bare tree or {"params": ...}."""
+  wrapped = "params" in params and "transformer" not in params
+  tree = dict(params["params"] if wrapped else params)
+  transformer = dict(tree["transformer"])
+  if not model.spec.scan_layers or "blocks" in transformer:
+    return params
+  layers = [transformer.pop(f"blocks_{i}") for i in range(model.spec.num_layers)]
+  transformer["blocks"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+  tree["transformer"] = transformer
+  return {"params": tree} if wrapped else tree
 
 
 def build_generator(config) -> Generator:

@@ -84,8 +84,9 @@ class SelfAttention(nn.Module):
 class TextKV:
   """Every layer's cross-attention keys/values of one prompt (after norm_k),
   computed once by `Generator.text_kv` and reused by every call or step."""
-  k: Any  # [L, B, H, Lt, Dh] (heads-major), or a tuple of L [B, H, Lt, Dh] (unscanned
-          # model: each layer's own array, read without slicing a stack per step)
+  k: Any  # [L, B, H, Dh, Lt] (heads-major, transposed: the layout XLA:CPU's score
+          # matmul reads without copying it per step), or a tuple of L [B, H, Dh, Lt]
+          # (unscanned model: each layer's own array, read without slicing a stack)
   v: Any  # [L, B, H, Dh, Lt] (heads-major, transposed: the layout the attention's
           # value matmul reads without a transpose per step), or a tuple of L [B, H, Dh, Lt]
 
@@ -94,8 +95,8 @@ class CrossAttention(nn.Module):
   """Tokens [B, T, P, D] attend to text [B, L, D] (already projected).
 
   `text` is either the projected text or this layer's precomputed (k, v)
-  (k [B, H, L, Dh], v [B, H, Dh, L], as TextKV holds them); with x None only
-  the latter is computed and returned.
+  (both [B, H, Dh, L], as TextKV holds them); with x None only the latter is
+  computed and returned.
   """
   spec: ModelSpec
 
@@ -114,7 +115,7 @@ class CrossAttention(nn.Module):
         k = RMSNorm("heads", eps=s.eps, name="norm_k", **kw)(k)
       k, v = heads(k), heads(v)
     if x is None:
-      return jnp.swapaxes(k, 1, 2), jnp.transpose(v, (0, 2, 3, 1))
+      return jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 3, 1))
     b, t, p, _ = x.shape
     q = Dense(s.dim, ("embed", "heads"), name="to_q", **kw)(x.reshape(b, t * p, s.dim))
     if s.qk_norm:
