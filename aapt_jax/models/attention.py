@@ -160,28 +160,37 @@ class _Part:
   """One group of keys the queries attend to (the sink, the ring, or one block offset)."""
   key: int = flax.struct.field(pytree_node=False)    # index into `_keys`' tuple (value: key + 1)
   start: int = flax.struct.field(pytree_node=False)  # first query block that reads it
-  stop: int | None = flax.struct.field(pytree_node=False)  # keys[:, :, :stop] (offsets), else all
+  stop: int | None = flax.struct.field(pytree_node=False)  # keys[:, :, first:stop] (offsets),
+  first: int = flax.struct.field(pytree_node=False)  # else all keys
   query: int = flax.struct.field(pytree_node=False)  # index into `_queries`' pair
   spec: str = flax.struct.field(pytree_node=False)   # scores einsum "query,key->scores"
   pv_spec: str = flax.struct.field(pytree_node=False)  # "scores,value->out"
   valid: jax.Array | bool = True     # broadcastable to the scores [B, H, T', C, K]
 
 
-def _parts(t: int, p: int, counter, window: int, has_ring: bool):
+def _parts(t: int, p: int, counter, window: int, has_ring: bool, from_sink: bool):
   """The sink (at distance min(i, N + 1)), the ring, then the in-sequence
   window one block offset o at a time (query block i reads block i - o at
-  distance o, if it is not the sink), in the order they are merged."""
+  distance o, if it is not the sink), in the order they are merged.
+
+  from_sink: this call's block 0 is the sink (no cached sink, so counter ==
+  0), known when tracing: each offset part then skips the sink's key block
+  (query blocks o + 1.., key blocks 1..) instead of masking its scores."""
   n = window
   block_index = counter + jnp.arange(t)  # absolute index of each query block [T]
-  parts = [_Part(0, 0, None, 1, "bhtpd,bhkd->bhtpk", "bhtpk,bhkd->bhtpd")]
+  parts = [_Part(0, 0, None, 0, 1, "bhtpd,bhkd->bhtpk", "bhtpk,bhkd->bhtpd")]
   if has_ring:
     held = kvc.ring_block_indices(counter, n)  # [N]
     valid = (held[None, :] >= 1) & (jnp.arange(t)[:, None] + (counter - held)[None, :] <= n)
-    parts.append(_Part(2, 0, None, 0, "bhtpd,bhkd->bhtpk", "bhtpk,bhkd->bhtpd",
+    parts.append(_Part(2, 0, None, 0, 0, "bhtpd,bhkd->bhtpk", "bhtpk,bhkd->bhtpd",
                        jnp.repeat(valid, p, axis=1)[None, None, :, None, :]))
   for o in range(min(n, t - 1) + 1):
-    parts.append(_Part(4, o, t - o, 0, "bhtpd,bhtkd->bhtpk", "bhtpk,bhtkd->bhtpd",
-                       (block_index[:t - o] >= 1)[None, None, :, None, None]))
+    if from_sink:
+      if o + 1 < t:
+        parts.append(_Part(4, o + 1, t - o, 1, 0, "bhtpd,bhtkd->bhtpk", "bhtpk,bhtkd->bhtpd"))
+    else:
+      parts.append(_Part(4, o, t - o, 0, 0, "bhtpd,bhtkd->bhtpk", "bhtpk,bhtkd->bhtpd",
+                         (block_index[:t - o] >= 1)[None, None, :, None, None]))
   return parts
 
 
@@ -194,7 +203,7 @@ def _scores(part: _Part, q, key):
 def _operands(part: _Part, keys):
   key, value = keys[part.key], keys[part.key + 1]
   if part.stop is not None:
-    key, value = key[:, :, :part.stop], value[:, :, :part.stop]
+    key, value = key[:, :, part.first:part.stop], value[:, :, part.first:part.stop]
   return key, value
 
 
@@ -239,7 +248,7 @@ def _chunk_backward(qcs, out, lse, d_out, keys, d_keys, parts):
       if part.stop is None:
         d_keys[i] = d_keys[i] + grad.astype(f32)
       else:
-        d_keys[i] = d_keys[i].at[:, :, :part.stop].add(grad.astype(f32))
+        d_keys[i] = d_keys[i].at[:, :, part.first:part.stop].add(grad.astype(f32))
     qcs, dqs, d_keys = jax.lax.optimization_barrier((qcs, dqs, d_keys))  # (XLA:CPU ignores it)
   return tuple(dqs), tuple(d_keys)
 
@@ -268,7 +277,7 @@ def _blockwise(window, theta, chunk, q, k, v, counter, sink, ring):
 def _blockwise_fwd(window, theta, chunk, q, k, v, counter, sink, ring):
   b, h, t, p = q.shape[:4]
   keys = _keys(k, v, counter, sink, ring, window, theta)
-  parts = _parts(t, p, counter, window, ring is not None)
+  parts = _parts(t, p, counter, window, ring is not None, sink is None)
   qs = tuple(_split(a, chunk) for a in _queries(q, counter, window, theta))  # [P' / C, B, H,
   _, (outs, lses) = jax.lax.scan(lambda c, qc: (c, _chunk_forward(qc, keys, parts)),  # T, C, Dh]
                                  None, qs, unroll=qs[0].shape[0] == 1)
@@ -282,7 +291,7 @@ def _blockwise_bwd(window, theta, chunk, residuals, d_out):
       lambda k_, v_, sink_, ring_: _keys(k_, v_, counter, sink_, ring_, window, theta),
       k, v, sink, ring)
   queries, queries_vjp = jax.vjp(lambda q_: _queries(q_, counter, window, theta), q)
-  parts = _parts(t, p, counter, window, ring is not None)
+  parts = _parts(t, p, counter, window, ring is not None, sink is None)
   zeros = tuple(None if a is None else jnp.zeros(a.shape, jnp.float32) for a in keys)
 
   def body(d_keys, xs):
