@@ -160,8 +160,8 @@ class _Part:
   """One group of keys the queries attend to (the sink, the ring, or one block offset)."""
   key: int = flax.struct.field(pytree_node=False)    # index into `_keys`' tuple (value: key + 1)
   start: int = flax.struct.field(pytree_node=False)  # first query block that reads it
-  stop: int | None = flax.struct.field(pytree_node=False)  # keys[:, :, first:stop] (offsets),
-  first: int = flax.struct.field(pytree_node=False)  # else all keys
+  stop: int | None = flax.struct.field(pytree_node=False)  # offsets: keys[:, :, first:stop];
+  first: int = flax.struct.field(pytree_node=False)  # stop None: all keys (sink, ring)
   query: int = flax.struct.field(pytree_node=False)  # index into `_queries`' pair
   spec: str = flax.struct.field(pytree_node=False)   # scores einsum "query,key->scores"
   pv_spec: str = flax.struct.field(pytree_node=False)  # "scores,value->out"
