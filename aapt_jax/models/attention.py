@@ -32,37 +32,38 @@ _NEG_INF = -jnp.inf
 
 @flax.struct.dataclass
 class _OnlineSoftmax:
-  m: jax.Array    # [B, T, H, P] running max (no gradient)
-  l: jax.Array    # [B, T, H, P] running sum of exp
-  acc: jax.Array  # [B, T, P, H, Dh] running sum of exp * v
+  m: jax.Array    # [B, H, T, P] running max (no gradient)
+  l: jax.Array    # [B, H, T, P] running sum of exp
+  acc: jax.Array  # [B, H, T, P, Dh] running sum of exp * v
 
 
 def _init(q) -> _OnlineSoftmax:
-  b, t, p, h, d = q.shape
-  return _OnlineSoftmax(m=jnp.full((b, t, h, p), _NEG_INF, jnp.float32),
-                        l=jnp.zeros((b, t, h, p), jnp.float32),
-                        acc=jnp.zeros((b, t, p, h, d), jnp.float32))
+  b, h, t, p, d = q.shape
+  return _OnlineSoftmax(m=jnp.full((b, h, t, p), _NEG_INF, jnp.float32),
+                        l=jnp.zeros((b, h, t, p), jnp.float32),
+                        acc=jnp.zeros((b, h, t, p, d), jnp.float32))
 
 
 def _add(state: _OnlineSoftmax, scores, valid, v, pv_spec: str, start: int = 0):
-  """Adds keys with `scores` [B, T', H, P, K] (T' = T - start) for query blocks start..T-1."""
+  """Adds keys with `scores` [B, H, T', P, K] (T' = T - start) for query blocks start..T-1."""
   scores = jnp.where(valid, scores, _NEG_INF)
-  m_old, l_old, acc_old = state.m[:, start:], state.l[:, start:], state.acc[:, start:]
+  m_old, l_old, acc_old = state.m[:, :, start:], state.l[:, :, start:], state.acc[:, :, start:]
   m_new = jax.lax.stop_gradient(jnp.maximum(m_old, jnp.max(scores, axis=-1)))
   m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
   p = jnp.exp(scores - m_safe[..., None])
-  corr = jnp.exp(m_old - m_safe)                       # [B, T', H, P]
+  corr = jnp.exp(m_old - m_safe)                       # [B, H, T', P]
   l_new = l_old * corr + jnp.sum(p, axis=-1)
   pv = jnp.einsum(pv_spec, p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  acc_new = acc_old * jnp.swapaxes(corr, 2, 3)[..., None] + pv
+  acc_new = acc_old * corr[..., None] + pv
   if start == 0:
     return _OnlineSoftmax(m_new, l_new, acc_new)
-  return _OnlineSoftmax(state.m.at[:, start:].set(m_new), state.l.at[:, start:].set(l_new),
-                        state.acc.at[:, start:].set(acc_new))
+  return _OnlineSoftmax(state.m.at[:, :, start:].set(m_new),
+                        state.l.at[:, :, start:].set(l_new),
+                        state.acc.at[:, :, start:].set(acc_new))
 
 
 def _finish(state: _OnlineSoftmax, dtype):
-  l = jnp.swapaxes(state.l, 2, 3)[..., None]  # [B, T, P, H, 1]
+  l = state.l[..., None]  # [B, H, T, P, 1]
   out = jnp.where(l > 0, state.acc / jnp.where(l > 0, l, 1.0), 0.0)
   return out.astype(dtype)
 
@@ -105,32 +106,53 @@ def block_causal_attention(q, k, v, *, counter, window: int, theta: float,
       return _one_block_fused(q, k, v, counter, window, theta, sink, ring, "cudnn")
     return _one_block(q, k, v, counter, window, theta, sink, ring)
   chunks = -(-p // max(1, query_chunk))
-  return _blockwise(window, theta, -(-p // chunks), q, k, v, jnp.asarray(counter, jnp.int32),
-                    sink, ring)
+  # heads-major [B, H, T, P, Dh] inside: every part's einsum then has its
+  # batch axes (b, h[, t]) leading, so no operand is transposed per part
+  heads_major = lambda a: jnp.transpose(a, (0, 3, 1, 2, 4))
+  out = _blockwise(window, theta, -(-p // chunks), heads_major(q), heads_major(k),
+                   heads_major(v), jnp.asarray(counter, jnp.int32), sink, ring)
+  return jnp.transpose(out, (0, 2, 3, 1, 4))
+
+
+def _queries(q, counter, window: int, theta: float):
+  """The queries of the parts, heads-major [B, H, T, P, Dh] each: (R(i') q for
+  the ring and the in-sequence window, R(min(i, N + 1)) q for the sink), with
+  i' = 0..T-1 the block's place in this call and i = counter + i' its index.
+
+  <R(a) q, R(b) k> = <R(a - b) q, k>: every distance is a difference of the
+  two rotations (the angles stay bounded by T and N + 1).
+  """
+  t = q.shape[2]
+  block_index = counter + jnp.arange(t)                        # [T]
+  return (rotate_time(q, jnp.arange(t)[None, None, :, None], theta),
+          rotate_time(q, jnp.minimum(block_index, window + 1)[None, None, :, None], theta))
 
 
 def _keys(k, v, counter, sink, ring, window: int, theta: float):
-  """What the parts read: (sink_k, sink_v [B, P, H, Dh], ring_k, ring_v [B, H, N P, Dh]
-  or None, k, v [B, T, P, H, Dh]).
+  """What the parts read, heads-major: (sink_k, sink_v [B, H, P, Dh], ring_k,
+  ring_v [B, H, N P, Dh] or None, k, v [B, H, T, P, Dh]).
 
   The sink is block 0 of this sequence when counter == 0, else the cached
-  one. Ring slot s holds block j_s at distance (i' + e_s) from query block i'
-  (e_s = counter - j_s): its keys carry R(-e_s) here, the queries R(i').
+  one, unrotated (its distance is on the sink query). Ring slot s holds block
+  j_s at distance (i' + e_s) from query block i' (e_s = counter - j_s): its
+  keys carry R(-e_s) here, the queries R(i'). The in-sequence keys of block
+  j' carry R(j'), so block i' reads block i' - o at distance o.
   """
-  b, t, p, h, d = k.shape
+  b, h, t, p, d = k.shape
+  k_in = rotate_time(k, jnp.arange(t)[None, None, :, None], theta)
   if sink is None:
-    sink_k, sink_v = k[:, 0], v[:, 0]
+    sink_k, sink_v = k[:, :, 0], v[:, :, 0]
   else:
     first = counter == 0
-    sink_k = jnp.where(first, k[:, 0], jnp.swapaxes(sink[0], 1, 2).astype(k.dtype))
-    sink_v = jnp.where(first, v[:, 0], jnp.swapaxes(sink[1], 1, 2).astype(v.dtype))
+    sink_k = jnp.where(first, k[:, :, 0], sink[0].astype(k.dtype))
+    sink_v = jnp.where(first, v[:, :, 0], sink[1].astype(v.dtype))
   ring_k = ring_v = None
   if ring is not None:
     ahead = counter - kvc.ring_block_indices(counter, window)  # [N]
     ring_k = rotate_time(ring[0].astype(k.dtype), -ahead[None, None, :, None], theta)
     ring_k = ring_k.reshape(b, h, window * p, d)
     ring_v = ring[1].astype(v.dtype).reshape(b, h, window * p, d)
-  return sink_k, sink_v, ring_k, ring_v, k, v
+  return sink_k, sink_v, ring_k, ring_v, k_in, v
 
 
 @flax.struct.dataclass
@@ -138,147 +160,152 @@ class _Part:
   """One group of keys the queries attend to (the sink, the ring, or one block offset)."""
   key: int = flax.struct.field(pytree_node=False)    # index into `_keys`' tuple (value: key + 1)
   start: int = flax.struct.field(pytree_node=False)  # first query block that reads it
-  stop: int | None = flax.struct.field(pytree_node=False)  # keys[:, :stop] (offsets), else all
-  offset: int | None = flax.struct.field(pytree_node=False)  # block offset o, or None
+  stop: int | None = flax.struct.field(pytree_node=False)  # offsets: keys[:, :, first:stop];
+  first: int = flax.struct.field(pytree_node=False)  # stop None: all keys (sink, ring)
+  query: int = flax.struct.field(pytree_node=False)  # index into `_queries`' pair
   spec: str = flax.struct.field(pytree_node=False)   # scores einsum "query,key->scores"
   pv_spec: str = flax.struct.field(pytree_node=False)  # "scores,value->out"
-  distance: jax.Array | None = None  # the queries' temporal rotation (sink, ring)
-  valid: jax.Array | bool = True     # broadcastable to the scores [B, T', H, C, K]
+  valid: jax.Array | bool = True     # broadcastable to the scores [B, H, T', C, K]
 
 
-def _parts(t: int, p: int, counter, window: int, has_ring: bool):
+def _parts(t: int, p: int, counter, window: int, has_ring: bool, from_sink: bool):
   """The sink (at distance min(i, N + 1)), the ring, then the in-sequence
   window one block offset o at a time (query block i reads block i - o at
-  distance o, if it is not the sink), in the order they are merged."""
+  distance o, if it is not the sink), in the order they are merged.
+
+  from_sink: this call's block 0 is the sink (no cached sink, so counter ==
+  0), known when tracing: each offset part then skips the sink's key block
+  (query blocks o + 1.., key blocks 1..) instead of masking its scores."""
   n = window
   block_index = counter + jnp.arange(t)  # absolute index of each query block [T]
-  parts = [_Part(0, 0, None, None, "btphd,bkhd->bthpk", "bthpk,bkhd->btphd",
-                 jnp.minimum(block_index, n + 1)[None, :, None, None])]
+  parts = [_Part(0, 0, None, 0, 1, "bhtpd,bhkd->bhtpk", "bhtpk,bhkd->bhtpd")]
   if has_ring:
     held = kvc.ring_block_indices(counter, n)  # [N]
     valid = (held[None, :] >= 1) & (jnp.arange(t)[:, None] + (counter - held)[None, :] <= n)
-    parts.append(_Part(2, 0, None, None, "btphd,bhkd->bthpk", "bthpk,bhkd->btphd",
-                       jnp.arange(t)[None, :, None, None],
-                       jnp.repeat(valid, p, axis=1)[None, :, None, None, :]))
+    parts.append(_Part(2, 0, None, 0, 0, "bhtpd,bhkd->bhtpk", "bhtpk,bhkd->bhtpd",
+                       jnp.repeat(valid, p, axis=1)[None, None, :, None, :]))
   for o in range(min(n, t - 1) + 1):
-    parts.append(_Part(4, o, t - o, o, "btphd,btkhd->bthpk", "bthpk,btkhd->btphd", None,
-                       (block_index[:t - o] >= 1)[None, :, None, None, None]))
+    if from_sink:
+      if o + 1 < t:
+        parts.append(_Part(4, o + 1, t - o, 1, 0, "bhtpd,bhtkd->bhtpk", "bhtpk,bhtkd->bhtpd"))
+    else:
+      parts.append(_Part(4, o, t - o, 0, 0, "bhtpd,bhtkd->bhtpk", "bhtpk,bhtkd->bhtpd",
+                         (block_index[:t - o] >= 1)[None, None, :, None, None]))
   return parts
 
 
-def _scores(part: _Part, q, key, theta: float):
-  """Scores [B, T', H, C, K] of queries q [B, T', C, H, Dh] (blocks start..) and `key`.
-
-  <R(a) q, R(b) k> = <R(a - b) q, k>: an offset's distance goes on the query.
-  """
-  if part.distance is not None:
-    q = rotate_time(q, part.distance[:, part.start:], theta)
-  elif part.offset:
-    q = rotate_time(q, part.offset, theta)
+def _scores(part: _Part, q, key):
+  """Scores [B, H, T', C, K] of queries q [B, H, T', C, Dh] (blocks start.., rotated
+  by `_queries`) and `key` (rotated by `_keys`)."""
   return jnp.einsum(part.spec, q, key, preferred_element_type=jnp.float32)
 
 
 def _operands(part: _Part, keys):
   key, value = keys[part.key], keys[part.key + 1]
   if part.stop is not None:
-    key, value = key[:, :part.stop], value[:, :part.stop]
+    key, value = key[:, :, part.first:part.stop], value[:, :, part.first:part.stop]
   return key, value
 
 
-def _chunk_forward(qc, keys, parts, theta):
-  """Queries qc [B, T, C, H, Dh] -> (out [B, T, C, H, Dh], log-sum-exp [B, T, H, C])."""
-  state = _init(qc)
+def _chunk_forward(qcs, keys, parts):
+  """A chunk of `_queries`' pair qcs ([B, H, T, C, Dh] each) -> (out [B, H, T, C, Dh],
+  log-sum-exp [B, H, T, C])."""
+  state = _init(qcs[0])
   for part in parts:
     key, value = _operands(part, keys)
-    scores = _scores(part, qc[:, part.start:], key, theta)
+    scores = _scores(part, qcs[part.query][:, :, part.start:], key)
     state = _add(state, scores, part.valid, value, part.pv_spec, part.start)
-    qc, state = jax.lax.optimization_barrier((qc, state))  # ask for one part at a time
+    qcs, state = jax.lax.optimization_barrier((qcs, state))  # ask for one part at a time
   lse = jnp.where(state.l > 0, state.m + jnp.log(jnp.where(state.l > 0, state.l, 1.0)), jnp.inf)
-  return _finish(state, qc.dtype), lse
+  return _finish(state, qcs[0].dtype), lse
 
 
-def _chunk_backward(qc, out, lse, d_out, keys, d_keys, parts, theta):
-  """One query chunk's gradient: returns (dq [B, T, C, H, Dh] f32, d_keys + its share).
+def _chunk_backward(qcs, out, lse, d_out, keys, d_keys, parts):
+  """One query chunk's gradient: returns (the pair's dq [B, H, T, C, Dh] f32 each,
+  d_keys + its share).
 
   Per part: p = exp(s - lse), dv += p^T do, ds = p (do v^T - rowsum(do * out)),
   and ds pulled back through the scores (with their rotations) to q and the keys.
   """
   f32 = jnp.float32
-  delta = jnp.einsum("btphd,btphd->bthp", d_out.astype(f32), out.astype(f32))  # [B, T, H, C]
-  dq = jnp.zeros(qc.shape, f32)
+  delta = jnp.einsum("bhtpd,bhtpd->bhtp", d_out.astype(f32), out.astype(f32))  # [B, H, T, C]
+  dqs = [jnp.zeros(qc.shape, f32) for qc in qcs]
   d_keys = list(d_keys)
   for part in parts:
-    a = part.start
+    a, qc = part.start, qcs[part.query]
     key, value = _operands(part, keys)
-    scores, pull = jax.vjp(lambda q_, k_, part=part: _scores(part, q_, k_, theta), qc[:, a:], key)
-    probs = jnp.exp(jnp.where(part.valid, scores, _NEG_INF) - lse[:, a:, ..., None])
+    scores, pull = jax.vjp(lambda q_, k_, part=part: _scores(part, q_, k_), qc[:, :, a:], key)
+    probs = jnp.exp(jnp.where(part.valid, scores, _NEG_INF) - lse[:, :, a:, ..., None])
     s_spec, v_spec, o_spec = part.pv_spec.replace("->", ",").split(",")
-    d_value = jnp.einsum(f"{s_spec},{o_spec}->{v_spec}", probs.astype(value.dtype), d_out[:, a:],
+    d_value = jnp.einsum(f"{s_spec},{o_spec}->{v_spec}", probs.astype(value.dtype),
+                         d_out[:, :, a:], preferred_element_type=f32)
+    d_probs = jnp.einsum(f"{o_spec},{v_spec}->{s_spec}", d_out[:, :, a:], value,
                          preferred_element_type=f32)
-    d_probs = jnp.einsum(f"{o_spec},{v_spec}->{s_spec}", d_out[:, a:], value,
-                         preferred_element_type=f32)
-    d_scores = probs * (d_probs - delta[:, a:, ..., None])
+    d_scores = probs * (d_probs - delta[:, :, a:, ..., None])
     d_q, d_key = pull(d_scores)
-    dq = dq.at[:, a:].add(d_q.astype(f32))
+    dqs[part.query] = dqs[part.query].at[:, :, a:].add(d_q.astype(f32))
     for i, grad in ((part.key, d_key), (part.key + 1, d_value)):
       if part.stop is None:
         d_keys[i] = d_keys[i] + grad.astype(f32)
       else:
-        d_keys[i] = d_keys[i].at[:, :part.stop].add(grad.astype(f32))
-    qc, dq, d_keys = jax.lax.optimization_barrier((qc, dq, d_keys))  # (XLA:CPU ignores it)
-  return dq, tuple(d_keys)
+        d_keys[i] = d_keys[i].at[:, :, part.first:part.stop].add(grad.astype(f32))
+    qcs, dqs, d_keys = jax.lax.optimization_barrier((qcs, dqs, d_keys))  # (XLA:CPU ignores it)
+  return tuple(dqs), tuple(d_keys)
 
 
 def _split(x, chunk):
-  """[B, T, P, ...] -> [P' / C, B, T, C, ...], P zero-padded to a multiple P' of C."""
-  b, t, p = x.shape[:3]
+  """[B, H, T, P, Dh] -> [P' / C, B, H, T, C, Dh], P zero-padded to a multiple P' of C."""
+  b, h, t, p = x.shape[:4]
   chunks = -(-p // chunk)
-  x = jnp.pad(x, [(0, 0), (0, 0), (0, chunks * chunk - p)] + [(0, 0)] * (x.ndim - 3))
-  return jnp.moveaxis(x.reshape(b, t, chunks, chunk, *x.shape[3:]), 2, 0)
+  x = jnp.pad(x, [(0, 0)] * 3 + [(0, chunks * chunk - p), (0, 0)])
+  return jnp.moveaxis(x.reshape(b, h, t, chunks, chunk, x.shape[4]), 3, 0)
 
 
 def _merge(x, p):
-  """The inverse of `_split`: [P' / C, B, T, C, ...] -> [B, T, P, ...]."""
-  x = jnp.moveaxis(x, 0, 2)
-  return x.reshape(*x.shape[:2], -1, *x.shape[4:])[:, :, :p]
+  """The inverse of `_split`: [P' / C, B, H, T, C, Dh] -> [B, H, T, P, Dh]."""
+  x = jnp.moveaxis(x, 0, 3)
+  return x.reshape(*x.shape[:3], -1, x.shape[5])[:, :, :, :p]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _blockwise(window, theta, chunk, q, k, v, counter, sink, ring):
-  """The general path of `block_causal_attention` (q already scaled)."""
+  """The general path of `block_causal_attention`: q (already scaled), k, v
+  heads-major [B, H, T, P, Dh] -> [B, H, T, P, Dh]."""
   return _blockwise_fwd(window, theta, chunk, q, k, v, counter, sink, ring)[0]
 
 
 def _blockwise_fwd(window, theta, chunk, q, k, v, counter, sink, ring):
-  b, t, p = q.shape[:3]
+  b, h, t, p = q.shape[:4]
   keys = _keys(k, v, counter, sink, ring, window, theta)
-  parts = _parts(t, p, counter, window, ring is not None)
-  qs = _split(q, chunk)  # [P' / C, B, T, C, H, Dh]
-  _, (outs, lses) = jax.lax.scan(lambda c, qc: (c, _chunk_forward(qc, keys, parts, theta)),
-                                 None, qs, unroll=qs.shape[0] == 1)
+  parts = _parts(t, p, counter, window, ring is not None, sink is None)
+  qs = tuple(_split(a, chunk) for a in _queries(q, counter, window, theta))  # [P' / C, B, H,
+  _, (outs, lses) = jax.lax.scan(lambda c, qc: (c, _chunk_forward(qc, keys, parts)),  # T, C, Dh]
+                                 None, qs, unroll=qs[0].shape[0] == 1)
   return _merge(outs, p), (q, k, v, counter, sink, ring, outs, lses)
 
 
 def _blockwise_bwd(window, theta, chunk, residuals, d_out):
   q, k, v, counter, sink, ring, outs, lses = residuals
-  b, t, p = q.shape[:3]
+  b, h, t, p = q.shape[:4]
   keys, keys_vjp = jax.vjp(
       lambda k_, v_, sink_, ring_: _keys(k_, v_, counter, sink_, ring_, window, theta),
       k, v, sink, ring)
-  parts = _parts(t, p, counter, window, ring is not None)
+  queries, queries_vjp = jax.vjp(lambda q_: _queries(q_, counter, window, theta), q)
+  parts = _parts(t, p, counter, window, ring is not None, sink is None)
   zeros = tuple(None if a is None else jnp.zeros(a.shape, jnp.float32) for a in keys)
 
   def body(d_keys, xs):
-    qc, out, lse, d_oc = xs
-    dq, d_keys = _chunk_backward(qc, out, lse, d_oc, keys, d_keys, parts, theta)
-    return d_keys, dq
+    qcs, out, lse, d_oc = xs
+    dqs, d_keys = _chunk_backward(qcs, out, lse, d_oc, keys, d_keys, parts)
+    return d_keys, dqs
 
-  qs = _split(q, chunk)
+  qs = tuple(_split(a, chunk) for a in queries)
   d_keys, dqs = jax.lax.scan(body, zeros, (qs, outs, lses, _split(d_out, chunk)),
-                             unroll=qs.shape[0] == 1)
+                             unroll=qs[0].shape[0] == 1)
   d_keys = tuple(None if g is None else g.astype(a.dtype) for g, a in zip(d_keys, keys))
   dk, dv, d_sink, d_ring = keys_vjp(d_keys)
-  return _merge(dqs, p).astype(q.dtype), dk, dv, None, d_sink, d_ring
+  (dq,) = queries_vjp(tuple(_merge(a, p).astype(q.dtype) for a in dqs))
+  return dq, dk, dv, None, d_sink, d_ring
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)

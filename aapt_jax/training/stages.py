@@ -399,10 +399,17 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
       segs, pullback = jax.vjp(lambda gp: generate(gp, rollout), gen_params)
 
     def g_loss(segs):
+      # the reals' logits are constants to G: one forward without a backward,
+      # then the fakes' forward (after it: one order of collectives) and its
+      # backward, which alone reaches G
       segs, dp, judged_reals = jax.lax.optimization_barrier((segs, disc_params, reals))
-      logits = _judge_all(disc, dp, judged_reals + segs, real_conds + fake_conds, t, seg,
-                          noises, a.disc_clips_per_forward)
-      return sum(adv.generator_loss(r, f, w) for r, f, w in zip(logits[:k], logits[k:], weights))
+      real_logits = sg(_judge_all(disc, dp, judged_reals, real_conds, t, seg,
+                                  None if noises is None else noises[:k],
+                                  a.disc_clips_per_forward))
+      segs, real_logits = jax.lax.optimization_barrier((segs, real_logits))
+      fake_logits = _judge_all(disc, dp, segs, fake_conds, t, seg,
+                               None if noises is None else noises[k:], a.disc_clips_per_forward)
+      return sum(adv.generator_loss(r, f, w) for r, f, w in zip(real_logits, fake_logits, weights))
 
     g_total, seg_grads = jax.value_and_grad(g_loss)(segs)
     (g_grads,) = pullback(seg_grads)
