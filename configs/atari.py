@@ -104,6 +104,10 @@ def get_config(arg=None):
     # the claims' stage-3 geometry: a rollout of 16 frames judged in 3
     # overlapping segments ([0, 8), [4, 12), [8, 16)), longer than a clip
     c.adversarial.rollout_frames = 16
+    # D judges one clip per forward (the same logits): the step's compiled
+    # temp memory was 18.1 GB with all clips in one forward, past what a
+    # 24 GB machine holds beside anything else
+    c.adversarial.disc_clips_per_forward = 1
   elif arg == "exp":
     # Stage-1 ablations on this CPU (RESULTS.md, "Why the ball was lost"): 3 of
     # the 6 layers, 4 clips of 8 frames per step, ~1 s per step; the x0 head,
