@@ -177,6 +177,17 @@ def prepare_world(out_dir: str, *, world: str = "atari", game: str, episodes: in
       "size": list(world.size), "frame_skip": world.frame_skip, "fps": world.fps,
       "clip_frames": clip_frames, "clip_stride": clip_stride, "seed": seed,
       "repeat_prob": repeat_prob, "frames_per_episode": frames_per_episode or None,
+  }
+  return write_metadata(out_dir, summary, counts, skipped, clips_w, eps_w)
+
+
+def write_metadata(out_dir: str, settings: dict[str, Any], counts: dict[str, int],
+                   skipped: list, clips_w, eps_w) -> dict[str, Any]:
+  """Writes `out_dir`/metadata.json: the recording's `settings`, then the
+  record format, `counts`, the clip and episode files `clips_w`/`eps_w`
+  wrote, and `skipped`; returns that summary."""
+  summary = {
+      **settings,
       "record_format": records.FORMAT, "counts": counts,
       "files": {"clips": [os.path.basename(p) for p in clips_w.paths],
                 "episodes": [os.path.basename(p) for p in eps_w.paths]},

@@ -15,14 +15,13 @@ aligned: `worlds.tfds_world`.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from tqdm import tqdm
 
 from aapt_jax.data import records
-from aapt_jax.data.prepare import check_output_dir, write_episode
+from aapt_jax.data.prepare import check_output_dir, write_episode, write_metadata
 from aapt_jax.data.worlds import tfds_world
 
 
@@ -94,11 +93,5 @@ def prepare_tfds(out_dir: str, *, name: str, data_dir: str = "", split: str = "t
       **({"control_names": reader.control_names} if reader.control_dim else {}),
       "size": list(hw), "fps": float(fps), "clip_frames": clip_frames,
       "clip_stride": clip_stride, "frames_per_episode": frames_per_episode or None,
-      "record_format": records.FORMAT, "counts": counts,
-      "files": {"clips": [os.path.basename(p) for p in clips_w.paths],
-                "episodes": [os.path.basename(p) for p in eps_w.paths]},
-      "skipped": skipped,
   }
-  with open(os.path.join(out_dir, "metadata.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  return summary
+  return write_metadata(out_dir, summary, counts, skipped, clips_w, eps_w)
