@@ -19,6 +19,25 @@ SINGLE_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")  # d
 INDEX_SUFFIX = ".safetensors.index.json"
 
 
+def check_tensor_names(headline: str, missing, unknown, missing_note: str = "",
+                       limit: int = 10) -> None:
+  """Raises a ValueError starting with `headline` that names (at most `limit`
+  of each, sorted) the `missing` and `unknown` tensor names, when there are any."""
+  def listed(names):
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+  missing, unknown = set(missing), set(unknown)
+  if not (missing or unknown):
+    return
+  lines = [headline]
+  if missing:
+    lines.append(f"missing ({len(missing)}{missing_note}): {listed(missing)}")
+  if unknown:
+    lines.append(f"unknown ({len(unknown)}): {listed(unknown)}")
+  raise ValueError("\n".join(lines))
+
+
 class SafetensorsFolder:
   """The tensors of a checkpoint folder by name: `names`, `shape(name)`, `get(name)`."""
 

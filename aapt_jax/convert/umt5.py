@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aapt_jax.convert.safetensors_folder import SafetensorsFolder
+from aapt_jax.convert.safetensors_folder import SafetensorsFolder, check_tensor_names
 from aapt_jax.models.text import TextEncoderConfig, build_text_encoder
 
 MODEL_TYPE = "umt5"
@@ -88,11 +88,6 @@ def _plan(c: TextEncoderConfig) -> dict[tuple[str, ...], tuple[str, tuple[int, .
   return plan
 
 
-def _list(names) -> str:
-  names = sorted(names)
-  return ", ".join(names[:8]) + (f" ... ({len(names) - 8} more)" if len(names) > 8 else "")
-
-
 def load_text_encoder(path: str, dtype=np.float32) -> tuple[TextEncoderConfig, dict]:
   """(config, params) of the umT5 encoder in the transformers folder `path`.
 
@@ -115,13 +110,8 @@ def load_text_encoder(path: str, dtype=np.float32) -> tuple[TextEncoderConfig, d
   if embedding is None:
     missing.add(" or ".join(EMBEDDING_NAMES))
   unknown = present - {name for name, _, _ in plan.values()} - set(EMBEDDING_NAMES)
-  if missing or unknown:
-    lines = [f"{folder.path} does not hold the umT5 encoder its config.json describes"]
-    if missing:
-      lines.append(f"missing ({len(missing)}): {_list(missing)}")
-    if unknown:
-      lines.append(f"unknown ({len(unknown)}): {_list(unknown)}")
-    raise ValueError("\n".join(lines))
+  check_tensor_names(f"{folder.path} does not hold the umT5 encoder its config.json describes",
+                     missing, unknown)
 
   plan[("embedding",)] = (embedding, (config.vocab_size, config.d_model), False)
   params: dict = {}

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from aapt_jax.config import load_config
-from aapt_jax.convert.safetensors_folder import SafetensorsFolder
+from aapt_jax.convert.safetensors_folder import SafetensorsFolder, check_tensor_names
 from aapt_jax.convert.wan_vae import load_vae  # noqa: F401  (the Wan VAE: convert.wan.load_vae)
 from aapt_jax.models import abstract_params
 
@@ -232,12 +232,6 @@ def _layout(cfg: dict, where: str) -> str:
                    f"{DIFFUSERS!r} (diffusers) and {ORIGINAL!r} (the original Wan2.1 repository)")
 
 
-def _list(names, limit=10) -> str:
-  names = sorted(names)
-  more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
-  return ", ".join(names[:limit]) + more
-
-
 # ----------------------------------------------------------------- load
 
 
@@ -274,14 +268,10 @@ def load_transformer(path: str, progress: bool = False) -> tuple[Any, dict]:
   plan = _plan(config)
   wanted = {n for _, names, _, _ in plan.values() for n in names}
   missing, unknown = wanted - set(present), set(present) - wanted
-  if missing or unknown:
-    lines = [f"{folder.path} does not hold the tensors its config.json ({layout}) describes"]
-    if missing:
-      named = "" if layout == DIFFUSERS else ", in diffusers' naming"
-      lines.append(f"missing ({len(missing)}{named}): {_list(missing)}")
-    if unknown:
-      lines.append(f"unknown ({len(unknown)}): {_list(present[n] for n in unknown)}")
-    raise ValueError("\n".join(lines))
+  check_tensor_names(
+      f"{folder.path} does not hold the tensors its config.json ({layout}) describes",
+      missing, {present[n] for n in unknown},
+      missing_note="" if layout == DIFFUSERS else ", in diffusers' naming")
 
   params: dict = {}
   bar = tqdm(plan.items(), desc="wan transformer", unit="tensor", disable=not progress)

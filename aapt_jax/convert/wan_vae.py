@@ -27,7 +27,7 @@ from flax import traverse_util
 from tqdm import tqdm
 
 from aapt_jax.config import load_config
-from aapt_jax.convert.safetensors_folder import SafetensorsFolder
+from aapt_jax.convert.safetensors_folder import SafetensorsFolder, check_tensor_names
 from aapt_jax.models import abstract_params
 
 BASE_CONFIG = "base"  # the shipped configs/base.py, by name (aapt_jax.load_config)
@@ -107,12 +107,6 @@ def from_torch(array: np.ndarray, leaf: str) -> np.ndarray:
   return array
 
 
-def _list(names, limit=10) -> str:
-  names = sorted(names)
-  more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
-  return ", ".join(names[:limit]) + more
-
-
 def _check_family(folder: SafetensorsFolder, where: str) -> None:
   name = folder.config.get("_class_name")
   if name == CLASS_NAME:
@@ -139,13 +133,8 @@ def load_vae(path: str, progress: bool = False) -> tuple[Any, dict]:
   target = traverse_util.flatten_dict(abstract_params(config, "vae"))
   wanted = {torch_name(p): p for p in target}
   missing, unknown = set(wanted) - set(folder.names), set(folder.names) - set(wanted)
-  if missing or unknown:
-    lines = [f"{folder.path} does not hold the tensors its config.json describes"]
-    if missing:
-      lines.append(f"missing ({len(missing)}): {_list(missing)}")
-    if unknown:
-      lines.append(f"unknown ({len(unknown)}): {_list(unknown)}")
-    raise ValueError("\n".join(lines))
+  check_tensor_names(f"{folder.path} does not hold the tensors its config.json describes",
+                     missing, unknown)
 
   params = {}
   for name, path_ in tqdm(sorted(wanted.items()), desc="wan vae", unit="tensor",
