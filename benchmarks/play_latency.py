@@ -32,6 +32,7 @@ sys.path.insert(0, ROOT)
 from common import config_names, device_line  # noqa: E402
 from aapt_jax import load_config  # noqa: E402
 from aapt_jax import loading  # noqa: E402
+from aapt_jax.export import export_stage  # noqa: E402
 from aapt_jax.inference.server import encode_frame  # noqa: E402
 from aapt_jax.inference.session import StreamingModel, StreamingSession  # noqa: E402
 from aapt_jax.inference.session import make_frame_fn  # noqa: E402
@@ -45,8 +46,8 @@ WARMUP = 5
 
 def load_model(name):
   """(StreamingModel, where its weights come from)."""
-  if name == "atari" and loading.DEFAULT_EXPORT in loading.shipped_exports():
-    return StreamingModel.load(None), "shipped export"
+  if name in loading.shipped_exports() and export_stage(loading.shipped_export(name)) != "vae":
+    return StreamingModel.load(name), "shipped export"
   config = load_config(os.path.join(ROOT, CONFIGS[name]), {"stage": "adversarial"})
   params = nn.meta.unbox(init_params(build_generator(config), jax.random.key(0)))["params"]
   vae = (nn.meta.unbox(init_vae_params(build_vae(config), jax.random.key(1)))["params"]
