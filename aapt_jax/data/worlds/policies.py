@@ -141,7 +141,11 @@ class PongRallyPolicy:
   """
   PADDLE_X = 139.0           # ball centre x where it meets the paddle (columns 140..143)
   BALL_Y = (36.0, 192.0)     # ball centre rows between the field's walls
-  CONTACT = 10.0             # ball-to-paddle centre rows within which they meet (16/2 + 4/2)
+  # The ball (centre row b) meets the paddle (drawn centre row p) for b - p
+  # in about [-10, 8] (measured on the emulator): the middle of that span is
+  # HIT_ROW rows above p, its half-width CONTACT.
+  HIT_ROW, CONTACT = -1.0, 9.0
+  LAST_CALL, NUDGE = 1.0, 6.0   # within a call of contact, rest within NUDGE rows
   MAX_GAP = 3                # calls the ball may be unseen (it blinks at a wall)
   KNOB_SPEED = 5.75          # measured on the emulator (tests/test_policies_pong.py)
   KNOB_RANGE = (10.0, 199.0)
@@ -172,6 +176,7 @@ class PongRallyPolicy:
     self._wander = StickyRandomPolicy(self.num_actions, repeat_prob,
                                       seed=int(self._rng.integers(2**31)))
     self._ball, self._gap = None, 0   # the ball when last seen, calls since then
+    self._velocity = None             # the ball's motion per call when last measured
     self._knob = None                 # the knob's row (the paddle's resting centre)
     self._paddle = None               # the paddle's centre row at the previous call
     self._still = 0                   # calls since a key was last held
@@ -189,17 +194,24 @@ class PongRallyPolicy:
     return lo + (2 * (hi - lo) - y if y > hi - lo else y)
 
   def _ball_velocity(self, ball):
-    """The ball's motion per call since it was last seen (None: unknown)."""
+    """The ball's motion per call since it was last seen (None: unknown). A
+    step that bounced off a wall moved less far up or down than the ball
+    goes: while its horizontal motion holds (no paddle hit), the vertical
+    speed is the larger of this step's and the last one's."""
     last, gap = self._ball, self._gap + 1
     if ball is None:
       self._gap = gap
       if gap > self.MAX_GAP:
-        self._ball = None
+        self._ball, self._velocity = None, None
       return None
     self._ball, self._gap = ball, 0
     if last is None:
       return None
-    return ((ball[0] - last[0]) / gap, (ball[1] - last[1]) / gap)
+    dx, dy = (ball[0] - last[0]) / gap, (ball[1] - last[1]) / gap
+    if self._velocity is not None and self._velocity[0] == dx:
+      dy = float(np.copysign(max(abs(dy), abs(self._velocity[1])), dy))
+    self._velocity = (dx, dy)
+    return self._velocity
 
   def _read_knob(self, paddle: float) -> None:
     """Re-reads the knob from the paddle once it rests (no key for 2 calls,
@@ -245,8 +257,11 @@ class PongRallyPolicy:
         self._aim = self._rng.uniform(-self.aim_spread, self.aim_spread)
     if self._rng.random() < self.slip_prob:
       return self._act(int(self._rng.integers(self.num_actions)))
-    error = landing + self._aim - self._knob   # > 0: the target is below
-    if abs(error) <= self.turn / 2:
+    error = landing - self.HIT_ROW + self._aim - self._knob   # > 0: the target is below
+    # the knob's grid may rest the paddle past the contact span: a key pressed
+    # as the ball arrives moves the paddle part of a turn first (it lags)
+    arriving = (self.PADDLE_X - ball[0]) / velocity[0] <= self.LAST_CALL
+    if abs(error) <= (self.NUDGE if arriving else self.turn / 2):
       return self._press(0)
     return self._press(1 if error > 0 else -1)
 
