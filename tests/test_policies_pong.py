@@ -11,7 +11,7 @@ import pytest
 from aapt_jax.data import prepare, records
 from aapt_jax.data.worlds import atari, policies
 from aapt_jax.evaluation import ram_objects
-from aapt_jax.evaluation.rallies import pong_rallies
+from aapt_jax.evaluation.rallies import episode_rams, pong_rallies
 from aapt_jax.training import data_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,12 +25,7 @@ def pong():
 def _play(world, policy, seed, frames):
   """(actions, rams [T, 128], rewards) of `frames` frames of `policy`."""
   ep = world.record_episode(seed, policy, max_frames=frames)
-  world.reset(seed)   # replays the actions, reading the RAM after each
-  rams = [world.ram()]
-  for a in ep.actions[1:]:
-    world.step(int(a))
-    rams.append(world.ram())
-  return ep.actions, np.stack(rams), ep.rewards
+  return ep.actions, episode_rams(world, ep.actions, seed), ep.rewards
 
 
 def test_rally_policy_is_deterministic_per_seed(pong):

@@ -49,3 +49,15 @@ def pong_rallies(rams: np.ndarray, rewards: np.ndarray) -> dict[str, float]:
           "returns": int(returns), "rallies": int(rallies),
           "mean_rally": returns / rallies if rallies else 0.0,
           "points_won": int(np.sum(rewards > 0)), "points_lost": int(np.sum(rewards < 0))}
+
+
+def episode_rams(world, actions, seed: int) -> np.ndarray:
+  """The RAM uint8 [T, 128] after each frame of the Atari `world`'s episode
+  of `actions` (actions[0], the start frame's, is not played) from `seed`:
+  a replay reading the console after each step."""
+  world.reset(seed)
+  rams = [world.ram()]
+  for a in np.asarray(actions)[1:]:
+    world.step(int(a))
+    rams.append(world.ram())
+  return np.stack(rams)
