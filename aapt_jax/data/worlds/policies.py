@@ -133,19 +133,21 @@ class PongRallyPolicy:
   itself (each held key moves it `KNOB_SPEED` rows per emulator frame, for
   `frame_skip` frames per call, between `KNOB_RANGE`), re-reading it from
   the paddle whenever the paddle has come to rest, and turns it toward the
-  target until it is within half a call's turn of it. The knob's rows are a
-  grid of that turn (23 rows at frame skip 4, more than the 20 rows of
-  contact), so a paddle aimed perfectly still misses a few balls.
+  target until it is within half a call's turn of it (within `NUDGE` rows
+  in the last call before the ball arrives: a key pressed then moves the
+  lagging paddle part of a turn by the time they meet). The knob's rows are
+  a grid of that turn (23 rows at frame skip 4, more than the ~18 rows of
+  contact), so a paddle aimed perfectly still misses some balls.
 
   Deterministic given `seed` and the RAM it reads.
   """
   PADDLE_X = 139.0           # ball centre x where it meets the paddle (columns 140..143)
   BALL_Y = (36.0, 192.0)     # ball centre rows between the field's walls
   # The ball (centre row b) meets the paddle (drawn centre row p) for b - p
-  # in about [-10, 8] (measured on the emulator): the middle of that span is
-  # HIT_ROW rows above p, its half-width CONTACT.
+  # in about [-10, 8] (read off hits and misses on the emulator): the middle
+  # of that span is HIT_ROW rows above p, its half-width CONTACT.
   HIT_ROW, CONTACT = -1.0, 9.0
-  LAST_CALL, NUDGE = 1.0, 6.0   # within a call of contact, rest within NUDGE rows
+  LAST_CALL, NUDGE = 1.0, 6.0  # within LAST_CALL calls of contact: rest within NUDGE rows
   MAX_GAP = 3                # calls the ball may be unseen (it blinks at a wall)
   KNOB_SPEED = 5.75          # measured on the emulator (tests/test_policies_pong.py)
   KNOB_RANGE = (10.0, 199.0)
