@@ -135,6 +135,9 @@ def get_config(arg=None):
                               # caption StreamingSession.start(text="...") encodes (Wan: 512)
   d.record_episodes = 8       # with data.world set and data.path empty, the trainer
   d.record_frames = 500       # records this many episodes of at most this many frames
+  d.policy = ""               # ...played by this recording policy: "" = the world's own
+                              # (sticky_random; doom: explorer), "rally" (Pong: keeps the
+                              # ball in play, so the data shows rallies)
   d.text_encoder = ""         # the umT5 folder that turns captions into the text
                               # embeddings (a transformers UMT5EncoderModel, e.g.
                               # Wan2.1-T2V-1.3B-Diffusers/text_encoder, its tokenizer/

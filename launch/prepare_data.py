@@ -2,6 +2,8 @@
 
   python launch/prepare_data.py --world=atari --game=Pong --episodes=8 \
       --frames_per_episode=1000 --clip_frames=16 --size=64 --out=data/pong
+  python launch/prepare_data.py --game=Pong --policy=rally --episodes=8 \
+      --frames_per_episode=1000 --out=data/pong_rallies   # keeps the ball in play
   python launch/prepare_data.py --world=doom --episodes=8 \
       --frames_per_episode=1000 --out=data/doom     # controls, not actions
   python launch/prepare_data.py --world=tfds --tfds_name=bridge \
@@ -66,8 +68,13 @@ def main(argv=None) -> int:
                  help="emulator frames per recorded frame; 0 = the world's default "
                       "(atari 4, doom 2)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--policy", default="",
+                 help="who plays while recording: '' = the world's own (sticky_random; "
+                      "doom: explorer), sticky_random, rally (Pong: keeps the ball in "
+                      "play, so the data shows rallies), explorer")
   p.add_argument("--repeat_prob", type=float, default=0.75,
-                 help="policy: probability of keeping the previous action")
+                 help="sticky_random (and rally between its returns): probability of "
+                      "keeping the previous action")
   p.add_argument("--num_shards", type=int, default=0,
                  help="files per kind; 0 = 1 for a simulated world, for videos the earlier "
                       "run's count or about one per 64 videos")
@@ -142,7 +149,7 @@ def main(argv=None) -> int:
         frames_per_episode=args.frames_per_episode or None,
         clip_frames=args.clip_frames, clip_stride=args.clip_stride or None,
         size=args.size, frame_skip=frame_skip, seed=args.seed,
-        repeat_prob=args.repeat_prob, num_shards=args.num_shards or 1,
+        repeat_prob=args.repeat_prob, policy=args.policy, num_shards=args.num_shards or 1,
         overwrite=args.overwrite, progress=True)
   except (ValueError, OSError, ImportError) as e:
     print(f"prepare_data: error: {e}", file=sys.stderr)

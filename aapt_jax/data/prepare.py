@@ -12,8 +12,8 @@
   ``start = 0``) -- later stages roll out longer than any clip and take their
   action sequences (and, via ``seed``, exact emulator replays) from them;
 * ``metadata.json``: world, game, num_actions, action_names, control_dim (and
-  control_names), size, frame_skip, fps, counts, the files, and everything
-  skipped with the reason.
+  control_names), size, frame_skip, fps, the recording policy, counts, the
+  files, and everything skipped with the reason.
 
 A bad item never stops the run silently: it is skipped, counted, and
 reported with its reason in the summary and in metadata.json.
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from aapt_jax.data import records
 from aapt_jax.data import worlds
-from aapt_jax.data.worlds.policies import default_policy
+from aapt_jax.data.worlds import policies
 
 WORLDS = worlds.NAMES
 
@@ -117,16 +117,18 @@ def prepare_world(out_dir: str, *, world: str = "atari", game: str, episodes: in
                   frames_per_episode: int | None = None, clip_frames: int = 16,
                   clip_stride: int | None = None, size: int = 64,
                   frame_skip: int = 4, seed: int = 0, repeat_prob: float = 0.75,
-                  num_shards: int = 1, overwrite: bool = False,
+                  policy: str = "", num_shards: int = 1, overwrite: bool = False,
                   progress: bool = True) -> dict[str, Any]:
   """Records `episodes` episodes of `game` in the `world` (a name in
   `aapt_jax.data.worlds`) and writes clips, episodes and metadata.json to
   `out_dir`; returns the summary (also in metadata.json).
 
   `frames_per_episode` caps each episode (None/0: until game over); episode
-  k is played from seed `seed + k` by the world's recording policy
-  (`policies.default_policy`: sticky-random keeping its previous action with
-  probability `repeat_prob`, or the camera explorer for a camera world).
+  k is played from seed `seed + k` by the recording policy `policy`
+  (`policies.make_policy`, seeded with `seed + k`): "" the world's own
+  (sticky-random keeping its previous action with probability `repeat_prob`,
+  or the camera explorer for a camera world), "sticky_random", "rally" (Pong:
+  keeps the ball in play) or "explorer"; metadata.json names it.
   """
   for name, value, low in (("episodes", episodes, 1), ("clip_frames", clip_frames, 1),
                            ("size", size, 1), ("frame_skip", frame_skip, 1),
@@ -138,6 +140,7 @@ def prepare_world(out_dir: str, *, world: str = "atari", game: str, episodes: in
     raise ValueError(f"--clip_stride must be >= 1, got {clip_stride}")
   name = world
   world = worlds.make_world(name, game, size=size, frame_skip=frame_skip)  # checks game
+  policy = policies.policy_name(policy, game=world.game, control_dim=world.control_dim)
   check_output_dir(out_dir, overwrite)
 
   base = {"world": name, "game": world.game, "fps": float(world.fps)}
@@ -150,8 +153,8 @@ def prepare_world(out_dir: str, *, world: str = "atari", game: str, episodes: in
     for k in range(episodes):
       ep_seed = seed + k
       try:
-        policy = default_policy(world, seed=ep_seed, repeat_prob=repeat_prob)
-        ep = world.record_episode(ep_seed, policy, max_frames=frames_per_episode or None)
+        player = policies.make_policy(policy, world, seed=ep_seed, repeat_prob=repeat_prob)
+        ep = world.record_episode(ep_seed, player, max_frames=frames_per_episode or None)
       except (RuntimeError, ValueError) as e:
         skipped.append(f"episode {k} (seed {ep_seed}): emulator error: {e}")
         bar.update(1)
@@ -176,7 +179,8 @@ def prepare_world(out_dir: str, *, world: str = "atari", game: str, episodes: in
       **({"control_names": world.control_names} if world.control_dim else {}),
       "size": list(world.size), "frame_skip": world.frame_skip, "fps": world.fps,
       "clip_frames": clip_frames, "clip_stride": clip_stride, "seed": seed,
-      "repeat_prob": repeat_prob, "frames_per_episode": frames_per_episode or None,
+      "policy": policy, "repeat_prob": repeat_prob,
+      "frames_per_episode": frames_per_episode or None,
   }
   return write_metadata(out_dir, summary, counts, skipped, clips_w, eps_w)
 

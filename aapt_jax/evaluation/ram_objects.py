@@ -48,6 +48,11 @@ class PongRam:
             "player": paddle(int(ram[self.player_y]) - 13, 140),
             "enemy": paddle(int(ram[self.enemy_y]) - 15, 16)}
 
+  def player_centre_y(self, ram: np.ndarray) -> float:
+    """The player's paddle's centre row, also where the field's edges hide
+    part of it (`objects` gives the visible part's centre)."""
+    return int(ram[self.player_y]) - 13 + 8.0
+
 
 RAM_TABLES = {"Pong": PongRam()}
 

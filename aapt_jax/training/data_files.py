@@ -3,6 +3,7 @@ dataset of `data.world` recorded automatically into `<workdir>/data`) and
 `episode_files` (stage 3's long episodes)."""
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -31,20 +32,41 @@ def episode_files(config, clip_files: list[str]) -> list[str]:
   return clip_files
 
 
+def check_recorded_policy(config, out_dir: str) -> None:
+  """ValueError when the finished recording in `out_dir` was played by
+  another policy than `config.data.policy` asks for (metadata.json without
+  one: the world's own, the only policy there was)."""
+  from aapt_jax.data.worlds import policies
+  with open(os.path.join(out_dir, "metadata.json")) as f:
+    meta = json.load(f)
+  where = dict(game=meta["game"], control_dim=meta.get("control_dim", 0))
+  asked = policies.policy_name(config.data.policy, **where)
+  recorded = meta.get("policy") or policies.policy_name("", **where)
+  if asked != recorded:
+    raise ValueError(
+        f"config field data.policy={config.data.policy!r} asks for the {asked!r} policy, "
+        f"but {out_dir} holds data recorded by {recorded!r}: delete {out_dir} to record "
+        f"again (or use another --workdir), or set data.policy={recorded!r}")
+
+
 def prepare_world_data(config, out_dir: str) -> None:
   """Records a small dataset of `config.data.world` into `out_dir` (process 0;
-  the others wait) unless a finished one (metadata.json) is there."""
+  the others wait) unless a finished one (metadata.json) is there, played by
+  the policy `config.data.policy` (ValueError when the finished one was not)."""
   from aapt_jax.data import prepare
   world = config.data.world
   if world not in prepare.WORLDS:
     raise ValueError(f"config field data.world={world!r} is not supported; choose from "
                      f"{', '.join(prepare.WORLDS)} or set data.path")
   done = os.path.exists(os.path.join(out_dir, "metadata.json"))
+  if done:
+    check_recorded_policy(config, out_dir)
   if is_main_process() and not done:
     clip = 2 * config.train.clip_frames
     episodes, frames = int(config.data.record_episodes), int(config.data.record_frames)
     log(f"data.path is empty: recording {episodes} episodes x "
-        f"{frames} frames of {world}/{config.data.game} at "
+        f"{frames} frames of {world}/{config.data.game} "
+        f"(policy {config.data.policy or 'the world default'}) at "
         f"{config.data.frame_size}x{config.data.frame_size} into {out_dir} "
         f"(clips of {clip} frames); set data.path to use other data")
     summary = prepare.prepare_world(
@@ -52,7 +74,7 @@ def prepare_world_data(config, out_dir: str) -> None:
         frames_per_episode=frames, clip_frames=clip,
         clip_stride=config.train.clip_frames, size=config.data.frame_size,
         frame_skip=config.data.frame_skip, seed=config.train.seed,
-        overwrite=True, progress=True)
+        policy=config.data.policy, overwrite=True, progress=True)
     log(prepare.format_summary(summary, out_dir))
   if jax.process_count() > 1:
     barrier("aapt_jax:prepare_world_data")

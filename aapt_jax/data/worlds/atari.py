@@ -184,7 +184,8 @@ class AtariWorld:
     `policy` defaults to `StickyRandomPolicy(num_actions, seed=seed)`; it is
     asked for a new action every `action_hold` frames (hold an action for one
     latent frame of a temporal-factor-r VAE with `action_hold=r`: frames
-    1..r share an action, r+1..2r the next, ...).
+    1..r share an action, r+1..2r the next, ...), with the emulator at the
+    frame it is given (a policy may read `ram()`, as `PongRallyPolicy` does).
     """
     if policy is None:
       policy = StickyRandomPolicy(self.num_actions, seed=seed)
