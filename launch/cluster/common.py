@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,3 +45,16 @@ def train_command(args, extra: tuple[str, ...] = ()) -> str:
   words = [args.python, "launch/train.py", f"--config={args.config}",
            f"--workdir={args.workdir}", *extra, *args.train_flags]
   return shlex.join(words)
+
+
+def run_main(name: str, parse, render, argv=None) -> int:
+  """A launcher's command line: `render(parse(argv))` to stdout; exit 0, or
+  2 with "NAME: error: ..." on stderr for a ValueError (bad flags)."""
+  args = parse(argv)
+  try:
+    sys.stdout.write(render(args))
+  except ValueError as e:
+    print(f"{name}: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+

@@ -20,7 +20,7 @@ import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, add_run_flags, shared_paths, train_command  # noqa: E402
+from common import REPO, add_run_flags, run_main, shared_paths, train_command  # noqa: E402
 
 # The batch shell: forwards the time-limit notice to the training processes as
 # SIGTERM, waits for them to save, then requeues the job.
@@ -129,13 +129,7 @@ def render(args) -> str:
 
 
 def main(argv=None) -> int:
-  args = parse(argv)
-  try:
-    sys.stdout.write(render(args))
-  except ValueError as e:
-    print(f"slurm: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return run_main("slurm", parse, render, argv)
 
 
 if __name__ == "__main__":

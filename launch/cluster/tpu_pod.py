@@ -20,7 +20,7 @@ import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_run_flags, shared_paths, train_command  # noqa: E402
+from common import add_run_flags, run_main, shared_paths, train_command  # noqa: E402
 
 
 def parse(argv):
@@ -63,13 +63,7 @@ def render(args) -> str:
 
 
 def main(argv=None) -> int:
-  args = parse(argv)
-  try:
-    sys.stdout.write(render(args))
-  except ValueError as e:
-    print(f"tpu_pod: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return run_main("tpu_pod", parse, render, argv)
 
 
 if __name__ == "__main__":
