@@ -10,7 +10,7 @@ import pytest
 
 from aapt_jax.data import pipeline, prepare, records, worlds
 from aapt_jax.data.worlds import doom
-from aapt_jax.data.worlds.policies import ExplorerPolicy, default_policy
+from aapt_jax.data.worlds.policies import ExplorerPolicy, make_policy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +25,7 @@ def test_registry_and_interface(world):
   assert world.num_actions == 0 and world.control_dim == 3 and world.fps == 17.5
   assert world.reset(0).shape == (32, 32, 3) and world.reset(0).dtype == np.uint8
   assert world.max_yaw_deg_per_frame >= 5.0
-  assert isinstance(default_policy(world), ExplorerPolicy)
+  assert isinstance(make_policy("", world), ExplorerPolicy)
   with pytest.raises(ValueError, match="unknown Doom scenario 'nope'.*freedoom2"):
     doom.DoomWorld("nope")
   for bad in ([0.0, 0.0], [2.0, 0.0, 0.0], [np.nan, 0.0, 0.0]):

@@ -98,7 +98,7 @@ def test_policy_names_and_errors(pong):
   assert policies.policy_name("", game="Pong", control_dim=0) == "sticky_random"
   assert policies.policy_name("", game="freedoom2", control_dim=3) == "explorer"
   assert isinstance(policies.make_policy("rally", pong), policies.PongRallyPolicy)
-  assert isinstance(policies.default_policy(pong), policies.StickyRandomPolicy)
+  assert isinstance(policies.make_policy("", pong), policies.StickyRandomPolicy)
   for (name, game, dim), message in [
       (("chase", "Pong", 0), r"unknown recording policy \(config field data.policy, "
                              r"launch/prepare_data.py --policy\) 'chase'"),

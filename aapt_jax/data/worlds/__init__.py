@@ -30,8 +30,8 @@ Registered: `atari` (ale-py, `atari.AtariWorld`), `doom` (vizdoom,
 `doom.DoomWorld`: a first-person camera, control_dim 3, num_actions 0). A
 world's module is imported when it is first asked for, so `worlds` loads
 without its emulator. `policies.make_policy(name, world, seed)` is the policy a
-world is recorded with ("" = the world's own, `policies.default_policy`; "rally"
-keeps Pong's ball in play). `videos.py` reads a folder of video files (no
+world is recorded with ("" = the world's own: sticky-random, or the explorer
+for a camera world; "rally" keeps Pong's ball in play). `videos.py` reads a folder of video files (no
 simulator, so not registered; data/prepare_videos.py records it).
 """
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """Policies that play a world while it is recorded: (frame) -> action id for a
 world of discrete actions, (frame, pose) -> control vector for a camera world;
-`make_policy` builds one by name for a world (`default_policy`: the world's
-own)."""
+`make_policy` builds one by name for a world ("": the world's own)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -306,12 +305,3 @@ def make_policy(name: str, world, seed: int = 0, repeat_prob: float = 0.75):
     return PongRallyPolicy(world.action_names, world.ram, seed=seed,
                            frame_skip=world.frame_skip, repeat_prob=repeat_prob)
   return StickyRandomPolicy(world.num_actions, repeat_prob, seed=seed)
-
-
-def default_policy(world, seed: int = 0, repeat_prob: float = 0.75):
-  """The policy a world is recorded with by default (`make_policy("")`):
-  `StickyRandomPolicy` over its actions (keeping the previous one with
-  probability `repeat_prob`) for a world of discrete actions,
-  `ExplorerPolicy` for a camera world (control_dim > 0; `repeat_prob`
-  unused)."""
-  return make_policy("", world, seed, repeat_prob)
