@@ -268,6 +268,10 @@ def get_config(arg=None):
   a.r1_sigma = 0.1                   # σ of their input perturbation (APT); frame 0
                                      # of segment 0 (the real start frame) is in no
                                      # loss, nor in R1/R2
+  a.rollout_mse_weight = 0.0         # > 0 (not the paper): G's loss adds this times the
+                                     # squared error of the rollout against the episode's
+                                     # real frames from the same start under the same
+                                     # conditions (worlds that replay them exactly)
   a.gen_optim = _optim(name="rmsprop", learning_rate=3e-6, rms_decay=0.9)  # paper
   a.disc_optim = _optim(name="rmsprop", learning_rate=3e-6, rms_decay=0.9)
 

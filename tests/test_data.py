@@ -320,6 +320,18 @@ def test_adversarial_batches_pair_real_segments_with_episode_rollouts():
   again = make_adversarial_dataset(clips, episodes, segment_frames=S, rollout_frames=L,
                                    batch_size=2, seed=0, process_index=0, process_count=1)
   np.testing.assert_array_equal(again[3]["rollout_first"], ds[3]["rollout_first"])
+  assert "rollout_latents" not in ds[0]
+  # rollout_targets: the window's real frames, from the same draw
+  targets = make_adversarial_dataset(clips, episodes, segment_frames=S, rollout_frames=L,
+                                     batch_size=2, seed=0, process_index=0, process_count=1,
+                                     rollout_targets=True)
+  for i in range(4):
+    t, b = targets[i], ds[i]
+    np.testing.assert_array_equal(t["rollout_first"], b["rollout_first"])
+    assert t["rollout_latents"].shape == (2, L, 2, 2, 4)
+    codes = b["rollout_first"][:, 0, 0, 0]                  # 1000 e + f
+    np.testing.assert_array_equal(t["rollout_latents"][:, :, 0, 0, 0],
+                                  codes[:, None] + np.arange(L))
 
 
 def test_adversarial_batches_carry_the_rollouts_controls_and_text():

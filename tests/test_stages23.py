@@ -212,6 +212,56 @@ def test_adversarial_losses_by_hand(adversarial):
   assert float(m["loss"]) == pytest.approx(g_loss, rel=2e-4, abs=1e-5)
 
 
+def test_rollout_mse_adds_the_rollouts_error_against_its_real_frames():
+  """adversarial.rollout_mse_weight = w: G's loss is the RpGAN loss plus w
+  times the squared error of the judged rollout frames against the batch's
+  "rollout_latents", each segment's weighted mean (segment 0's frame 0,
+  the real start frame, dropped), averaged over the segments."""
+  from aapt_jax import rollout as ro
+  from aapt_jax.models import Conditioning
+  from aapt_jax.objectives import adversarial as adv
+  w = 3.0
+  s = _adversarial_setup(**{"adversarial.rollout_mse_weight": w})
+  config, a = s["config"], s["config"].adversarial
+  batch = _adversarial_batch(config)
+  rng = np.random.default_rng(7)
+  batch["rollout_latents"] = rng.standard_normal(
+      (B, a.rollout_frames) + batch["rollout_first"].shape[1:]).astype(np.float32)
+  with jax.set_mesh(s["mesh"]):
+    new, m = jax.jit(s["step"])(s["state"], batch)
+  s.update(new=new, batch=batch)
+  _, g_adv = _losses_by_hand(s)
+  # the rollout by hand, as _losses_by_hand makes it
+  first = jnp.asarray(batch["rollout_first"])
+  _, k_noise = jax.random.split(jax.random.wrap_key_data(s["state"].rng), 6)[:2]
+  noise = jax.random.normal(k_noise, (B, a.rollout_frames - 1) + first.shape[1:])
+  cond = Conditioning(actions=batch["rollout_actions"], controls=batch["rollout_controls"],
+                      text=batch["rollout_text_embedding"], text_mask=batch["rollout_text_mask"])
+  rolled, _ = ro.rollout_student_forcing(s["model"], s["state"].gen_params,
+                                         jnp.concatenate([first[:, None], noise], 1), cond)
+  rolled, target = np.asarray(rolled), batch["rollout_latents"]
+  starts = adv.segment_starts(a.rollout_frames, a.segment_frames, a.segment_overlap)
+  mse = 0.0
+  for s0 in starts:
+    err = ((rolled - target)[:, s0:s0 + a.segment_frames] ** 2).mean(axis=(2, 3, 4))  # [B, S]
+    if s0 == 0:
+      err = err[:, 1:]
+    mse += err.mean() / len(starts)
+  assert float(m["g_adv"]) == pytest.approx(g_adv, rel=2e-4, abs=1e-5)
+  assert float(m["rollout_mse"]) == pytest.approx(mse, rel=2e-4)
+  assert float(m["loss"]) == pytest.approx(g_adv + w * mse, rel=2e-4)
+
+
+def test_rollout_mse_needs_student_forcing_and_a_weight_at_least_zero():
+  from aapt_jax.training.validation import check_config
+  for overrides, match in (({"adversarial.rollout_mse_weight": -1.0}, ">= 0"),
+                           ({"adversarial.rollout_mse_weight": 1.0,
+                             "adversarial.forcing": "teacher"}, "forcing")):
+    config = with_stage(load_config(config_path("tiny.py"), {**ADV, **overrides}), "adversarial")
+    with pytest.raises(ValueError, match=match):
+      check_config(config)
+
+
 def test_rollout_and_fakes_carry_controls_and_text(adversarial):
   """The rollout's controls and text reach the rollout and D's fake segments:
   changing them changes both losses; the real clips' controls reach D."""

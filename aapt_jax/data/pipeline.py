@@ -253,7 +253,8 @@ def make_adversarial_dataset(clip_source: Any, episode_source: Any, *, segment_f
                              process_index: int | None = None,
                              process_count: int | None = None, space_to_depth: int = 4,
                              latent_stats: tuple[Any, Any] | None = None,
-                             text_len: int | None = None) -> grain.MapDataset:
+                             text_len: int | None = None,
+                             rollout_targets: bool = False) -> grain.MapDataset:
   """Stage 3's per-process batches: `make_dataset`'s real clips of
   `segment_frames` (what each fake segment is paired with) plus, per row, a
   rollout drawn from a long episode: ``rollout_first`` ``[B, h, w, C]`` (a real
@@ -262,6 +263,9 @@ def make_adversarial_dataset(clip_source: Any, episode_source: Any, *, segment_f
   ``rollout_controls`` ``[B, L, A]`` (when the episodes have them),
   ``rollout_text_embedding`` ``[B, text_len, D]`` and ``rollout_text_mask``
   ``[B, text_len]`` (with `text_len`; one per sample, for all its frames).
+  With `rollout_targets`, also the window's real frames ``rollout_latents``
+  ``[B, L, h, w, C]``: what the world made under the same conditions from the
+  same start (`adversarial.rollout_mse_weight`).
 
   The episode and its window are drawn from the row's own seeded rng, so the
   stream stays a pure function of `seed` and one grain iterator state.
@@ -284,11 +288,13 @@ def make_adversarial_dataset(clip_source: Any, episode_source: Any, *, segment_f
     j = int(rng.integers(len(episode_source)))
     episode = episode_source[j]
     window = crop_clip(episode, rng, rollout_frames, where=_where(episode, episode_source))
-    inputs = to_model_inputs({k: v[:1] if k in ("latents", "video") else v
-                              for k, v in window.items()},
+    inputs = to_model_inputs({k: v if rollout_targets or k not in ("latents", "video")
+                              else v[:1] for k, v in window.items()},
                              space_to_depth=space_to_depth, latent_stats=latent_stats,
                              text_len=text_len)
     out = {**row, "rollout_first": inputs["latents"][0]}
+    if rollout_targets:
+      out["rollout_latents"] = inputs["latents"]
     for key in ("actions", "controls", "text_embedding", "text_mask"):
       if key in inputs:
         out["rollout_" + key] = inputs[key]

@@ -282,6 +282,15 @@ def _judge_all(disc, disc_params, clips, conds, t, length, noises=None, clips_pe
   return [logits[:, i, :c.shape[1]] for i, c in enumerate(clips)]
 
 
+def rollout_mse(frames, target, weights):
+  """Squared error of generated `frames` [B, S, h, w, C] against `target`
+  (same shape), the mean over each frame's elements weighted by `weights`
+  [B, S] (0 drops a frame) and normalised by their sum."""
+  per_frame = jnp.mean(jnp.square(frames.astype(jnp.float32) - target.astype(jnp.float32)),
+                       axis=(2, 3, 4))                       # [B, S]
+  return jnp.sum(per_frame * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
   """The stage-3 step: one D update on detached fakes (RpGAN + λ·(R1 + R2)),
   then one G update through the student-forcing rollout (RpGAN against the
@@ -301,6 +310,12 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
   previous frames (one parallel pass), and D judges that one segment against
   the real clip with the real clip's conditions.
 
+  With `adversarial.rollout_mse_weight` = w > 0 (not the paper: for worlds
+  that replay their conditions deterministically, like the emulators), G's
+  loss adds w times the squared error of the judged frames against the
+  batch's "rollout_latents" [B, R, h, w, C] (the episode's real frames from
+  the same start under the same conditions), weighted like D's losses.
+
   D sees clean frames at t = 0; with `adversarial.disc_noise_input` it sees
   them noised at a per-sample t ~ U[0, 1], x and x + σε (R1/R2) with one
   shared diffusion-noise draw. Frame 0 of the first segment (the real start
@@ -318,6 +333,7 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
   starts = (0,) if teacher else adv.segment_starts(length, seg, overlap)
   k = len(starts)
   truncated = a.segment_gradient == "truncated"
+  mse_weight = float(a.rollout_mse_weight)
   sg = jax.lax.stop_gradient
 
   def step(state, batch):
@@ -409,14 +425,23 @@ def make_adversarial_step(model, disc, gen_tx, disc_tx, config):
       segs, real_logits = jax.lax.optimization_barrier((segs, real_logits))
       fake_logits = _judge_all(disc, dp, segs, fake_conds, t, seg,
                                None if noises is None else noises[k:], a.disc_clips_per_forward)
-      return sum(adv.generator_loss(r, f, w) for r, f, w in zip(real_logits, fake_logits, weights))
+      g_adv = sum(adv.generator_loss(r, f, w) for r, f, w in zip(real_logits, fake_logits, weights))
+      if not mse_weight:
+        return g_adv, (g_adv, jnp.zeros(()))
+      # the rollout's frames against the episode's real frames under the same
+      # conditions from the same start: each segment's weighted mean
+      target = batch["rollout_latents"]                      # [B, R, h, w, C]
+      mse = sum(rollout_mse(f, target[:, s0:s0 + f.shape[1]], w)
+                for s0, f, w in zip(starts, segs, weights)) / k
+      return g_adv + mse_weight * mse, (g_adv, mse)
 
-    g_total, seg_grads = jax.value_and_grad(g_loss)(segs)
+    (g_total, (g_adv, g_mse)), seg_grads = jax.value_and_grad(g_loss, has_aux=True)(segs)
     (g_grads,) = pullback(seg_grads)
     state, m = apply_update(state, g_grads, g_total, gen_tx, config.train.ema_decay)
     state = state.replace(rng=jax.random.key_data(rng), disc_params=disc_params,
                           disc_opt=disc_opt, skipped=state.skipped + (~d_ok).astype(jnp.int32))
-    return state, {"loss": g_total, "d_loss": d_adv, "r1": d_r1, "d_finite": d_ok, **m}
+    extra = {"g_adv": g_adv, "rollout_mse": g_mse} if mse_weight else {}
+    return state, {"loss": g_total, "d_loss": d_adv, "r1": d_r1, "d_finite": d_ok, **extra, **m}
 
   return step
 

@@ -107,7 +107,8 @@ class Trainer:
       ds = pipeline.make_adversarial_dataset(
           source, episodes, segment_frames=config.adversarial.segment_frames,
           rollout_frames=config.adversarial.rollout_frames, batch_size=per_process,
-          seed=config.train.seed, space_to_depth=s2d, latent_stats=stats, text_len=text_len)
+          seed=config.train.seed, space_to_depth=s2d, latent_stats=stats, text_len=text_len,
+          rollout_targets=bool(config.adversarial.rollout_mse_weight))
     else:
       ds = pipeline.make_dataset(source, clip_frames=config.train.clip_frames,
                                  batch_size=per_process, seed=config.train.seed,

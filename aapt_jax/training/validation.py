@@ -48,6 +48,13 @@ def check_config(config) -> StageSpec:
     if a.segment_frames > a.rollout_frames:
       raise ValueError(f"config field adversarial.segment_frames={a.segment_frames} > "
                        f"adversarial.rollout_frames={a.rollout_frames}")
+    w = a.rollout_mse_weight
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+      raise ValueError(f"config field adversarial.rollout_mse_weight must be a number >= 0, "
+                       f"got {w!r}")
+    if w and a.forcing == "teacher":
+      raise ValueError("config field adversarial.rollout_mse_weight > 0 needs forcing="
+                       "'student' (it scores the rollout; teacher forcing has none)")
     for field, allowed in (("forcing", ("student", "teacher")),
                            ("gradient", ("recompute", "scan")),
                            ("segment_gradient", ("end_to_end", "truncated"))):
