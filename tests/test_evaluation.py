@@ -46,6 +46,30 @@ def test_psnr_ssim_and_drift_series_by_hand():
   assert np.isnan(metrics.drift_series(frames, count=2)["mean_colour"][2])
 
 
+def test_change_series_by_hand():
+  """A prediction that makes half of every real change: correlation 1, gain
+  0.5; one that copies the previous frame: gain 0, no correlation; one that
+  reverses the change: correlation -1, gain 1; frames that do not change and
+  frames not `valid` are NaN."""
+  rng = np.random.default_rng(0)
+  previous = rng.integers(60, 120, (5, 4, 4, 3)).astype(np.uint8)
+  real = previous + 2 * rng.integers(0, 30, previous.shape).astype(np.uint8)
+  real[3] = previous[3]                                        # frame 3: no change
+  half = previous + (real - previous) // 2
+  back = previous - (real - previous)
+  valid = np.array([False, True, True, True, True])
+  out = metrics.change_series(half, previous, real, valid)
+  np.testing.assert_allclose(out["change_corr"][[1, 2, 4]], 1.0)
+  np.testing.assert_allclose(out["change_gain"][[1, 2, 4]], 0.5)
+  assert np.isnan(out["change_corr"][[0, 3]]).all() and np.isnan(out["change_gain"][[0, 3]]).all()
+  copied = metrics.change_series(previous, previous, real, valid)
+  np.testing.assert_allclose(copied["change_gain"][[1, 2, 4]], 0.0)
+  assert np.isnan(copied["change_corr"]).all()
+  reversed_ = metrics.change_series(back, previous, real, valid)
+  np.testing.assert_allclose(reversed_["change_corr"][[1, 2, 4]], -1.0)
+  np.testing.assert_allclose(reversed_["change_gain"][[1, 2, 4]], 1.0)
+
+
 def test_bucket_means_and_spread_leave_out_nan():
   series = np.array([np.nan, 1.0, 3.0, np.nan, 4.0])
   assert metrics.bucket_means(series, [(1, 2), (3, 3), (3, 4)])[0] == 2.0
@@ -131,6 +155,11 @@ def test_report_of_a_tiny_run(tiny_run, tmp_path):
   text = open(paths["report.md"]).read()
   assert "| 1-5 | 6-17 | 18-20 |" in text and " ± " in text
   assert "ball found where the emulator shows it" in text
+  # how much of the real change the one-step frame makes: the one-step row only
+  assert set(report["table"]["change_gain"]) == set(report["table"]["change_corr"]) == {
+      "model_1step"}
+  assert report["table"]["change_gain"]["model_1step"][0]["n"] == 2
+  assert "one-step change's size over the real change's" in text
   assert len(report["drift"]["model"]["roughness"]) == 2  # per seed curves
 
 

@@ -69,6 +69,7 @@ def test_suite_scores_camera_following_of_a_camera_world(tmp_path):
   assert turned and all(c["mean"] > 0.6 for c in turned)   # the emulator turns with the yaw
   for name in ("hold_start", "copy_previous"):             # a still picture never does
     assert all(c["mean"] == 0 for c in follow[name] if c["n"])
+  assert set(result["table"]["change_corr"]) == {"model_1step"}  # the one-step change's fit
   strip = result["strip"]
   np.testing.assert_array_equal(strip["one_step"][1], strip["generated"][1])
   # the teacher-forced prediction takes the controls: other controls, another frame

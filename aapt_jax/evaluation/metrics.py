@@ -98,6 +98,28 @@ def ssim_series(predicted: np.ndarray, real: np.ndarray, valid: np.ndarray) -> n
   return _per_frame(ssim, predicted, real, valid)
 
 
+def change_series(predicted: np.ndarray, previous: np.ndarray, real: np.ndarray,
+                  valid: np.ndarray) -> dict[str, np.ndarray]:
+  """How much of the real change a one-step prediction makes, per frame where
+  `valid` (else NaN): `change_corr`, the correlation over pixels of
+  (predicted - previous) with (real - previous), and `change_gain`, the
+  predicted change's mean |value| over the real change's (1 = as large; a
+  one-step mean that shrinks every change below 1 blurs open loop).
+  predicted, previous, real: uint8 [T+1, H, W, 3]; NaN where the real frame
+  does not change (or, for the correlation, the prediction does not)."""
+  out = {k: np.full(len(predicted), np.nan) for k in ("change_corr", "change_gain")}
+  for i in np.nonzero(valid)[0]:
+    made = (predicted[i].astype(np.float64) - previous[i]).ravel()
+    true = (real[i].astype(np.float64) - previous[i]).ravel()
+    size = np.abs(true).mean()
+    if size == 0:
+      continue
+    out["change_gain"][i] = np.abs(made).mean() / size
+    if made.std() > 0:
+      out["change_corr"][i] = float(np.corrcoef(made, true)[0, 1])
+  return out
+
+
 def drift_series(frames: np.ndarray, count: int | None = None) -> dict[str, np.ndarray]:
   """Statistics of a video uint8 [T+1, H, W, 3] per frame, for drift curves:
   `mean_colour` (mean of all pixels, 0-255), `roughness` (adjacent-pixel

@@ -20,7 +20,10 @@ _ROWS = [("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"),
          ("enemy_present", "enemy paddle found", "{:.2f}"),
          ("enemy_error", "enemy paddle error (px)", "{:.2f}"),
          ("follow", "paddle moves as the action says", "{:.2f}"),
-         ("camera_follow", "picture turns against the yaw (camera world)", "{:.2f}")]
+         ("camera_follow", "picture turns against the yaw (camera world)", "{:.2f}"),
+         ("change_corr", "one-step change against the real change: correlation", "{:.2f}"),
+         ("change_gain", "one-step change's size over the real change's (1 = as large)",
+          "{:.2f}")]
 _PREDICTOR_NOTES = {
     "model": "the model, open loop (its own frames recycled)",
     "hold_start": "hold the start frame (open loop)",

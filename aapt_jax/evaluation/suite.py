@@ -87,6 +87,9 @@ def _score_seed(game, action_names, episode, predictions, frame_size):
           [None] + list(real_found) + [None] * (len(found) - r))[:len(found)]
       series["follow"] = objects.follow_series(game, action_names, episode.actions, found,
                                                before)
+    if name == "model_1step":  # how much of each real change the one-step frame makes
+      series.update(metrics.change_series(frames, predictions["copy_previous"][0],
+                                          predictions["emulator"][0], valid))
     if episode.actions.ndim == 2:  # a camera world: does the picture turn with the yaw?
       before = (np.concatenate([frames[:1], frames[:-1]]) if previous == "own" else
                 predictions["copy_previous"][0])
