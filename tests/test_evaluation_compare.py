@@ -45,6 +45,10 @@ def test_comparison_files(compared, tmp_path):
   text = open(paths["compare.md"]).read()
   assert text.startswith("# Tiny") and "| two | `" in text and "2 Euler steps" in text
   assert "*hold_start*" in text and "one step teacher-forced" in text
+  # the one-step frame's change rows: one per checkpoint (one, one_again: the same "tiny")
+  change = text.split("## one-step change's size over the real change's")[1].split("## ")[0]
+  assert change.count("one step teacher-forced") == 1 and "| one, one step" in change
+  assert set(data["arms"][0]["one_step"]) == {"psnr", "change_corr", "change_gain"}
   # seed-by-seed differences to a reference arm: by hand from the per-seed values
   ref = dict(compared, reference="one")
   text = compare.markdown(ref)

@@ -20,6 +20,8 @@ from aapt_jax.evaluation.report import _ROWS, _cell, _json_ready, drift_cells
 
 # the arms' open-loop rows and the trivial predictors beside them
 BASELINES = ("hold_start", "copy_previous")
+# the one-step teacher-forced frame's metrics each arm carries ("one_step")
+ONE_STEP_METRICS = ("psnr", "change_corr", "change_gain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +74,8 @@ def compare(arms: Sequence[Arm], settings: suite.Settings,
         "name": arm.name, "source": r["source"], "note": arm.note,
         "sampler_steps": arm.sampler_steps, "ms_per_frame": r["ms_per_frame"],
         "open_loop": {m: r["table"][m]["model"] for m in r["table"] if "model" in r["table"][m]},
-        "one_step_psnr": r["table"]["psnr"].get("model_1step"),
+        "one_step": {m: r["table"][m]["model_1step"] for m in ONE_STEP_METRICS
+                     if "model_1step" in r["table"].get(m, {})},
         "drift": r["drift"]["model"], "fvd": {w: s.get("model") for w, s in r["fvd"].items()},
         "strip": r["strip"]["generated"]})
   return {"game": first["game"], "clip_frames": first["clip_frames"],
@@ -80,6 +83,19 @@ def compare(arms: Sequence[Arm], settings: suite.Settings,
           "real_frames": first["real_frames"], "object_truth": first["object_truth"],
           "arms": rows, "baselines": baselines,
           "emulator_drift": first["drift"]["emulator"], "real_strip": first["strip"]["real"]}
+
+
+def _one_step_rows(result, key: str, fmt: str) -> list[str]:
+  """The arms' one-step teacher-forced cells of `key`: one row per checkpoint
+  (its sampler does not change them)."""
+  rows, seen = [], set()
+  for a in result["arms"]:
+    cells = a["one_step"].get(key)
+    if cells and a["source"] not in seen:
+      seen.add(a["source"])
+      rows.append(f"| {a['name']}, one step teacher-forced | "
+                  + " | ".join(_cell(c, fmt) for c in cells) + " |")
+  return rows
 
 
 def _long_bucket(result) -> int:
@@ -137,13 +153,13 @@ def markdown(result: dict, title: str = "Comparison") -> str:
     for base, cells in result["baselines"].items():
       if key in cells and key in ("psnr", "ssim"):
         lines.append(f"| *{base}* | " + " | ".join(_cell(c, fmt) for c in cells[key]) + " |")
-    if key == "psnr":  # one row per checkpoint (its sampler does not change it)
-      seen = set()
-      for a in result["arms"]:
-        if a["one_step_psnr"] and a["source"] not in seen:
-          seen.add(a["source"])
-          lines.append(f"| {a['name']}, one step teacher-forced | "
-                       + " | ".join(_cell(c, fmt) for c in a["one_step_psnr"]) + " |")
+    if key == "psnr":
+      lines += _one_step_rows(result, key, fmt)
+  for key, name, fmt in _ROWS:  # the one-step frame's own rows (change_corr, change_gain)
+    if key == "psnr" or key not in ONE_STEP_METRICS or not _one_step_rows(result, key, fmt):
+      continue
+    lines += ["", f"## {name} (one step, teacher forced)", "", header, rule]
+    lines += _one_step_rows(result, key, fmt)
   lines += ["", "## Drift: roughness (adjacent-pixel |difference|, 0-255)", "", header, rule]
   curves = [(a["name"], a["drift"]["roughness"]) for a in result["arms"]]
   curves.append(("*emulator*", result["emulator_drift"]["roughness"]))
