@@ -39,6 +39,24 @@ def test_config_changes_kinds():
   assert config_changes(_config(), _config()) == []
 
 
+def test_later_stages_settings_do_not_stop_an_earlier_stage(tmp_path):
+  """A finished stage 1 rerun with new stage-3 settings (a pipeline, claims.py)
+  resumes; the same change refuses a stage-3 resume, and stage 1's own
+  fields still refuse stage 1."""
+  saved = _config().to_dict()
+  later = _config(**{"adversarial.r1_sigma": 0.03, "consistency.shift": 5.0})
+  assert [c[3] for c in config_changes(saved, later, "diffusion")] == ["harmless", "harmless"]
+  check_resume(saved, later, workdir=str(tmp_path), stage="diffusion", step=3)
+  assert [(c[0], c[3]) for c in config_changes(saved, later, "consistency")] == [
+      ("adversarial.r1_sigma", "harmless"), ("consistency.shift", "meaning")]
+  with pytest.raises(ValueError, match=r"adversarial\.r1_sigma: checkpoint=0\.1, config=0\.03"):
+    check_resume(saved, later, workdir=str(tmp_path), stage="adversarial", step=3)
+  with pytest.raises(ValueError, match=r"diffusion\.context_noise"):
+    check_resume(saved, _config(**{"diffusion.context_noise": 0.2}), workdir=str(tmp_path),
+                 stage="diffusion", step=3)
+  assert not os.path.exists(tmp_path / CHANGES_FILE)
+
+
 def test_check_resume_refuses_then_records_with_the_flag(tmp_path):
   saved = _config().to_dict()
   changed = _config(**{"diffusion.optim.learning_rate": 3e-5, "train.log_every": 1})

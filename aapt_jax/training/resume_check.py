@@ -14,7 +14,10 @@ every differing field with its kind:
               since a new field's default keeps the old behaviour.
 
 `train.steps` is "harmless" (training on longer) unless an optimizer of the
-run has a non-constant schedule, which decays to 0 at train.steps.
+run has a non-constant schedule, which decays to 0 at train.steps. Given the
+stage, the sections of the stages after it are "harmless" too (a stage-1 run
+never reads `consistency.*` or `adversarial.*`), so a finished stage 1 that a
+pipeline or claims.py passes again with new stage-3 settings is not refused.
 `check_resume` logs the changes and refuses (ValueError naming every key and
 both values) a "meaning" change unless `config.resume_with_changes` is True;
 then it appends the diff to `<workdir>/config_changes.json`.
@@ -41,12 +44,18 @@ HARMLESS_FIELDS = (
     "pipeline.",                        # its *_steps reach each stage as train.steps
     "resume_with_changes",
 )
+# the sections each post-training stage never reads: those of the stages after it
+LATER_STAGE_SECTIONS = {
+    "diffusion": ("consistency.", "adversarial."),
+    "consistency": ("adversarial.",),
+}
 STEPS_FIELD = "train.steps"
 CHANGES_FILE = "config_changes.json"
 
 
-def _harmless(key: str) -> bool:
-  return any(key == f or (f.endswith(".") and key.startswith(f)) for f in HARMLESS_FIELDS)
+def _harmless(key: str, stage: str | None = None) -> bool:
+  fields = HARMLESS_FIELDS + LATER_STAGE_SECTIONS.get(stage, ())
+  return any(key == f or (f.endswith(".") and key.startswith(f)) for f in fields)
 
 
 def _schedule_uses_steps(flat: dict[str, Any]) -> bool:
@@ -54,11 +63,13 @@ def _schedule_uses_steps(flat: dict[str, Any]) -> bool:
   return any(k.endswith("optim.schedule") and v != "constant" for k, v in flat.items())
 
 
-def config_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any, str]]:
+def config_changes(saved: dict, current: dict,
+                   stage: str | None = None) -> list[tuple[str, Any, Any, str]]:
   """[(key, saved value, current value, kind)] for every field that differs
   between the checkpoint's config `saved` and `current` (dicts or
   ConfigDicts), sorted by key; kind is "meaning", "harmless" or "schema"
-  (see the module docstring). Tuples and lists compare equal."""
+  (see the module docstring; `stage` makes later stages' sections
+  harmless). Tuples and lists compare equal."""
   a, b = flatten_config(config_to_dict(saved)), flatten_config(config_to_dict(current))
   missing = object()
   changes = []
@@ -71,7 +82,7 @@ def config_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any, str]
     elif key == STEPS_FIELD:
       kind = "meaning" if _schedule_uses_steps(a) or _schedule_uses_steps(b) else "harmless"
     else:
-      kind = "harmless" if _harmless(key) else "meaning"
+      kind = "harmless" if _harmless(key, stage) else "meaning"
     changes.append((key, None if old is missing else old, None if new is missing else new,
                     kind))
   return changes
@@ -89,7 +100,7 @@ def check_resume(saved: dict, config, *, workdir: str, stage: str, step: int,
   both values, and the flag) on a "meaning" change unless
   `config.resume_with_changes`; then, with `record` (the main process),
   appends {time, stage, step, changes} to `<workdir>/config_changes.json`."""
-  changes = config_changes(saved, config)
+  changes = config_changes(saved, config, stage)
   meaning = [c for c in changes if c[3] == "meaning"]
   schema = [c for c in changes if c[3] == "schema"]
   if schema:
