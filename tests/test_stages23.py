@@ -85,7 +85,9 @@ def test_judging_all_clips_in_one_forward_equals_one_forward_each(clips_per_forw
   want_grad = jax.grad(lambda p: objective([stages._judge(disc, p, clip, t, cond, noise)
                                             for clip, cond, noise in zip(clips, conds, noises)]))
   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(want_grad(params))):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+    # float32 sums in another order (one forward against several): gradients
+    # of size ~2 agree to ~2e-5 (jax 0.10.2); a wrong judging differs by O(1)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
   with pytest.raises(ValueError, match="controls"):
     stages._judge_all(disc, params, clips[:2], [conds[0], conds[1].replace(controls=None)], t, 4)
 
