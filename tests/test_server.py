@@ -169,8 +169,9 @@ def test_control_vectors_steer_the_stream_and_bad_ones_are_named():
                            ({"type": "controls", "controls": [0, -1.5, 0]}, "in [-1, 1]"),
                            ({"type": "action", "action": 1}, "control vectors, not action")):
       await ws.send_json(message)
-      while True:
-        _, texts = await _receive(ws, texts=1)
+      while True:  # frames streamed meanwhile are kept: the by-hand session steps once per frame
+        more, texts = await _receive(ws, texts=1)
+        frames += more
         if texts[0]["type"] == "error":
           break
       assert error in texts[0]["message"]
@@ -189,6 +190,7 @@ def test_control_vectors_steer_the_stream_and_bad_ones_are_named():
 
   session_id, frames = asyncio.run(main())
   headers = [decode_frame_message(f)[:3] for f in frames]
+  assert [n for n, _, _ in headers] == list(range(len(frames)))  # none lost or reordered
   assert headers[0][2] == -1 and {act for _, _, act in headers[1:]} == {-2}
   by_hand = StreamingSession(model, seed=session_id)
   expected = [encode_frame(by_hand.start()[0], 0, 0, -1, 90)]
