@@ -74,8 +74,10 @@ def get_config(arg=None):
   m.remat = "none"            # jax.checkpoint policy per block: none | full |
                               # dots_saveable | dots_with_no_batch_dims_saveable
   m.attention_backend = "xla"  # xla (every device) | cudnn (GPU with bf16/fp16 only: the
-                              # streaming step's attention as cuDNN's fused kernel;
-                              # UNVERIFIED on a GPU so far, and training still uses xla)
+                              # streaming step's attention as cuDNN's fused kernel) |
+                              # splash (TPU only: the training call's block-causal
+                              # attention as one Pallas splash kernel). cudnn and splash
+                              # are UNVERIFIED on their devices so far (tested on CPU)
   # What the output head predicts: "velocity" (Wan, flow matching's v = eps - x0),
   # "x0" (the clean frame), or "frame_delta" (x0 - x_{i-1}: the change from the
   # recycled frame, added back in the generator). x0 becomes v = (x_t - x0) /

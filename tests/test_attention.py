@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from aapt_jax.models import attention, kv_cache
+from aapt_jax.models import attention, kv_cache, splash_attention
 from aapt_jax.models.rope import rope_split
 from attention_reference import reference_block_causal_attention
 
@@ -190,14 +190,118 @@ def test_fused_step_layout_equals_step(counter):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("backend,match", [("splash", "one of"), ("cudnn", "needs a GPU")])
+@pytest.mark.parametrize("backend,match", [("flash", "one of"), ("cudnn", "needs a GPU"),
+                                           ("splash", "needs a TPU")])
 def test_unknown_or_unavailable_backend_is_a_config_error(backend, match):
   from aapt_jax import load_config
   from aapt_jax.models import build_generator
   from helpers import config_path
   config = load_config(config_path("tiny.py"), {"model.attention_backend": backend,
                                                 "model.dtype": "bfloat16"})
-  if jax.default_backend() == "gpu" and backend == "cudnn":
-    pytest.skip("cudnn is available here")
+  if {"cudnn": "gpu", "splash": "tpu"}.get(backend) == jax.default_backend():
+    pytest.skip(f"{backend} is available here")
   with pytest.raises(ValueError, match=f"model.attention_backend.*{match}"):
     build_generator(config)
+
+
+# --- splash (Pallas, interpret mode off TPU): the full-sequence call --------
+
+def _splash(q, k, v, max_block=splash_attention.MAX_BLOCK):
+  return attention.block_causal_attention(q, k, v, counter=0, window=N, theta=THETA,
+                                          backend="splash") if max_block is None else \
+      splash_attention.splash_block_causal_attention(q * D ** -0.5, k, v, window=N, theta=THETA,
+                                                     max_block=max_block)
+
+
+@pytest.mark.parametrize("t", [1, 2, N + 2, 2 * N + 3])
+def test_splash_full_sequence_matches_reference(t):
+  """The splash layout ([frames | sink copies] keys, one static mask) equals
+  the rule's dense reference, through block_causal_attention's dispatch."""
+  q, k, v = _qkv(t, seed=t)
+  got = _splash(q, k, v, max_block=None)
+  np.testing.assert_allclose(np.asarray(got), reference(q, k, v, N), atol=2e-5, rtol=2e-5)
+
+
+def test_splash_with_frames_across_tiles_matches_reference():
+  """Frames of 48 tokens over tiles of 128 (frames straddle tiles, 3 query
+  tiles, 5 key tiles, padding in both): still the rule."""
+  ks = jax.random.split(jax.random.key(9), 3)
+  q, k, v = [jax.random.normal(kk, (1, 2 * N + 2, 48, H, D)) for kk in ks]
+  got = _splash(q, k, v, max_block=128)
+  np.testing.assert_allclose(np.asarray(got), reference(q, k, v, N), atol=2e-5, rtol=2e-5)
+
+
+def test_splash_gradients_equal_xla():
+  """Gradients through the kernel's own VJP equal the xla path's (T past the window)."""
+  q, k, v = _qkv(2 * N + 1, seed=11)
+
+  def loss(backend):
+    return lambda q, k, v: jnp.sum(jnp.sin(attention.block_causal_attention(
+        q, k, v, counter=0, window=N, theta=THETA, backend=backend)))
+
+  got = jax.grad(loss("splash"), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+  assert float(jnp.abs(got[1][:, 0]).max()) > 0  # the sink's copies reach block 0's keys
+
+
+def test_splash_mask_is_block_sparse():
+  """Query block i reads frames max(1, i-N)..i and its own sink copy: with
+  one frame per tile, the tiles the kernel visits grow as T (N + 2), not T^2."""
+  t, p = 16, 128
+  mask = splash_attention.FrameWindowMask(t, p, N, t * p, 2 * t * p)
+  tiles = [[mask[i * p:(i + 1) * p, j * p:(j + 1) * p].any() for j in range(2 * t)]
+           for i in range(t)]
+  frames_read = [sum(row[:t]) for row in tiles]
+  assert frames_read == [0] + [min(i, N + 1) for i in range(1, t)]
+  assert [row[t:].index(True) for row in tiles] == list(range(t))
+  assert sum(map(sum, tiles)) == t + sum(frames_read) < t * (N + 2)
+
+
+def test_splash_sharded_over_the_mesh_equals_xla():
+  """Under a (data, fsdp, tensor) mesh the kernel runs per shard (shard_map:
+  batch over data x fsdp, heads over tensor); values and gradients equal the
+  unsharded xla path."""
+  import flax.linen as nn
+  from jax.sharding import AxisType, PartitionSpec
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  rules = (("batch", ("data", "fsdp")), ("heads", "tensor"))
+  ks = jax.random.split(jax.random.key(12), 3)
+  q, k, v = [jax.random.normal(kk, (4, N + 2, P, H, D)) for kk in ks]
+
+  def loss(backend):
+    return lambda q, k, v: jnp.sum(jnp.sin(attention.block_causal_attention(
+        q, k, v, counter=0, window=N, theta=THETA, backend=backend)))
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    assert splash_attention._shard_specs(mesh, 4, H) == PartitionSpec(
+        ("data", "fsdp"), "tensor", None, None)
+    assert splash_attention._shard_specs(mesh, 2, H) == PartitionSpec(("data",), "tensor", None, None)
+    step = jax.jit(jax.value_and_grad(loss("splash"), argnums=(0, 1, 2)))
+    assert "manual_computation" in step.lower(q, k, v).as_text()
+    got = step(q, k, v)
+  want = jax.value_and_grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+  for a, b in zip(got[1], want[1]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_splash_backend_reaches_the_generator(monkeypatch):
+  """model.attention_backend = "splash" routes the generator's full call
+  through the kernel (the config check is told it runs on a TPU; the kernel
+  then runs interpreted) and gives the xla model's output."""
+  from helpers import random_inputs, tiny
+  _, model, params = tiny()
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  _, splash_model, _ = tiny((("model.attention_backend", "splash"),))
+  monkeypatch.undo()
+  calls = []
+  kernel = splash_attention.splash_block_causal_attention
+  monkeypatch.setattr(attention, "splash_block_causal_attention",
+                      lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+  latents, timesteps, cond = random_inputs(model.spec, 2, 4, seed=2)
+  want = model.apply(params, latents, timesteps, cond)
+  got = splash_model.apply(params, latents, timesteps, cond)
+  assert calls
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)

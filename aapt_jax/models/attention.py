@@ -14,7 +14,11 @@ attention style), so training memory is linear in frames and tokens per frame.
 Backends (`model.attention_backend`): "xla" everywhere (any device);
 "cudnn" runs the streaming step's one-frame attention (over sink + ring +
 self, a prefix of valid keys, no mask) with cuDNN's fused kernel on GPU
-(`jax.nn.dot_product_attention`; not yet verified on a GPU).
+(`jax.nn.dot_product_attention`; not yet verified on a GPU); "splash" runs
+the full-sequence call (training, no cache) as one block-sparse Pallas
+splash-attention kernel on TPU (`splash_attention.py`; tested in Pallas
+interpret mode on CPU, not yet verified on a TPU). Calls a backend does not
+cover use "xla".
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 
 from aapt_jax.models import kv_cache as kvc
 from aapt_jax.models.rope import rotate_time, rotate_with, time_rotation_table
+from aapt_jax.models.splash_attention import splash_block_causal_attention
 
 _NEG_INF = -jnp.inf
 
@@ -88,7 +93,8 @@ def block_causal_attention(q, k, v, *, counter, window: int, theta: float,
   ring: (k, v) [B, H, N, P, Dh] of the cached previous blocks, or None.
   query_chunk: query tokens of a frame handled at once (a cap; P is split
     into equal chunks no larger than it).
-  backend: "xla", or "cudnn" for the streaming step (T = 1 with a ring).
+  backend: "xla"; "cudnn" for the streaming step (T = 1 with a ring);
+    "splash" for the full sequence (no sink, no ring); other calls use "xla".
   Returns [B, T, P, H, Dh] in q.dtype.
 
   Memory is linear in T and P (flash-attention style): the queries are
@@ -105,6 +111,8 @@ def block_causal_attention(q, k, v, *, counter, window: int, theta: float,
     if backend == "cudnn":
       return _one_block_fused(q, k, v, counter, window, theta, sink, ring, "cudnn")
     return _one_block(q, k, v, counter, window, theta, sink, ring)
+  if backend == "splash" and sink is None and ring is None:
+    return splash_block_causal_attention(q, k, v, window=window, theta=theta)
   chunks = -(-p // max(1, query_chunk))
   # heads-major [B, H, T, P, Dh] inside: every part's einsum then has its
   # batch axes (b, h[, t]) leading, so no operand is transposed per part

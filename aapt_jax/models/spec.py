@@ -10,7 +10,7 @@ import jax.numpy as jnp
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PREDICTIONS = ("velocity", "x0", "frame_delta")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
-ATTENTION_BACKENDS = ("xla", "cudnn")
+ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,3 +120,6 @@ class ModelSpec:
            f"'cudnn' needs a GPU, but JAX runs on {jax.default_backend()!r}: use 'xla'")
       need(self.dtype in ("bfloat16", "float16"), "attention_backend",
            f"'cudnn' needs model.dtype bfloat16 or float16, got {self.dtype!r}: use 'xla'")
+    if self.attention_backend == "splash":
+      need(jax.default_backend() == "tpu", "attention_backend",
+           f"'splash' needs a TPU, but JAX runs on {jax.default_backend()!r}: use 'xla'")

@@ -62,7 +62,7 @@ class SelfAttention(nn.Module):
       out = attn_ops.full_attention(q, k, v, theta=s.rope_theta)
     elif not self.cached:
       out = attn_ops.block_causal_attention(q, k, v, counter=0, window=s.window_frames,
-                                            theta=s.rope_theta)
+                                            theta=s.rope_theta, backend=s.attention_backend)
     else:
       out = attn_ops.block_causal_attention(
           q, k, v, counter=counter, window=s.window_frames, theta=s.rope_theta,
