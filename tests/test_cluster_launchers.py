@@ -146,13 +146,14 @@ trap 'echo "batch: SIGTERM: the training processes checkpoint and stop"' TERM
 echo "batch: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST"
 srun --kill-on-bad-exit=1 /opt/venv/bin/python launch/train.py --config=configs/aapt_8b.py --workdir=/shared/runs/8b --config.train.steps=20000 '--config.data.path=/shared/my data' &
 srun_pid=$!
-# A trapped signal ends `wait` early: wait again until srun itself has ended.
+# A trapped signal ends `wait` early, with 128 + the signal's number even when
+# srun ends during the trap: wait until srun has ended, then once more for its
+# own exit status (bash keeps it for every later `wait` on the pid).
+while kill -0 "$srun_pid" 2>/dev/null; do
+  wait "$srun_pid" || true
+done
 status=0
 wait "$srun_pid" || status=$?
-while kill -0 "$srun_pid" 2>/dev/null; do
-  status=0
-  wait "$srun_pid" || status=$?
-done
 if [ "$requeue" = 1 ] && [ "$status" = 0 ]; then
   scontrol requeue "$SLURM_JOB_ID"
 fi
@@ -252,7 +253,9 @@ FAKES = {
     "srun": 'echo "$@" >> "$FAKE_DIR/calls"; echo $$ > "$FAKE_DIR/step.pid"\n'
             f'exec {sys.executable} "$FAKE_DIR/step.py"\n',
     "scancel": 'echo scancel "$@" >> "$FAKE_DIR/calls"; kill -"${1#--signal=}" '
-               '"$(cat "$FAKE_DIR/step.pid")"\n',
+               '"$(cat "$FAKE_DIR/step.pid")"\n'
+               # returns once the step has ended (a fast save), so srun ends inside the trap
+               'while kill -0 "$(cat "$FAKE_DIR/step.pid")" 2>/dev/null; do sleep 0.01; done\n',
     "scontrol": 'echo scontrol "$@" >> "$FAKE_DIR/calls"\n',
 }
 

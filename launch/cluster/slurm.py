@@ -43,13 +43,14 @@ trap 'echo "batch: SIGTERM: the training processes checkpoint and stop"' TERM
 
 WAIT = r"""
 srun_pid=$!
-# A trapped signal ends `wait` early: wait again until srun itself has ended.
+# A trapped signal ends `wait` early, with 128 + the signal's number even when
+# srun ends during the trap: wait until srun has ended, then once more for its
+# own exit status (bash keeps it for every later `wait` on the pid).
+while kill -0 "$srun_pid" 2>/dev/null; do
+  wait "$srun_pid" || true
+done
 status=0
 wait "$srun_pid" || status=$?
-while kill -0 "$srun_pid" 2>/dev/null; do
-  status=0
-  wait "$srun_pid" || status=$?
-done
 if [ "$requeue" = 1 ] && [ "$status" = 0 ]; then
   scontrol requeue "$SLURM_JOB_ID"
 fi
