@@ -90,11 +90,27 @@ def resolve_step_dir(path: str) -> str:
   return os.path.join(path, str(steps[-1]))
 
 
+def generator_location(path: str) -> str:
+  """The directory `load_generator_params(path)` reads: an export directory
+  (or a shipped export's), else the checkpoint's step directory."""
+  source = _source_path(path)
+  return source if export_lib.is_export(source) else resolve_step_dir(source)
+
+
 def load_generator_params(path: str, which: str = "ema_params"):
   """(config, params) of the generator in a checkpoint: the config it was saved
   with (a ConfigDict) and its bare `which` tree ("ema_params" — what inference
-  uses — or "gen_params") on the first local device."""
-  step_dir = resolve_step_dir(path)
+  uses — or "gen_params") on the first local device.
+
+  `path` may also be an export directory or a shipped export's name: an export
+  holds only the EMA params (stored in bfloat16, returned as float32 numpy)."""
+  location = generator_location(path)
+  if export_lib.is_export(location):
+    if which != "ema_params":
+      raise ValueError(f"export {location} holds only the EMA generator params, not {which!r}")
+    config, params, _, _, _ = export_lib.read_export(location)
+    return config, params
+  step_dir = location
   config = read_config(step_dir)
   checkpointer = ocp.PyTreeCheckpointer()
   try:

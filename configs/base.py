@@ -34,10 +34,12 @@ def get_config(arg=None):
   # Which training stage to run: "vae", "diffusion", "consistency",
   # "adversarial", or "pipeline" (all stages in order, as the main job runs).
   c.stage = "diffusion"
-  # Where the stage starts from (a run, stage, step or convert_weights dir);
-  # "" = the previous stage's directory in the same workdir.
+  # Where the stage starts from (a run, stage, step, export or convert_weights
+  # dir, or a shipped export's name such as "atari": an export holds the EMA
+  # generator only); "" = the previous stage's directory in the same workdir.
   c.init_from = ""
-  # Where the discriminator starts from (stage 3); "" = the stage-1 dir.
+  # Where the discriminator starts from (stage 3; the same kinds of source);
+  # "" = the stage-1 dir.
   c.disc_init_from = ""
   # A rerun resumes from the stage's latest checkpoint and refuses when the
   # config changes what the run trains (optimizer, schedule, seed, data,

@@ -531,6 +531,37 @@ def test_stage1_from_converted_wan_weights_starts_at_their_loss(tiny_data, tmp_p
   np.testing.assert_allclose(summary["first_loss"], float(loss), rtol=1e-5)
 
 
+def test_stage_starts_from_an_export(tiny_data, tmp_path):
+  """--config.init_from=EXPORT (fine-tuning an exported or shipped world):
+  the run starts from exactly the export's generator (stored in bfloat16,
+  read as float32; a zero learning rate keeps it); an export holds only the
+  EMA params, so asking it for gen_params is named as such."""
+  import flax.linen as nn
+  import ml_collections
+  from aapt_jax.export import write_export
+  from aapt_jax.models import init_params
+  config = make_config(tiny_data, train__steps=1, diffusion__optim__learning_rate=0.0)
+  params = nn.meta.unbox(init_params(build_generator(config), jax.random.key(7)))["params"]
+  params = jax.tree.map(lambda a: np.asarray(a) + 0.01, params)  # not the run's own init
+  export_dir = str(tmp_path / "export")
+  write_export(export_dir, config, params, source="test")
+  assert loading.generator_location(export_dir) == export_dir
+  exported_config, exported = loading.load_generator_params(export_dir)
+  assert isinstance(exported_config, ml_collections.ConfigDict)
+  rounded = jax.tree.map(lambda a: np.asarray(a).astype(jax.numpy.bfloat16).astype(np.float32),
+                         params)
+  for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(rounded)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="holds only the EMA generator params"):
+    loading.load_generator_params(export_dir, which="gen_params")
+
+  Trainer(make_config(tiny_data, train__steps=1, diffusion__optim__learning_rate=0.0,
+                      init_from=export_dir), str(tmp_path / "run")).run()
+  _, trained = loading.load_generator_params(str(tmp_path / "run"), which="gen_params")
+  for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(rounded)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
 VAE_TINY = {"stage": "vae", "vae.base_dim": 8, "vae.z_dim": 4, "vae.dim_mult": (1, 2),
             "vae.num_res_blocks": 1, "vae.temperal_downsample": (True,),
             "model.latent_size": (4, 4), "vae.optim.learning_rate": 3e-3,

@@ -182,7 +182,7 @@ class Trainer:
       params, notes = loading.adapt_params(params, target)
     except ValueError as e:
       raise ValueError(f"config.{field}={source!r}: {e}") from None
-    where = loading.resolve_step_dir(source)
+    where = loading.generator_location(source)
     for note in notes:
       log(f"{self.stage}: {field} {where}: {note}")
     return params, where
