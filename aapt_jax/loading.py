@@ -285,11 +285,11 @@ def load_world_model(checkpoint: str | None):
           "a run, step or export directory (train one with launch/train.py, export it with "
           "launch/export.py)")
     checkpoint = DEFAULT_EXPORT
-  path = _source_path(checkpoint)
-  if export_lib.is_export(path):
-    config, params, vae_params, start_frame, _ = export_lib.read_export(path)
-    return config, params, vae_params, start_frame, path
-  step_dir = resolve_step_dir(path)
+  location = generator_location(checkpoint)
+  if export_lib.is_export(location):
+    config, params, vae_params, start_frame, _ = export_lib.read_export(location)
+    return config, params, vae_params, start_frame, location
+  step_dir = location
   config, params = load_generator_params(step_dir)
   if config.get("stage") == "vae":
     raise ValueError(f"checkpoint {step_dir} is a VAE (stage 'vae'), not a world model: "
