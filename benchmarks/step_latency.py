@@ -11,7 +11,8 @@ the same with window 20 and 512 text tokens of width 64, every step projecting
 the text's keys/values in every layer; `peer_kv` the same with the prompt's
 TextKV computed once (`with_text_kv`) as a stream does. Each step runs the
 real stream: frame 1440 is reached by 1440 committed steps, on the params
-split per layer once (`layer_by_layer`), as a stream does.
+split per layer once (`layer_by_layer`) and jitted with a stream's compile
+options (`stream_compiler_options`), as a stream does.
 
 With peer and peer_kv, an interleaved comparison at the last frame (the
 steps alternate, so both see the same machine load) also times the step of
@@ -41,7 +42,7 @@ from common import config_names, device_line  # noqa: E402
 from aapt_jax import load_config  # noqa: E402
 from aapt_jax import models as models_now  # noqa: E402
 from aapt_jax.models import (Conditioning, build_generator, init_params, layer_by_layer,  # noqa: E402
-                             with_text_kv)
+                             stream_compiler_options, with_text_kv)
 
 PEER = {"model.window_frames": 20, "model.text_dim": 64}
 # name: (config, overrides, text tokens, text keys/values once per prompt)
@@ -82,7 +83,7 @@ def bench_config(name, frames, repeats):
 
   stepper, step_params = layer_by_layer(model, params)  # once per stream
   step = jax.jit(lambda p, x, t, c, cache: stepper.apply(p, x, t, c, cache, method="step"),
-                 donate_argnums=4)
+                 donate_argnums=4, compiler_options=stream_compiler_options())
   noise = jnp.asarray(rng.standard_normal((1, 1, h, w, s.latent_channels)), jnp.float32)
   one = jnp.ones((1, 1))
   cond1 = cond_for(1)
@@ -165,8 +166,10 @@ def peer_step(load, models, text_once, split, frame, root=ROOT):
     model, params = models.layer_by_layer(model, params)
   if text_once:  # once per prompt
     cond = models.with_text_kv(model, params["params"], cond)
+  # a stream's compile options where the checkout has them (an older baseline: its defaults)
+  options = getattr(models, "stream_compiler_options", dict)()
   step = jax.jit(lambda p, x, c, k: model.apply(p, x, jnp.ones((1, 1)), c, k, method="step"),
-                 donate_argnums=3)
+                 donate_argnums=3, compiler_options=options)
   cache = model.init_cache(1).replace(counter=jnp.int32(frame))
   return step, params, x, cond, cache
 

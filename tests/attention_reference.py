@@ -71,7 +71,9 @@ def reference_block_causal_attention(q, k, v, *, counter, window: int, theta: fl
     ring_k, ring_v = ring[0].astype(k.dtype), ring[1].astype(v.dtype)
     held = kvc.ring_block_indices(counter, n)
     ahead = counter - held
-    k_r = rotate_time(ring_k, -ahead[None, None, :, None], theta)
+    # the ring stores slot s's keys at R(j_s): back to unrotated, then R(-ahead)
+    k_r = rotate_time(rotate_time(ring_k, -held[None, None, :, None], theta),
+                      -ahead[None, None, :, None], theta)
     q_r = rotate_time(q, jnp.arange(t)[None, :, None, None], theta)
     scores = jnp.einsum("btphd,bhnkd->bthpnk", q_r, k_r, preferred_element_type=jnp.float32)
     valid = (held[None, :] >= 1) & (jnp.arange(t)[:, None] + ahead[None, :] <= n)

@@ -5,6 +5,8 @@ and to blocks max(1, i-N)..i at distance i-j. The reference below builds that
 key list explicitly per query block, with its own numpy rotary rotation, and
 shares no code with `block_causal_attention`.
 """
+import functools
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -72,7 +74,7 @@ def test_cached_prefix_matches_reference(prefix, t):
   """Blocks prefix..prefix+t-1 read blocks < prefix from the sink + ring only."""
   q, k, v = _qkv(prefix + t, seed=1)
   cache = kv_cache.init_cache(1, B, N, P, H, D)
-  write = jax.jit(kv_cache.write_block)
+  write = jax.jit(functools.partial(kv_cache.write_block, theta=THETA))
   for j in range(prefix):
     cache = write(cache, [(jnp.swapaxes(k[:, j], 1, 2), jnp.swapaxes(v[:, j], 1, 2))])
   assert int(cache.counter) == prefix
@@ -82,6 +84,47 @@ def test_cached_prefix_matches_reference(prefix, t):
       theta=THETA, sink=(layer.sink_k, layer.sink_v), ring=(layer.ring_k, layer.ring_v))
   want = reference(q, k, v, N)[:, prefix:]
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("position", [1, 5, 2**24 + 3, 2**30 + 12345, 2**31 - 7])
+def test_absolute_rotation_is_exact_at_any_index(position):
+  """The cache stores keys at R(j), a step's query sits at R(i): their
+  product must be the distance's rotation R(i - j) at any index, as exactly
+  as at small ones (float32 angles i * w lose whole radians past 2^24)."""
+  from aapt_jax.models.rope import absolute_rotation, rotate_time, rotate_with
+  x = jax.random.normal(jax.random.key(7), (3, D))
+  for distance in (0, 1, N + 1):
+    i = absolute_rotation(jnp.int32(position), D, THETA)
+    minus_j = absolute_rotation(jnp.int32(-(position - distance)), D, THETA)
+    got = rotate_with(rotate_with(x, *i), *minus_j)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(rotate_time(x, distance, THETA)),
+                               atol=3e-6)
+  np.testing.assert_allclose(  # and R(i) itself is rotate_time's rotation at small i
+      np.asarray(rotate_with(x, *absolute_rotation(jnp.int32(position % 97), D, THETA))),
+      np.asarray(rotate_time(x, position % 97, THETA)), atol=2e-5)
+
+
+@pytest.mark.parametrize("far", [2**20, 2**30])
+def test_step_far_into_a_stream_equals_the_same_step_near_its_start(far):
+  """The same sink and N ring blocks written at blocks 1..N and at far+1..far+N:
+  the next step's attention is the same (only distances count), though the
+  ring stores its keys at their absolute index."""
+  q, k, v = _qkv(N + 2, seed=5)
+  write = functools.partial(kv_cache.write_block, theta=THETA)
+  heads = lambda a: jnp.swapaxes(a, 1, 2)
+  out = []
+  for start in (0, far):
+    cache = write(kv_cache.init_cache(1, B, N, P, H, D), [(heads(k[:, 0]), heads(v[:, 0]))])
+    cache = cache.replace(counter=jnp.int32(start + 1))
+    for j in range(1, N + 1):
+      cache = write(cache, [(heads(k[:, j]), heads(v[:, j]))])
+    layer = cache.layers[0]
+    out.append(_attend(q[:, -1:], k[:, -1:], v[:, -1:], counter=cache.counter, window=N,
+                       theta=THETA, sink=(layer.sink_k, layer.sink_v),
+                       ring=(layer.ring_k, layer.ring_v)))
+  np.testing.assert_allclose(np.asarray(out[1]), np.asarray(out[0]), atol=2e-5, rtol=2e-5)
+  want = reference(q, k, v, N)[:, -1:]  # blocks 0..N+1 of one sequence
+  np.testing.assert_allclose(np.asarray(out[0]), want, atol=2e-5, rtol=2e-5)
 
 
 def test_sink_distance_is_capped():
@@ -121,7 +164,8 @@ P5 = 5  # tokens per frame: chunks of 2 leave a padded last chunk
 def _cache_for(k, v, prefix):
   cache = kv_cache.init_cache(1, B, N, k.shape[2], H, D)
   for j in range(prefix):
-    cache = kv_cache.write_block(cache, [(jnp.swapaxes(k[:, j], 1, 2), jnp.swapaxes(v[:, j], 1, 2))])
+    cache = kv_cache.write_block(cache, [(jnp.swapaxes(k[:, j], 1, 2), jnp.swapaxes(v[:, j], 1, 2))],
+                                  THETA)
   layer = cache.layers[0]
   return (layer.sink_k, layer.sink_v), (layer.ring_k, layer.ring_v)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import compiled, frame, random_inputs, step_all, tiny
-from aapt_jax.models import layer_by_layer
+from aapt_jax.models import layer_by_layer, scanned_params
 
 B = 2
 TOL = dict(atol=2e-5, rtol=2e-5)
@@ -261,6 +261,7 @@ def test_layer_by_layer_donated_steps_equal_scanned_steps(rollout):
   assert model.spec.scan_layers
   split_model, split_params = layer_by_layer(model, params)
   assert not split_model.spec.scan_layers and "blocks_0" in split_params["params"]["transformer"]
+  assert "to_qkv" in split_params["params"]["transformer"]["blocks_0"]["attn1"]  # one matmul
   step = jax.jit(lambda p, x, t, c, k: split_model.apply(p, x, t, c, k, method="step"),
                  donate_argnums=4)
   stepped, cache = step_all(step, split_params, model.init_cache(B), rollout["latents"],
@@ -271,6 +272,21 @@ def test_layer_by_layer_donated_steps_equal_scanned_steps(rollout):
   for got_layer, want_layer in zip(cache.layers, want.layers):
     for got_a, want_a in zip(jax.tree.leaves(got_layer), jax.tree.leaves(want_layer)):
       np.testing.assert_allclose(np.asarray(got_a), np.asarray(want_a), **TOL)
+
+
+def test_layer_by_layer_round_trips_for_scanned_and_unscanned_models(rollout):
+  """`scanned_params` undoes `layer_by_layer` exactly (q/k/v split again, the
+  layers stacked for a scanned model, left per layer for an unscanned one),
+  and an unscanned model's stream params are fused too."""
+  model, params = rollout["model"], rollout["params"]
+  unscanned, split = layer_by_layer(model, params)
+  assert jax.tree.all(jax.tree.map(np.array_equal, scanned_params(model, split), params))
+  per_layer = scanned_params(unscanned, split)  # the unscanned model's own layout
+  assert set(per_layer["params"]["transformer"]["blocks_1"]["attn1"]) >= {"to_q", "to_k", "to_v"}
+  again, fused = layer_by_layer(unscanned, per_layer)
+  assert not again.spec.scan_layers
+  assert jax.tree.all(jax.tree.map(np.array_equal, fused, split))
+  assert jax.tree.all(jax.tree.map(np.array_equal, scanned_params(unscanned, fused), per_layer))
 
 
 def test_per_layer_text_kv_equals_stacked(rollout):

@@ -33,7 +33,8 @@ from aapt_jax.data.worlds import world_from_config
 from aapt_jax.export import check_params
 from aapt_jax.inference.decoders import build_decoder, uses_vae
 from aapt_jax.models import (Conditioning, Generator, KVCache, TextKV, abstract_params,
-                             build_generator, layer_by_layer, scanned_params, with_text_kv)
+                             build_generator, layer_by_layer, scanned_params,
+                             stream_compiler_options, with_text_kv)
 from aapt_jax.objectives.flow_matching import shift_timesteps
 
 DIFFUSION_SAMPLER_STEPS = 16  # Euler steps per frame for a stage-1 (diffusion) model
@@ -102,7 +103,7 @@ def make_frame_fn(model: Generator, sampler_steps: int = 1, shift: float = 1.0) 
                         shift=shift, actions=actions, controls=controls, text=text,
                         text_mask=text_mask)
 
-  return jax.jit(frame_fn, donate_argnums=4)
+  return jax.jit(frame_fn, donate_argnums=4, compiler_options=stream_compiler_options())
 
 
 def generate_latents(model: Generator, params, first_latent: np.ndarray,
@@ -160,7 +161,7 @@ def make_session_step(model: Generator, decoder, sampler_steps: int = 1,
     return pixels, StreamState(index=state.index + 1, latent=latent, cache=cache,
                                decode_cache=decode_cache)
 
-  return jax.jit(step, donate_argnums=3)
+  return jax.jit(step, donate_argnums=3, compiler_options=stream_compiler_options())
 
 
 def _cast(tree, dtype):

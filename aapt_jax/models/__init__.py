@@ -5,7 +5,8 @@ import flax.linen as nn
 import jax
 
 from aapt_jax.models.generator import (Conditioning, Generator, build_generator, init_params,
-                                      layer_by_layer, scanned_params, with_text_kv)
+                                      layer_by_layer, scanned_params,
+                                      stream_compiler_options, with_text_kv)
 from aapt_jax.models.kv_cache import KVCache
 from aapt_jax.models.spec import ModelSpec
 from aapt_jax.models.transformer import TextKV
@@ -34,4 +35,4 @@ def abstract_params(config, kind: str = "generator"):
 
 __all__ = ["Conditioning", "Generator", "KVCache", "ModelSpec", "TextKV", "VAE", "abstract_params",
            "build_generator", "build_vae", "init_params", "layer_by_layer", "scanned_params",
-           "with_text_kv"]
+           "stream_compiler_options", "with_text_kv"]

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from aapt_jax.models import kv_cache as kvc
-from aapt_jax.models.rope import rotate_time, rotate_with, time_rotation_table
+from aapt_jax.models.rope import absolute_rotation, rotate_time, rotate_with
 from aapt_jax.models.splash_attention import splash_block_causal_attention
 
 _NEG_INF = -jnp.inf
@@ -90,7 +90,8 @@ def block_causal_attention(q, k, v, *, counter, window: int, theta: float,
   sink: (k, v) [B, H, P, Dh] of block 0 from a cache (heads-major, as the
     cache stores it), or None when block 0 is the first block of this
     sequence (counter == 0).
-  ring: (k, v) [B, H, N, P, Dh] of the cached previous blocks, or None.
+  ring: (k, v) [B, H, N, P, Dh] of the cached previous blocks as
+    `kv_cache.write_block` stores them (slot s's keys at R(j_s)), or None.
   query_chunk: query tokens of a frame handled at once (a cap; P is split
     into equal chunks no larger than it).
   backend: "xla"; "cudnn" for the streaming step (T = 1 with a ring);
@@ -143,7 +144,8 @@ def _keys(k, v, counter, sink, ring, window: int, theta: float):
   The sink is block 0 of this sequence when counter == 0, else the cached
   one, unrotated (its distance is on the sink query). Ring slot s holds block
   j_s at distance (i' + e_s) from query block i' (e_s = counter - j_s): its
-  keys carry R(-e_s) here, the queries R(i'). The in-sequence keys of block
+  keys, stored at R(j_s), carry R(-e_s) here (one rotation, by -counter, for
+  the whole ring), the queries R(i'). The in-sequence keys of block
   j' carry R(j'), so block i' reads block i' - o at distance o.
   """
   b, h, t, p, d = k.shape
@@ -155,9 +157,8 @@ def _keys(k, v, counter, sink, ring, window: int, theta: float):
     sink_k = jnp.where(first, k[:, :, 0], sink[0].astype(k.dtype))
     sink_v = jnp.where(first, v[:, :, 0], sink[1].astype(v.dtype))
   ring_k = ring_v = None
-  if ring is not None:
-    ahead = counter - kvc.ring_block_indices(counter, window)  # [N]
-    ring_k = rotate_time(ring[0].astype(k.dtype), -ahead[None, None, :, None], theta)
+  if ring is not None:  # stored at R(j_s) (kv_cache.write_block): R(j_s - counter) = R(-e_s)
+    ring_k = rotate_with(ring[0].astype(k.dtype), *absolute_rotation(-counter, d, theta))
     ring_k = ring_k.reshape(b, h, window * p, d)
     ring_v = ring[1].astype(v.dtype).reshape(b, h, window * p, d)
   return sink_k, sink_v, ring_k, ring_v, k_in, v
@@ -322,11 +323,14 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 def _one_block(q, k, v, counter, n, theta, sink, ring):
   """The streaming step (T = 1): one softmax over [sink | ring | self], heads-major.
 
-  The same rule as the general path, with the temporal distances put on the
-  keys: the sink at min(counter, N + 1), ring slot s at counter - j_s, self at
-  0. q is already scaled. The three parts share one softmax (one max, one
-  sum) without being concatenated; keys and values are read in place from
-  the cache (the ring's keys rotated by a gathered constant table).
+  The same rule as the general path, with the distances carried by absolute
+  rotations (`rope.absolute_rotation`, exact at any index): the query and
+  this block's keys at R(counter), the ring as stored (slot s at R(j_s), so
+  distance counter - j_s), the sink re-rotated to R(counter - min(counter,
+  N + 1)) (one block). The whole ring is read in place, never rotated. The
+  sink and this block share one score product (their keys side by side, 2P
+  of them), the ring has its own; one max and one sum over both, without
+  concatenating the ring. q is already scaled.
   """
   b, _, p, h, d = q.shape
   f32 = jnp.float32
@@ -335,37 +339,28 @@ def _one_block(q, k, v, counter, n, theta, sink, ring):
   first = counter == 0
   sink_k = jnp.where(first, k1, sink[0].astype(k.dtype))
   sink_v = jnp.where(first, v1, sink[1].astype(v.dtype))
+  here = absolute_rotation(counter, d, theta)
+  q_at = rotate_with(q1, *here)
+  sink_k = rotate_with(sink_k, *absolute_rotation(counter - jnp.minimum(counter, n + 1), d, theta))
+  # [sink | self] keys [B, H, 2P, D]; self is left out at counter 0 (the sink is this block)
+  near_k = jnp.concatenate([sink_k, rotate_with(k1, *here)], axis=2)
+  near_v = jnp.concatenate([sink_v, v1], axis=2)
   held = kvc.ring_block_indices(counter, n)                      # [N]
-  ahead = counter - held
-  # rotations by -distance gathered from a constant table (distances 0..N + 1):
-  # the sink by min(counter, N + 1), ring slot s by ahead_s (in 1..N where
-  # valid); the whole ring is rotated every step, so no cos/sin per key
-  table_cos, table_sin = (jnp.asarray(a) for a in time_rotation_table(n + 1, d, theta))
-  at = jnp.minimum(counter, n + 1)
-  sink_k = rotate_with(sink_k, table_cos[at], -table_sin[at])
-  back = jnp.clip(ahead, 0, n + 1)
-  ring_k = rotate_with(ring[0].astype(k.dtype), table_cos[back][:, None],
-                       -table_sin[back][:, None])                 # R(-ahead) per slot
+  ring_k = ring[0].astype(k.dtype).reshape(b, h, n * p, d)
   ring_v = ring[1].astype(v.dtype).reshape(b, h, n * p, d)
-  s_sink = jnp.einsum("bhpd,bhkd->bhpk", q1, sink_k, preferred_element_type=f32)
-  s_ring = jnp.einsum("bhpd,bhkd->bhpk", q1, ring_k.reshape(b, h, n * p, d),
-                      preferred_element_type=f32)
-  s_self = jnp.einsum("bhpd,bhkd->bhpk", q1, k1, preferred_element_type=f32)
-  ring_ok = jnp.repeat((held >= 1) & (ahead <= n), p)            # [N * P]
+  s_near = jnp.einsum("bhpd,bhkd->bhpk", q_at, near_k, preferred_element_type=f32)
+  s_ring = jnp.einsum("bhpd,bhkd->bhpk", q_at, ring_k, preferred_element_type=f32)
+  near_ok = (jnp.arange(2 * p) < p) | (counter >= 1)             # [2P]
+  ring_ok = jnp.repeat((held >= 1) & (counter - held <= n), p)   # [N * P]
+  s_near = jnp.where(near_ok, s_near, _NEG_INF)
   s_ring = jnp.where(ring_ok, s_ring, _NEG_INF)
-  s_self = jnp.where(counter >= 1, s_self, _NEG_INF)
-  # one softmax over [sink | ring | self] without concatenating the parts:
-  # a shared max (the sink's scores are always finite), then each part's
-  # exp, summed and applied to its values in place
-  m = jnp.maximum(jnp.maximum(jnp.max(s_sink, axis=-1), jnp.max(s_ring, axis=-1)),
-                  jnp.max(s_self, axis=-1))[..., None]            # [B, H, P, 1]
-  e_sink, e_ring, e_self = (jnp.exp(a - m) for a in (s_sink, s_ring, s_self))
-  total = (jnp.sum(e_sink, axis=-1) + jnp.sum(e_ring, axis=-1)
-           + jnp.sum(e_self, axis=-1))[..., None]                 # [B, H, P, 1]
-  out = (jnp.einsum("bhpk,bhkd->bhpd", e_sink.astype(v.dtype), sink_v, preferred_element_type=f32)
+  # one softmax over both parts: a shared max (the sink's scores are always
+  # finite), then each part's exp, summed and applied to its values in place
+  m = jnp.maximum(jnp.max(s_near, axis=-1), jnp.max(s_ring, axis=-1))[..., None]  # [B, H, P, 1]
+  e_near, e_ring = jnp.exp(s_near - m), jnp.exp(s_ring - m)
+  total = (jnp.sum(e_near, axis=-1) + jnp.sum(e_ring, axis=-1))[..., None]        # [B, H, P, 1]
+  out = (jnp.einsum("bhpk,bhkd->bhpd", e_near.astype(v.dtype), near_v, preferred_element_type=f32)
          + jnp.einsum("bhpk,bhkd->bhpd", e_ring.astype(v.dtype), ring_v,
-                      preferred_element_type=f32)
-         + jnp.einsum("bhpk,bhkd->bhpd", e_self.astype(v.dtype), v1,
                       preferred_element_type=f32)) / total
   return jnp.swapaxes(out, 1, 2)[:, None].astype(q.dtype)
 
@@ -377,7 +372,7 @@ def _one_block_fused(q, k, v, counter, n, theta, sink, ring, implementation: str
   s + 1 until the ring wraps, so the valid keys are always a prefix, of
   P (1 + [counter >= 1] + min(counter - 1, N)) tokens (at counter 0 the sink
   is this block itself and self is left out): a sequence length, no mask.
-  Same distances as `_one_block`; q is already scaled.
+  Same rotations as `_one_block` (the ring read as stored); q is already scaled.
   """
   b, _, p, h, d = q.shape
   seq = lambda a: jnp.swapaxes(a, 1, 2)                          # [B, H, P, D] -> [B, P, H, D]
@@ -385,14 +380,14 @@ def _one_block_fused(q, k, v, counter, n, theta, sink, ring, implementation: str
   first = counter == 0
   sink_k = jnp.where(first, k1, seq(sink[0]).astype(k.dtype))
   sink_v = jnp.where(first, v1, seq(sink[1]).astype(v.dtype))
-  sink_k = rotate_time(sink_k, -jnp.minimum(counter, n + 1), theta)
-  ahead = counter - kvc.ring_block_indices(counter, n)          # [N]
-  ring_k = rotate_time(ring[0].astype(k.dtype), -ahead[None, None, :, None], theta)
+  here = absolute_rotation(counter, d, theta)
+  sink_k = rotate_with(sink_k, *absolute_rotation(counter - jnp.minimum(counter, n + 1), d, theta))
   by_token = lambda a: jnp.transpose(a, (0, 2, 3, 1, 4)).reshape(b, n * p, h, d)
-  keys = jnp.concatenate([sink_k, k1, by_token(ring_k)], axis=1)   # [B, (N + 2) P, H, D]
+  keys = jnp.concatenate([sink_k, rotate_with(k1, *here), by_token(ring[0].astype(k.dtype))],
+                         axis=1)                                  # [B, (N + 2) P, H, D]
   values = jnp.concatenate([sink_v, v1, by_token(ring[1].astype(v.dtype))], axis=1)
   valid = p * (1 + (counter >= 1).astype(jnp.int32) + jnp.clip(counter - 1, 0, n))
-  out = jax.nn.dot_product_attention(q1, keys, values, scale=1.0,
+  out = jax.nn.dot_product_attention(rotate_with(q1, *here), keys, values, scale=1.0,
                                      key_value_seq_lengths=jnp.full((b,), valid, jnp.int32),
                                      implementation=implementation)
   return out[:, None].astype(q.dtype)

@@ -13,6 +13,7 @@ into v here so every caller sees a velocity.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -292,7 +293,7 @@ class Generator(nn.Module):
     velocity, new_kv = self._run(latent, timestep, cond, cache, commit)
     if not commit:
       return velocity, cache
-    return velocity, kvc.write_block(cache, new_kv)
+    return velocity, kvc.write_block(cache, new_kv, self.spec.rope_theta)
 
   def init_cache(self, batch_size: int) -> kvc.KVCache:
     """An empty cache of fixed shapes (no parameters needed)."""
@@ -311,43 +312,101 @@ def with_text_kv(model: Generator, params, cond: Conditioning) -> Conditioning:
   return cond.replace(text_kv=model.apply({"params": params}, cond.text, method="text_kv"))
 
 
+_QKV = ("to_q", "to_k", "to_v")
+
+
+def _fuse_qkv(block):
+  """A layer's params with attn1's to_q/to_k/to_v as one "to_qkv" (kernel
+  [D, 3, D], bias [3, D]): the streaming step then projects q, k and v with
+  one [D, 3D] matmul instead of three."""
+  attn = dict(block["attn1"])
+  parts = [attn.pop(name) for name in _QKV]
+  attn["to_qkv"] = {"kernel": jnp.stack([p["kernel"] for p in parts], axis=1),
+                    "bias": jnp.stack([p["bias"] for p in parts])}
+  return {**block, "attn1": attn}
+
+
+def _split_qkv(block):
+  """The inverse of `_fuse_qkv` (unchanged when attn1 has no to_qkv)."""
+  if "to_qkv" not in block["attn1"]:
+    return block
+  attn = dict(block["attn1"])
+  fused = attn.pop("to_qkv")
+  for i, name in enumerate(_QKV):
+    attn[name] = {"kernel": fused["kernel"][:, i], "bias": fused["bias"][i]}
+  return {**block, "attn1": attn}
+
+
+def _blocks(model: Generator, transformer):
+  """Each layer's params, in order: per-layer entries or a scanned stack."""
+  if "blocks" in transformer:
+    return [jax.tree.map(lambda a, i=i: a[i], transformer["blocks"])
+            for i in range(model.spec.num_layers)]
+  return [transformer[f"blocks_{i}"] for i in range(model.spec.num_layers)]
+
+
 def layer_by_layer(model: Generator, params):
-  """(model, params) for loops of `step` calls: a scanned model (params
-  stacked on a "layers" axis under "blocks") as the same model with
-  `scan_layers` off and its params split per layer ("blocks_0", ...), once
-  per stream. Same values; a step then reads and writes each layer's cache
-  arrays in place, where a scan stacks every layer's ring into one array per
-  step (a copy of the whole cache), and slicing the stacked params inside
-  the step would copy every weight per step. Unscanned models come back as
-  they are. params: the bare tree or {"params": ...}."""
-  if not model.spec.scan_layers:
-    return model, params
+  """(model, params) for loops of `step` calls, once per stream: the model
+  unscanned (`scan_layers` off) with its params split per layer ("blocks_0",
+  ...) and each layer's q/k/v projections fused into one matmul ("to_qkv").
+  Same values; a step then reads and writes each layer's cache arrays in
+  place, where a scan stacks every layer's ring into one array per step (a
+  copy of the whole cache), and slicing the stacked params inside the step
+  would copy every weight per step. params: the bare tree or {"params": ...};
+  `scanned_params` is the inverse."""
   wrapped = "params" in params and "transformer" not in params
   tree = dict(params["params"] if wrapped else params)
-  transformer = dict(tree["transformer"])
-  stacked = transformer.pop("blocks")
-  for i in range(model.spec.num_layers):
-    transformer[f"blocks_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+  transformer = {k: v for k, v in tree["transformer"].items()
+                 if k != "blocks" and not k.startswith("blocks_")}
+  for i, block in enumerate(_blocks(model, tree["transformer"])):
+    transformer[f"blocks_{i}"] = _fuse_qkv(_split_qkv(block))
   tree["transformer"] = transformer
   unscanned = Generator(dataclasses.replace(model.spec, scan_layers=False))
   return unscanned, ({"params": tree} if wrapped else tree)
 
 
 def scanned_params(model: Generator, params):
-  """The inverse of `layer_by_layer`'s params: per-layer params ("blocks_0",
-  ...) stacked back on a "layers" axis under "blocks" for the scanned
-  `model` (a copy; what exports and checkpoints hold). Params already
-  stacked, or a `model` without `scan_layers`, come back as they are.
+  """The inverse of `layer_by_layer`'s params, in `model`'s own layout (a
+  copy; what exports and checkpoints hold): to_q/to_k/to_v split again, and
+  for a scanned `model` the layers stacked back on a "layers" axis under
+  "blocks". Params already in that layout come back as they are.
   params: the bare tree or {"params": ...}."""
   wrapped = "params" in params and "transformer" not in params
   tree = dict(params["params"] if wrapped else params)
   transformer = dict(tree["transformer"])
-  if not model.spec.scan_layers or "blocks" in transformer:
-    return params
-  layers = [transformer.pop(f"blocks_{i}") for i in range(model.spec.num_layers)]
-  transformer["blocks"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+  stacked = "blocks" in transformer
+  if stacked or (not model.spec.scan_layers and "to_qkv" not in transformer["blocks_0"]["attn1"]):
+    return params  # a stack is never fused
+  layers = [_split_qkv(b) for b in _blocks(model, transformer)]
+  transformer = {k: v for k, v in transformer.items()
+                 if k != "blocks" and not k.startswith("blocks_")}
+  if model.spec.scan_layers:
+    transformer["blocks"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+  else:
+    transformer.update({f"blocks_{i}": b for i, b in enumerate(layers)})
   tree["transformer"] = transformer
   return {"params": tree} if wrapped else tree
+
+
+@functools.cache
+def stream_compiler_options() -> dict:
+  """XLA options for jitting a stream's step (`jax.jit(..., compiler_options=)`).
+
+  On CPU: XLA's library fusions (YNN) off, so the step's matmuls run as
+  XLA:CPU's own dot thunks and its reductions inside XLA's loop fusions. At
+  a stream's shapes (one frame: tens of tokens, hundreds of ops per step)
+  that is 5-10 % faster per step, interleaved in one process, at the peer's
+  dims and at atari's (benchmarks/step_latency.py). Nothing elsewhere, and
+  nothing on a jaxlib that no longer knows the (experimental) option.
+  """
+  if jax.default_backend() != "cpu":
+    return {}
+  options = {"xla_cpu_experimental_ynn_fusion_type": ""}
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=options).lower(jnp.zeros(())).compile()
+  except Exception:  # noqa: BLE001 - an unknown option is XLA's runtime error
+    return {}
+  return options
 
 
 def build_generator(config) -> Generator:

@@ -13,15 +13,20 @@ stacked array per layer would copy the whole ring every frame. (A scanned
 model stacks the layers' caches for its scan: streams step the unscanned
 model of `generator.layer_by_layer`.)
 
-Keys are stored after the q/k norm and the *spatial* rotary rotation but
-before any temporal rotation: the temporal rotation is a distance, applied
-when the keys are read (see `attention.block_causal_attention`).
+Keys are stored after the q/k norm and the spatial rotary rotation, and
+rotated by their block's absolute index j (`rope.absolute_rotation`, exact
+for any int32 index; the sink, j = 0, is unrotated): a step rotates its
+query by its own index i, so <R(i) q, R(j) k> sees the distance i - j and
+the ring is read as stored, never re-rotated per frame (see
+`attention.block_causal_attention`).
 """
 from __future__ import annotations
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from aapt_jax.models.rope import absolute_rotation, rotate_with
 
 
 @flax.struct.dataclass
@@ -67,10 +72,12 @@ def ring_block_indices(counter, window):
   return last - jnp.mod(last - 1 - jnp.arange(window), window)
 
 
-def write_block(cache: KVCache, new_kv) -> KVCache:
+def write_block(cache: KVCache, new_kv, theta: float) -> KVCache:
   """Writes block `cache.counter`'s keys/values and advances the counter.
 
-  new_kv: one (k, v) pair per layer, each [B, H, P, Dh]. Block 0 becomes the
+  new_kv: one (k, v) pair per layer, each [B, H, P, Dh], the keys without a
+  temporal rotation; they are stored at R(counter) (theta: the model's
+  `rope_theta`). Block 0 becomes the
   sink; block j >= 1 overwrites ring slot (j - 1) mod N, the oldest block,
   which has just left the window. One block per layer is written, so a
   donated cache is updated in place.
@@ -78,6 +85,7 @@ def write_block(cache: KVCache, new_kv) -> KVCache:
   counter = cache.counter
   is_sink = counter == 0
   slot = jnp.mod(counter - 1, cache.window)
+  here = absolute_rotation(counter, cache.layers[0].ring_k.shape[-1], theta)  # R(counter)
 
   def put(ring, new):
     old = jax.lax.dynamic_index_in_dim(ring, slot, axis=2, keepdims=False)
@@ -87,6 +95,6 @@ def write_block(cache: KVCache, new_kv) -> KVCache:
   layers = tuple(
       LayerKV(sink_k=jnp.where(is_sink, k.astype(layer.sink_k.dtype), layer.sink_k),
               sink_v=jnp.where(is_sink, v.astype(layer.sink_v.dtype), layer.sink_v),
-              ring_k=put(layer.ring_k, k), ring_v=put(layer.ring_v, v))
+              ring_k=put(layer.ring_k, rotate_with(k, *here)), ring_v=put(layer.ring_v, v))
       for layer, (k, v) in zip(cache.layers, new_kv))
   return KVCache(layers=layers, counter=counter + 1)

@@ -6,9 +6,13 @@ Rotations on disjoint pairs commute, so the spatial part (h, w) and the
 temporal part (t) are applied separately:
 
 * spatial: absolute (row, column) of the token inside its frame — bounded;
-* temporal: only ever a *distance* between blocks (window-relative), never
-  an absolute frame index, so frame 10,000 sees exactly the angles seen in
-  training: there is no table to overflow and no precision lost.
+* temporal: scores only ever see a *distance* between blocks (window-
+  relative), so frame 10,000 sees exactly the angles seen in training. A
+  stream's cache stores each block's keys rotated by its absolute index j
+  (`absolute_rotation`, exact for any int32 index) and the step's query by
+  its own index i: <R(i) q, R(j) k> = <R(i - j) q, k>, so the ring is read
+  as stored, never re-rotated per step; no table overflows and no precision
+  is lost to large indices.
 """
 from __future__ import annotations
 
@@ -79,19 +83,6 @@ def rotate_time(x, distance, theta: float):
   return _rotate(x, cos, sin)
 
 
-def time_rotation_table(max_distance: int, head_dim: int, theta: float):
-  """cos, sin [max_distance + 1, Dh] (numpy float32 constants) rotating the
-  temporal pairs by each distance 0..max_distance (the other pairs: identity).
-
-  `rotate_with(x, cos[d], sin[d])` is `rotate_time(x, d, theta)` up to
-  float rounding; a gather from this table keeps the transcendentals out of
-  the per-element work of rotating a whole cache ring every step.
-  """
-  t_dim = rope_split(head_dim)[0]
-  angles = np.arange(max_distance + 1, dtype=np.float32)[:, None] * _np_frequencies(t_dim, theta)
-  return _np_full_width(angles, head_dim, 0)
-
-
 def _np_frequencies(axis_dim: int, theta: float):
   """`axis_frequencies` as a numpy float32 constant."""
   exponent = np.arange(0, axis_dim, 2, dtype=np.float32) / np.float32(axis_dim)
@@ -108,3 +99,42 @@ def _np_full_width(angles, head_dim, offset):
 def rotate_with(x, cos, sin):
   """x [..., Dh] rotated by per-pair tables cos, sin [..., Dh] (broadcastable to x)."""
   return _rotate(x, cos, sin)
+
+
+_BYTE_LEVELS = 4  # an int32 index's magnitude as 4 bytes
+
+
+def _byte_tables(head_dim: int, theta: float):
+  """cos, sin [4, 256, t_dim / 2] (numpy float32): the temporal pairs' rotation
+  by b * 256^l blocks for each byte value b of each level l. The angles are
+  exact in float64 (b * 256^l has at most 8 significant bits, the frequency
+  24) and reduced by numpy's cos/sin (full range reduction)."""
+  freqs = _np_frequencies(rope_split(head_dim)[0], theta).astype(np.float64)
+  steps = np.arange(256, dtype=np.float64)[None, :] * (256.0 ** np.arange(_BYTE_LEVELS))[:, None]
+  angles = steps[..., None] * freqs                            # [4, 256, t / 2]
+  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def absolute_rotation(position, head_dim: int, theta: float):
+  """cos, sin [..., Dh] rotating the temporal pairs by `position` blocks
+  (int32 array of any shape; other pairs: identity), for `rotate_with`.
+
+  Exact for every int32 position (|position| < 2^31), not only small ones:
+  the rotation is composed from one table entry per byte of |position|
+  (angles exact in float64), so its error is a few float32 roundings at
+  block 10^9 as at block 1, and R(i) R(j)^-1 = R(i - j) to that rounding.
+  This is what lets a cache store keys at their absolute block index.
+  """
+  position = jnp.asarray(position, jnp.int32)
+  magnitude = jnp.abs(position)
+  table_cos, table_sin = (jnp.asarray(a) for a in _byte_tables(head_dim, theta))
+  cos = sin = None
+  for level in range(_BYTE_LEVELS):
+    byte = jnp.right_shift(magnitude, 8 * level) & 255
+    c, s = table_cos[level][byte], table_sin[level][byte]     # [..., t / 2]
+    cos, sin = (c, s) if cos is None else (cos * c - sin * s, sin * c + cos * s)
+  sin = jnp.where((position < 0)[..., None], -sin, sin)
+  pad = [(0, 0)] * position.ndim + [(0, head_dim // 2 - cos.shape[-1])]
+  cos = jnp.repeat(jnp.pad(cos, pad, constant_values=1.0), 2, axis=-1)
+  sin = jnp.repeat(jnp.pad(sin, pad), 2, axis=-1)
+  return cos, sin

@@ -46,9 +46,16 @@ class SelfAttention(nn.Module):
     s = self.spec
     b, t, p, _ = x.shape
     kw = dict(dtype=s.compute_dtype, param_dtype=s.params_dtype)
-    q = Dense(s.dim, ("embed", "heads"), name="to_q", **kw)(x)
-    k = Dense(s.dim, ("embed", "heads"), name="to_k", **kw)(x)
-    v = Dense(s.dim, ("embed", "heads"), name="to_v", **kw)(x)
+    if self.has_variable("params", "to_qkv"):  # a stream's params (`fuse_qkv`): one matmul
+      fused = self.get_variable("params", "to_qkv")
+      qkv = jnp.einsum("...i,ijo->...jo", x.astype(s.compute_dtype),
+                       fused["kernel"].astype(s.compute_dtype))
+      qkv = qkv + fused["bias"].astype(s.compute_dtype)           # [B, T, P, 3, D]
+      q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+    else:
+      q = Dense(s.dim, ("embed", "heads"), name="to_q", **kw)(x)
+      k = Dense(s.dim, ("embed", "heads"), name="to_k", **kw)(x)
+      v = Dense(s.dim, ("embed", "heads"), name="to_v", **kw)(x)
     if s.qk_norm:
       q = RMSNorm("heads", eps=s.eps, name="norm_q", **kw)(q)
       k = RMSNorm("heads", eps=s.eps, name="norm_k", **kw)(k)
