@@ -23,6 +23,9 @@ flags.DEFINE_integer("frames", 120, "Latent frames to roll out after the start f
 flags.DEFINE_integer("teacher_forced_frames", 48, "Frames that get each arm's one-step "
                      "teacher-forced prediction.")
 flags.DEFINE_bool("fvd", False, "FVD with I3D at the training clip and 10x.")
+flags.DEFINE_integer("horizon_clip", 0, "Cut the horizons by this clip length (the clip, "
+                     "10/3 and 10 clips, ...), e.g. 12 to score a model trained on 8-frame "
+                     "clips on the shipped world's frame ranges; 0 = each checkpoint's own.")
 FLAGS = flags.FLAGS
 
 
@@ -34,7 +37,8 @@ def main(_):
   try:
     arms = parse_arms(FLAGS.arms)
     settings = Settings(seeds=tuple(int(s) for s in FLAGS.seeds), frames=FLAGS.frames,
-                        teacher_forced_frames=FLAGS.teacher_forced_frames, fvd=FLAGS.fvd)
+                        teacher_forced_frames=FLAGS.teacher_forced_frames, fvd=FLAGS.fvd,
+                        horizon_clip=FLAGS.horizon_clip)
     result = compare(arms, settings)
   except (ValueError, FileNotFoundError, ImportError) as e:
     fail("compare", e)

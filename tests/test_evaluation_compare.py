@@ -1,4 +1,5 @@
 """launch/compare.py's core: several arms on the same emulator episodes."""
+import dataclasses
 import json
 import os
 
@@ -7,7 +8,7 @@ import pytest
 
 from aapt_jax.evaluation import compare, suite
 from aapt_jax.inference.session import StreamingSession
-from streaming_helpers import tiny_streaming_model
+from streaming_helpers import TINY_ATARI, tiny_streaming_model
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +74,26 @@ def test_bad_arms_are_named(bad):
 def test_arms_parse():
   arms = compare.parse_arms(["s1=run/diffusion@16", "s3=run/adversarial"])
   assert arms == [compare.Arm("s1", "run/diffusion", 16), compare.Arm("s3", "run/adversarial", 1)]
+
+
+def test_horizon_clip_scores_other_clips_on_one_grid():
+  """Arms trained on other clip lengths are refused (their horizons differ)
+  unless --horizon_clip cuts every arm's horizons by one clip."""
+  models = {"five": tiny_streaming_model(sampler_steps=1),
+            "two": tiny_streaming_model(TINY_ATARI + (("train.clip_frames", 2),), sampler_steps=1)}
+  arms = [compare.Arm("five", "tiny"), compare.Arm("two", "tiny")]
+  load = lambda arm: StreamingSession(models[arm.name])
+  settings = suite.Settings(seeds=(0,), frames=14, teacher_forced_frames=0, fvd=False)
+  with pytest.raises(ValueError, match="2 against 5 frames.*--horizon_clip"):
+    compare.compare(arms, settings, load=load)
+  result = compare.compare(arms, dataclasses.replace(settings, horizon_clip=3), load=load)
+  # 3 -> 1-3, 4-10 (10/3 clips), 11-14 (to 10 clips, cut at 14 frames)
+  assert result["buckets"] == ["1-3", "4-10", "11-14"] and result["clip_frames"] == 3
+  assert [a["train_clip_frames"] for a in result["arms"]] == [5, 2]
+  # the same model and episodes: the grid, not the clip, decides the rows
+  assert result["arms"][0]["open_loop"]["psnr"] == result["arms"][1]["open_loop"]["psnr"]
+  text = compare.markdown(result)
+  assert "horizons cut by a clip of 3 frames (10x = 30; --horizon_clip), trained on clips " \
+         "of 2 and 5 frames" in text
+  with pytest.raises(ValueError, match="--horizon_clip must be >= 0"):
+    dataclasses.replace(settings, horizon_clip=-1).check()

