@@ -13,6 +13,14 @@ def fail(program: str, error: BaseException, code: int = 2):
   sys.exit(code)
 
 
+def whole_numbers(items, flag: str) -> tuple[int, ...]:
+  """A list flag's items as ints (ValueError naming the flag otherwise)."""
+  try:
+    return tuple(int(v) for v in items)
+  except ValueError:
+    raise ValueError(f"{flag} must be whole numbers, got {','.join(items)}") from None
+
+
 def _not_orbax_info(record) -> bool:
   """Orbax logs every checkpoint step at INFO; keep its warnings only."""
   return (record.levelno >= python_logging.WARNING

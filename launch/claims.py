@@ -67,7 +67,7 @@ def arm_config(base, name: str):
 
 
 def main(_):
-  from aapt_jax.cli import fail, log_training_info
+  from aapt_jax.cli import fail, log_training_info, whole_numbers
   log_training_info()
   from aapt_jax.evaluation.compare import Arm, compare, write_comparison
   from aapt_jax.evaluation.suite import Settings
@@ -78,6 +78,7 @@ def main(_):
   work = os.path.abspath(FLAGS.workdir)
   base_dir = os.path.join(work, "base")
   try:
+    seeds = whole_numbers(FLAGS.seeds, "--seeds")  # before hours of training
     stages = [stage_config(config, s) for s in ("diffusion", "consistency")]
     arms = {name: arm_config(config, name) for name in FLAGS.arms}
     for c in stages + list(arms.values()):
@@ -97,7 +98,7 @@ def main(_):
       if Trainer(c, os.path.join(work, name)).run()["preempted"]:
         return
     clip = int(config.train.clip_frames)
-    settings = Settings(seeds=tuple(int(s) for s in FLAGS.seeds),
+    settings = Settings(seeds=seeds,
                         frames=FLAGS.frames or 10 * clip,
                         teacher_forced_frames=min(4 * clip, FLAGS.frames or 10 * clip),
                         fvd=False)

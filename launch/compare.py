@@ -26,19 +26,22 @@ flags.DEFINE_bool("fvd", False, "FVD with I3D at the training clip and 10x.")
 flags.DEFINE_integer("horizon_clip", 0, "Cut the horizons by this clip length (the clip, "
                      "10/3 and 10 clips, ...), e.g. 12 to score a model trained on 8-frame "
                      "clips on the shipped world's frame ranges; 0 = each checkpoint's own.")
+flags.DEFINE_list("horizons", [], "The horizons' last frames, e.g. 40,80,120 for the thirds "
+                  "of 120 frames; empty = cut by the clip (the clip, 10/3, 10, 40, 120 clips).")
 FLAGS = flags.FLAGS
 
 
 def main(_):
   logging.set_verbosity(logging.WARNING)
-  from aapt_jax.cli import fail
+  from aapt_jax.cli import fail, whole_numbers
   from aapt_jax.evaluation.compare import compare, parse_arms, write_comparison
   from aapt_jax.evaluation.suite import Settings
   try:
     arms = parse_arms(FLAGS.arms)
-    settings = Settings(seeds=tuple(int(s) for s in FLAGS.seeds), frames=FLAGS.frames,
+    settings = Settings(seeds=whole_numbers(FLAGS.seeds, "--seeds"), frames=FLAGS.frames,
                         teacher_forced_frames=FLAGS.teacher_forced_frames, fvd=FLAGS.fvd,
-                        horizon_clip=FLAGS.horizon_clip)
+                        horizon_clip=FLAGS.horizon_clip,
+                        horizons=whole_numbers(FLAGS.horizons, "--horizons"))
     result = compare(arms, settings)
   except (ValueError, FileNotFoundError, ImportError) as e:
     fail("compare", e)

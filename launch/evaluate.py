@@ -28,19 +28,22 @@ flags.DEFINE_integer("steps", 0, "Forwards per latent frame (0 = auto: 16 for a 
 flags.DEFINE_integer("horizon_clip", 0, "Cut the horizons by this clip length (the clip, "
                      "10/3 and 10 clips, ...), e.g. 12 to score a model trained on 8-frame "
                      "clips on the shipped world's frame ranges; 0 = each checkpoint's own.")
+flags.DEFINE_list("horizons", [], "The horizons' last frames, e.g. 40,80,120 for the thirds "
+                  "of 120 frames; empty = cut by the clip (the clip, 10/3, 10, 40, 120 clips).")
 FLAGS = flags.FLAGS
 
 
 def main(_):
   logging.set_verbosity(logging.WARNING)
-  from aapt_jax.cli import fail
+  from aapt_jax.cli import fail, whole_numbers
   from aapt_jax.evaluation.report import write_report
   from aapt_jax.evaluation.suite import Settings, evaluate
   from aapt_jax.inference.session import StreamingSession
   try:
-    settings = Settings(seeds=tuple(int(s) for s in FLAGS.seeds), frames=FLAGS.frames,
+    settings = Settings(seeds=whole_numbers(FLAGS.seeds, "--seeds"), frames=FLAGS.frames,
                         teacher_forced_frames=FLAGS.teacher_forced_frames, fvd=FLAGS.fvd,
-                        horizon_clip=FLAGS.horizon_clip)
+                        horizon_clip=FLAGS.horizon_clip,
+                        horizons=whole_numbers(FLAGS.horizons, "--horizons"))
     settings.check()
     session = StreamingSession.load(FLAGS.checkpoint or None, sampler_steps=FLAGS.steps)
     result = evaluate(session, settings)

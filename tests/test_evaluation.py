@@ -26,6 +26,18 @@ def test_horizon_buckets_end_at_ten_training_clips():
   assert metrics.horizon_buckets(12, 2000)[-1] == (1441, 2000)
 
 
+def test_horizon_buckets_at_given_ends():
+  """--horizons: the thirds of 120 frames, cut at the rollout, frames past the last end kept."""
+  assert metrics.horizon_buckets(12, 120, (40, 80, 120)) == [(1, 40), (41, 80), (81, 120)]
+  assert metrics.horizon_buckets(8, 100, (40, 80, 120)) == [(1, 40), (41, 80), (81, 100)]
+  assert metrics.horizon_buckets(12, 200, (40, 80, 120))[-1] == (121, 200)
+  for bad in ((0, 40), (40, 40), (80, 40)):
+    with pytest.raises(ValueError, match="--horizons must be increasing"):
+      metrics.horizon_buckets(12, 120, bad)
+    with pytest.raises(ValueError, match="--horizons must be increasing"):
+      suite.Settings(horizons=bad).check()
+
+
 def test_psnr_ssim_and_drift_series_by_hand():
   real = np.full((3, 4, 4, 3), 100, np.uint8)
   predicted = real.copy()
@@ -166,6 +178,8 @@ def test_report_of_a_tiny_run(tiny_run, tmp_path):
   other = dict(result, clip_frames=3, settings=dict(result["settings"], horizon_clip=3))
   assert "horizons cut by a clip of 3 frames (10x = 30; --horizon_clip), trained on clips " \
          "of 5 frames" in markdown(other)
+  other["settings"]["horizons"] = (3, 20)
+  assert "of 5 frames; horizons end at frames 3, 20 (--horizons)" in markdown(other)
 
 
 @pytest.mark.slow

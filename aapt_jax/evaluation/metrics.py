@@ -18,15 +18,18 @@ from aapt_jax.inference.quality import change, psnr, roughness, ssim
 PSNR_CAP = 100.0   # dB for identical frames (their PSNR is infinite), as quality.py caps it
 
 
-def horizon_buckets(clip_frames: int, frames: int) -> list[tuple[int, int]]:
+def horizon_buckets(clip_frames: int, frames: int,
+                    ends: tuple[int, ...] = ()) -> list[tuple[int, int]]:
   """Frame ranges [first, last] (inclusive, latent frames, frame 0 = the start
   frame) for a rollout of `frames` frames after the start frame: the training
   clip, up to 10/3 and 10 clips, then 40 and 120 clips (12 -> 1-12, 13-40,
-  41-120, 121-480, 481-1440), cut at `frames`."""
+  41-120, 121-480, 481-1440), cut at `frames`; or, given `ends` (increasing
+  last frames, e.g. (40, 80, 120) for the thirds of 120 frames), those."""
   if clip_frames < 1 or frames < 1:
     raise ValueError(f"clip_frames and frames must be >= 1, got {clip_frames}, {frames}")
-  edges = [0, clip_frames, round(10 * clip_frames / 3), 10 * clip_frames,
-           40 * clip_frames, 120 * clip_frames]
+  check_horizon_ends(ends)
+  edges = [0, *ends] if ends else [0, clip_frames, round(10 * clip_frames / 3),
+                                   10 * clip_frames, 40 * clip_frames, 120 * clip_frames]
   out = []
   for lo, hi in zip(edges[:-1], edges[1:]):
     if hi <= lo or lo >= frames:
@@ -35,6 +38,14 @@ def horizon_buckets(clip_frames: int, frames: int) -> list[tuple[int, int]]:
   if out[-1][1] < frames:
     out.append((out[-1][1] + 1, frames))
   return out
+
+
+def check_horizon_ends(ends: tuple[int, ...]):
+  """ValueError unless `ends` (the horizons' last frames) increase from >= 1."""
+  if any(not isinstance(e, int) for e in ends) or any(
+      b <= a for a, b in zip((0, *ends), ends)):
+    raise ValueError(f"--horizons must be increasing last frames >= 1 (e.g. 40,80,120), "
+                     f"got {','.join(str(e) for e in ends)}")
 
 
 def bucket_label(bucket: tuple[int, int]) -> str:

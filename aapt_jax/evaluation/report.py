@@ -67,13 +67,17 @@ def drift_cells(curves, buckets) -> list[str]:
 def clip_phrase(result: dict) -> str:
   """What the horizons are cut by: the training clip, or the clip that
   Settings.horizon_clip set (then the checkpoints' own clips beside it)."""
-  clip = result["clip_frames"]
-  if not result["settings"].get("horizon_clip"):
-    return f"training clip {clip} frames (10x = {10 * clip})"
-  own = sorted({result["train_clip_frames"]} if "train_clip_frames" in result else
-               {a["train_clip_frames"] for a in result.get("arms", ())})
-  return (f"horizons cut by a clip of {clip} frames (10x = {10 * clip}; --horizon_clip), "
-          f"trained on clips of {' and '.join(str(c) for c in own)} frames")
+  clip, s = result["clip_frames"], result["settings"]
+  if not s.get("horizon_clip"):
+    text = f"training clip {clip} frames (10x = {10 * clip})"
+  else:
+    own = sorted({result["train_clip_frames"]} if "train_clip_frames" in result else
+                 {a["train_clip_frames"] for a in result.get("arms", ())})
+    text = (f"horizons cut by a clip of {clip} frames (10x = {10 * clip}; --horizon_clip), "
+            f"trained on clips of {' and '.join(str(c) for c in own)} frames")
+  if s.get("horizons"):
+    text += f"; horizons end at frames {', '.join(str(e) for e in s['horizons'])} (--horizons)"
+  return text
 
 
 def markdown(result: dict) -> str:

@@ -38,13 +38,15 @@ class Settings:
   `horizon_clip`: the clip length the horizons are cut by (the clip, 10/3
   and 10 clips, ...) and FVD's windows placed at; 0 = the checkpoint's own
   training clip. Set it to score models trained on different clips on the
-  same frame ranges."""
+  same frame ranges. `horizons`: the horizons' last frames instead (e.g.
+  (40, 80, 120): the thirds of 120 frames); () = cut by the clip."""
   seeds: tuple[int, ...] = (0, 1, 2)
   frames: int = 1440
   teacher_forced_frames: int = 240
   fvd: bool = True
   repeat_prob: float = 0.75
   horizon_clip: int = 0
+  horizons: tuple[int, ...] = ()
 
   def check(self):
     if len(self.seeds) < 1 or len(set(self.seeds)) != len(self.seeds):
@@ -57,6 +59,7 @@ class Settings:
     if self.horizon_clip < 0:
       raise ValueError(f"--horizon_clip must be >= 0 (0 = the checkpoint's training clip), "
                        f"got {self.horizon_clip}")
+    metrics.check_horizon_ends(self.horizons)
 
 
 def _predictions(episode, one_step: np.ndarray | None, tf_frames: int):
@@ -152,7 +155,7 @@ def evaluate(session, settings: Settings) -> dict:
   game = world.game if ram_objects.supported(world.game) else None
   train_clip = int(model.config.train.clip_frames)
   clip = settings.horizon_clip or train_clip
-  buckets = metrics.horizon_buckets(clip, settings.frames)
+  buckets = metrics.horizon_buckets(clip, settings.frames, settings.horizons)
   bar = tqdm(total=len(settings.seeds) * settings.frames, desc="rollouts", unit="frame")
   episodes, generating = [], []
   for seed in settings.seeds:
