@@ -119,6 +119,9 @@ def get_config(arg=None):
                               # low-noise steps dominate); "x0": MSE of the clean frame
                               # x_t - t v (every noise level alike)
   df.optim = _optim(name="adamw", learning_rate=1e-5)  # paper: AdamW, lr 1e-5
+  df.sampler_steps = 0        # forwards per latent frame this stage-1 model streams
+                              # with (0 = 16 Euler steps); launch/export.py
+                              # --sampler_steps=1 ships one that plays at one forward
 
   # ------------------------------------------------------------- checkpoint
   k = c.checkpoint = ml_collections.ConfigDict()

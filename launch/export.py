@@ -17,6 +17,7 @@ import os
 import sys
 
 from absl import app, flags, logging
+import ml_collections
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,6 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 config_flags.DEFINE_config_file("config", None, "Optional: checked against the checkpoint's "
                                 "own config (an error if the model differs).", lock_config=False)
 flags.DEFINE_string("checkpoint", "", "Run, stage, step or export directory.")
+flags.DEFINE_integer("sampler_steps", 0, "Forwards per latent frame the export streams with by "
+                     "default, stored in its config (diffusion.sampler_steps); 0 = by its "
+                     "stage (16 Euler steps for a stage-1 model, else 1).")
 flags.DEFINE_string("workdir", "", "Run directory (used when --checkpoint is empty).")
 flags.DEFINE_string("out", "", "Export directory to write.")
 flags.DEFINE_integer("seed", 0, "Emulator seed of the stored start frame.")
@@ -61,11 +65,17 @@ def main(_):
   try:
     if _is_vae_run(checkpoint):
       return _export_vae(checkpoint)
+    if FLAGS.sampler_steps < 0:
+      raise ValueError(f"--sampler_steps must be >= 0, got {FLAGS.sampler_steps}")
     model = StreamingModel.load(checkpoint)
     if FLAGS.config is not None:
       model.check_config(FLAGS.config)
+    config = model.config
+    if FLAGS.sampler_steps:
+      config = ml_collections.ConfigDict(config.to_dict())
+      config.diffusion.sampler_steps = FLAGS.sampler_steps
     start = model.start_frame if model.world is None else model.default_start_frame(FLAGS.seed)
-    meta = write_export(FLAGS.out, model.config, model.params, start_frame=start,
+    meta = write_export(FLAGS.out, config, model.params, start_frame=start,
                         vae_params=model.decoder_params, source=model.source)
   except (ValueError, FileNotFoundError, OSError) as e:
     fail("export", e)

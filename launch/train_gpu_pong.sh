@@ -52,7 +52,7 @@ import sys; sys.exit(0) if d[0].platform == 'gpu' else print(
 
 if [ ! -f "$DATA/metadata.json" ]; then
   python launch/prepare_data.py --world=atari --game=Pong --episodes="$EPISODES" \
-    --frames_per_episode="$FRAMES" --clip_frames=$((2 * CLIP)) --clip_stride=$CLIP \
+    --frames_per_episode="$FRAMES" --clip_frames=$((2 * CLIP)) --clip_stride=$CLIP --policy=rally \
     --size=64 --out="$DATA" --overwrite
 fi
 

@@ -26,6 +26,7 @@ def test_gpu_training_script_on_cpu_with_a_tiny_model(tmp_path):
   assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-3000:])
   meta = json.load(open(out / "data" / "metadata.json"))
   assert meta["counts"]["episodes"] == 1 and meta["counts"]["clips"] >= 1
+  assert meta["policy"] == "rally"  # the shipped world's data
   config = json.load(open(out / "export" / "config.json"))
   assert config["model"]["dtype"] == "bfloat16" and config["train"]["batch_size"] == 2
   assert config["stage"] == "consistency" and config["model"]["dim"] == 32

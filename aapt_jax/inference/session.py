@@ -209,8 +209,10 @@ class StreamingModel:
       check_params(self.decoder_params, abstract_params(c, "vae"),
                               f"the VAE params of {self.source}")
       self.decoder_params = _cast(self.decoder_params, jnp.float32)
-    if self.sampler_steps == 0:  # auto: a stage-1 model is a diffusion model
-      self.sampler_steps = DIFFUSION_SAMPLER_STEPS if c.stage == "diffusion" else 1
+    if self.sampler_steps == 0:  # auto: a stage-1 model is a diffusion model, unless
+      # its config (an export's, launch/export.py --sampler_steps) says otherwise
+      self.sampler_steps = ((int(c.diffusion.get("sampler_steps", 0)) or DIFFUSION_SAMPLER_STEPS)
+                            if c.stage == "diffusion" else 1)
     self.world = world_from_config(c)
     s = self.generator.spec
     self.action_names = list(self.world.action_names) if self.world else None

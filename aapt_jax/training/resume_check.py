@@ -40,6 +40,7 @@ HARMLESS_FIELDS = (
     "checkpoint.",                      # every_steps, keep
     "mesh.", "distributed.",            # devices and processes (restores onto any mesh)
     "model.remat", "model.attention_backend", "adversarial.disc_clips_per_forward",
+    "diffusion.sampler_steps",          # how the model streams, not how it trains
     "init_from", "disc_init_from",      # read only when a stage starts afresh
     "pipeline.",                        # its *_steps reach each stage as train.steps
     "resume_with_changes",
