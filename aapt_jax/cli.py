@@ -35,6 +35,8 @@ def define_evaluation_flags(frames: int, teacher_forced_frames: int, fvd: bool) 
                        "clips on the shipped world's frame ranges; 0 = each checkpoint's own.")
   flags.DEFINE_list("horizons", [], "The horizons' last frames, e.g. 40,80,120 for the thirds "
                     "of 120 frames; empty = cut by the clip (the clip, 10/3, 10, 40, 120 clips).")
+  flags.DEFINE_integer("turn_frames", 24, "A camera world's turning test: turn right for so "
+                       "many frames, then left as long, model and emulator; 0 = no test.")
 
 
 def evaluation_settings(values):
@@ -43,7 +45,8 @@ def evaluation_settings(values):
   settings = Settings(seeds=whole_numbers(values.seeds, "--seeds"), frames=values.frames,
                       teacher_forced_frames=values.teacher_forced_frames, fvd=values.fvd,
                       horizon_clip=values.horizon_clip,
-                      horizons=whole_numbers(values.horizons, "--horizons"))
+                      horizons=whole_numbers(values.horizons, "--horizons"),
+                      turn_frames=values.turn_frames)
   settings.check()
   return settings
 

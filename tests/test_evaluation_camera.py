@@ -1,4 +1,6 @@
 """Camera following (evaluation/camera.py) on shifted images and on Doom frames."""
+import os
+
 import numpy as np
 import pytest
 
@@ -50,6 +52,30 @@ def test_camera_following_scores_the_emulator_above_a_model_that_ignores_yaw(wor
     camera.camera_following(ep.frames[:4], yaw[:3])
 
 
+def test_turning_test_scores_the_emulator_a_still_picture_and_a_mirrored_turn(world):
+  controls = camera.turn_controls(6, 3)                      # [13, 3]
+  assert controls.shape == (13, 3) and not controls[0].any() and not controls[:, 1:].any()
+  np.testing.assert_array_equal(controls[1:7, 0], 1.0)
+  np.testing.assert_array_equal(controls[7:, 0], -1.0)
+  real = world.replay(controls, seed=0)
+  scores = camera.turning_test(real, controls)
+  for phase in ("right", "left"):   # the emulator turns the right way every frame, ~4.5 px
+    assert scores[phase]["turned"] == 1.0 and 3.5 < scores[phase]["px_per_frame"] < 5.5
+  still = camera.turning_test(np.repeat(real[:1], len(real), 0), controls)
+  assert all(still[p]["turned"] == 0.0 and abs(still[p]["px_per_frame"]) < 0.1
+             for p in ("right", "left"))
+  mirrored = world.replay(controls * np.array([-1, 1, 1], np.float32), seed=0)
+  wrong = camera.turning_test(mirrored, controls)
+  assert all(wrong[p]["turned"] == 0.0 and wrong[p]["px_per_frame"] < -3.5
+             for p in ("right", "left"))
+  short = camera.turning_test(real[:5], controls)   # an episode that ended: left has no frame
+  assert short["right"]["turned"] == 1.0 and np.isnan(short["left"]["turned"])
+  with pytest.raises(ValueError, match="at least 1 frame per direction"):
+    camera.turn_controls(0, 3)
+  with pytest.raises(ValueError, match="camera world"):
+    camera.turn_controls(4, 0)
+
+
 def test_suite_scores_camera_following_of_a_camera_world(tmp_path):
   """The evaluation suite on a tiny random-weight doom-like model: the explorer's
   controls drive the emulator and the model (open loop and teacher forced),
@@ -61,8 +87,15 @@ def test_suite_scores_camera_following_of_a_camera_world(tmp_path):
   from streaming_helpers import TINY_DOOM, tiny_streaming_model
 
   session = StreamingSession(tiny_streaming_model(TINY_DOOM))
-  settings = suite.Settings(seeds=(0, 1), frames=16, teacher_forced_frames=6, fvd=False)
+  settings = suite.Settings(seeds=(0, 1), frames=16, teacher_forced_frames=6, fvd=False,
+                            turn_frames=3)
   result = suite.evaluate(session, settings)
+  turning = result["turning"]          # the turning test: model and emulator, both phases
+  for phase in ("right", "left"):
+    assert turning[phase]["emulator"]["turned"]["mean"] == 1.0
+    assert turning[phase]["emulator"]["turned"]["n"] == 2
+    assert turning[phase]["generated"]["px_per_frame"]["n"] == 2
+  assert len(result["turning_strip"]["generated"]) == 7
   follow = result["table"]["camera_follow"]
   assert set(follow) == {"model", "hold_start", "copy_previous", "model_1step", "emulator"}
   turned = [c for c in follow["emulator"] if c["n"]]
@@ -80,5 +113,8 @@ def test_suite_scores_camera_following_of_a_camera_world(tmp_path):
   turning = teacher_forced.one_step_predictions(session.model, real, controls, [0])
   assert np.abs(still[0, 1].astype(int) - turning[0, 1]).mean() > 0
   paths = write_report(result, str(tmp_path))
-  assert "picture turns against the yaw" in open(paths["report.md"]).read()
+  text = open(paths["report.md"]).read()
+  assert "picture turns against the yaw" in text and "## Turning test" in text
+  assert "turning.png" in paths and os.path.getsize(paths["turning.png"]) > 0
+  assert "turning_strip" not in json.load(open(paths["report.json"]))
   assert "camera_follow" in json.load(open(paths["report.json"]))["table"]

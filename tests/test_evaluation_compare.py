@@ -58,6 +58,15 @@ def test_comparison_files(compared, tmp_path):
   diff = [x - y for x, y in zip(two["per_seed"], one["per_seed"])]
   assert f"| two | {np.mean(diff):+.2f} ± {np.std(diff):.2f}" in text
   assert "| one_again | +0.00 ± 0.00" in text
+  # a camera world's turning test: a row per arm and the emulator's (Pong has none)
+  assert "Turning test" not in text and compared["emulator_turning"] == {}
+  cell = lambda v: {"mean": v, "std": 0.0, "min": v, "max": v, "n": 2, "per_seed": [v, v]}
+  turning = lambda v: {p: {"turned": cell(v), "px_per_frame": cell(4 * v)} for p in ("right", "left")}
+  camera_world = dict(compared, emulator_turning=turning(1.0),
+                      arms=[dict(a, turning=turning(0.25)) for a in compared["arms"]])
+  text = compare.markdown(camera_world)
+  assert "| two | 0.25 ± 0.00 | 1.00 ± 0.00 | 0.25 ± 0.00 | 1.00 ± 0.00 |" in text
+  assert "| *emulator* | 1.00 ± 0.00 | 4.00 ± 0.00 | 1.00 ± 0.00 | 4.00 ± 0.00 |" in text
   best = compare.best_at_long_horizon(compared)
   k = compare._long_bucket(compared)
   means = {a["name"]: a["open_loop"]["psnr"][k]["mean"] for a in compared["arms"]}
@@ -97,3 +106,5 @@ def test_horizon_clip_scores_other_clips_on_one_grid():
          "of 2 and 5 frames" in text
   with pytest.raises(ValueError, match="--horizon_clip must be >= 0"):
     dataclasses.replace(settings, horizon_clip=-1).check()
+  with pytest.raises(ValueError, match="--turn_frames must be >= 0"):
+    dataclasses.replace(settings, turn_frames=-2).check()

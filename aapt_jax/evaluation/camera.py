@@ -118,3 +118,40 @@ def follow_series(frames: np.ndarray, previous: np.ndarray, yaw: np.ndarray,
       against = -image_shift(previous[i], frames[i])[0]
       out[i] = float(np.sign(yaw[i]) * against >= threshold)
   return out
+
+
+def turn_controls(frames_each: int, control_dim: int) -> np.ndarray:
+  """float32 [2 * frames_each + 1, control_dim]: the turning test's controls:
+  the start frame's zeros, then a full-rate right turn (yaw +1) for
+  `frames_each` frames, then a full-rate left turn (yaw -1) as long; no
+  walking or strafing, so the whole picture's motion is the turn's."""
+  if frames_each < 1:
+    raise ValueError(f"the turning test needs at least 1 frame per direction, got {frames_each}")
+  if control_dim < 1:
+    raise ValueError("the turning test needs a camera world (control_dim >= 1, controls[0] = yaw)")
+  controls = np.zeros((2 * frames_each + 1, control_dim), np.float32)
+  controls[1:frames_each + 1, 0] = 1.0
+  controls[frames_each + 1:, 0] = -1.0
+  return controls
+
+
+def turning_test(frames: np.ndarray, controls: np.ndarray) -> dict[str, dict[str, float]]:
+  """How a video follows `turn_controls`' right-then-left turn: per phase
+  ("right", "left"), `turned` = the fraction of its frames whose picture moved
+  against the turn by at least MOTION_FRACTION of the width (right turn ->
+  content left), and `px_per_frame` = the mean shift against the turn
+  (pixels; negative = the wrong way). `frames` [T, H, W, 3] with T <=
+  len(controls) (an emulator's episode may end early: its phase covers the
+  frames there are; a phase with no frame gets NaN)."""
+  n = min(len(frames), len(controls))
+  yaw = np.asarray(controls, np.float64)[:n, 0]
+  against = np.concatenate([[np.nan], -horizontal_motion(np.asarray(frames)[:n])])  # [n]
+  threshold = MOTION_FRACTION * np.shape(frames)[2]
+  out = {}
+  for phase, sign in (("right", 1.0), ("left", -1.0)):
+    rows = np.flatnonzero(yaw == sign)
+    rows = rows[rows >= 1]
+    moved = sign * against[rows]
+    out[phase] = {"turned": float(np.mean(moved >= threshold)) if rows.size else float("nan"),
+                  "px_per_frame": float(np.mean(moved)) if rows.size else float("nan")}
+  return out

@@ -80,11 +80,13 @@ def compare(arms: Sequence[Arm], settings: suite.Settings,
         "one_step": {m: r["table"][m]["model_1step"] for m in ONE_STEP_METRICS
                      if "model_1step" in r["table"].get(m, {})},
         "drift": r["drift"]["model"], "fvd": {w: s.get("model") for w, s in r["fvd"].items()},
+        "turning": {phase: v["generated"] for phase, v in r["turning"].items()},
         "strip": r["strip"]["generated"]})
   return {"game": first["game"], "clip_frames": first["clip_frames"],
           "settings": dataclasses.asdict(settings), "buckets": first["buckets"],
           "real_frames": first["real_frames"], "object_truth": first["object_truth"],
           "arms": rows, "baselines": baselines,
+          "emulator_turning": {phase: v["emulator"] for phase, v in first["turning"].items()},
           "emulator_drift": first["drift"]["emulator"], "real_strip": first["strip"]["real"]}
 
 
@@ -190,6 +192,18 @@ def markdown(result: dict, title: str = "Comparison") -> str:
     for name, f in fvd:
       lines.append(f"| {name} | " + " | ".join(
           "–" if f.get(w) is None else f"{f[w]:.1f}" for w in windows) + " |")
+  if result.get("emulator_turning"):
+    lines += ["", "## Turning test (camera world)", "",
+              f"Yaw +1 for {s['turn_frames']} frames, then -1 as long, from each seed's start "
+              "frame: the share of each phase's frames whose picture moved against the turn, "
+              "and the mean shift against it (px per frame).", "",
+              "| arm | right: turned | right: px per frame | left: turned | left: px per frame |",
+              "|---|---|---|---|---|"]
+    for name, turning in ([(a["name"], a["turning"]) for a in result["arms"]]
+                          + [("*emulator*", result["emulator_turning"])]):
+      lines.append(f"| {name} | " + " | ".join(
+          _cell(turning[phase][stat], "{:.2f}") for phase in ("right", "left")
+          for stat in ("turned", "px_per_frame")) + " |")
   lines += ["", "Plots: compare_psnr.png, compare_objects.png, compare_drift.png, "
             "compare_frames.png.", ""]
   return "\n".join(lines)

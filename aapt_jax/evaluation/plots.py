@@ -57,7 +57,8 @@ def _bars(ax, result, metric, title):
 def write_plots(result: dict, out_dir: str) -> dict[str, str]:
   """psnr.png (PSNR per horizon), drift.png (drift curves), objects.png
   (object presence, error, action following per horizon), frames.png (a
-  strip of generated, one-step and emulator frames of the first seed)."""
+  strip of generated, one-step and emulator frames of the first seed),
+  turning.png (a camera world's turning test, model above emulator)."""
   paths = {}
   fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
   _bars(ax[0], result, "psnr", "PSNR vs the emulator (dB), mean ± std over seeds")
@@ -93,17 +94,31 @@ def write_plots(result: dict, out_dir: str) -> dict[str, str]:
   rows = [("model", strip["generated"]), ("emulator", strip["real"])]
   if strip.get("one_step") is not None:
     rows.insert(1, ("model 1-step", strip["one_step"]))
+  paths["frames.png"] = _strip(rows, picks, out_dir, "frames.png")
+  if result.get("turning_strip"):  # a camera world's turning test, first seed
+    turn = result["turning_strip"]
+    n = len(turn["controls"]) - 1
+    picks = sorted({int(i) for i in np.linspace(0, n, 9).round()})
+    paths["turning.png"] = _strip([("model", turn["generated"]), ("emulator", turn["real"])],
+                                  picks, out_dir, "turning.png",
+                                  caption=f"turn right for frames 1-{n // 2}, then left")
+  return paths
+
+
+def _strip(rows, picks, out_dir, name, caption=None):
+  """A grid of frames: a row per (label, frames [T, H, W, 3]), a column per
+  frame index in `picks` (blank where a video is shorter)."""
   fig, ax = plt.subplots(len(rows), len(picks), figsize=(1.6 * len(picks), 1.8 * len(rows)),
                          squeeze=False)
-  for r, (name, frames) in enumerate(rows):
+  for r, (label, frames) in enumerate(rows):
     for c, i in enumerate(picks):
-      a = ax[r, c]
-      a.axis("off")
+      ax[r, c].axis("off")
       if i < len(frames):
-        a.imshow(frames[i], interpolation="nearest")
-      a.set_title(f"{name} {i}", fontsize=7)
-  paths["frames.png"] = _save(fig, out_dir, "frames.png")
-  return paths
+        ax[r, c].imshow(frames[i], interpolation="nearest")
+      ax[r, c].set_title(f"{label} {i}", fontsize=7)
+  if caption:
+    fig.suptitle(caption, fontsize=8)
+  return _save(fig, out_dir, name)
 
 
 def _save(fig, out_dir, name):
@@ -159,13 +174,5 @@ def write_comparison_plots(result: dict, out_dir: str) -> dict[str, str]:
   picks = sorted({i for i in (0, 1, 4, result["clip_frames"], 3 * result["clip_frames"],
                               10 * result["clip_frames"], n) if i <= n})
   rows = [(a["name"], a["strip"]) for a in result["arms"]] + [("emulator", result["real_strip"])]
-  fig, ax = plt.subplots(len(rows), len(picks), figsize=(1.6 * len(picks), 1.7 * len(rows)),
-                         squeeze=False)
-  for r, (name, frames) in enumerate(rows):
-    for c, i in enumerate(picks):
-      ax[r, c].axis("off")
-      if i < len(frames):
-        ax[r, c].imshow(frames[i], interpolation="nearest")
-      ax[r, c].set_title(f"{name} {i}", fontsize=6)
-  paths["compare_frames.png"] = _save(fig, out_dir, "compare_frames.png")
+  paths["compare_frames.png"] = _strip(rows, picks, out_dir, "compare_frames.png")
   return paths

@@ -111,6 +111,20 @@ def markdown(result: dict) -> str:
       lines.append(f"| {stat} {name} | " + " | ".join(drift_cells(curves[stat],
                                                                  result["buckets"])) + " |")
   lines.append("")
+  if result.get("turning"):
+    n = result["settings"]["turn_frames"]
+    lines += ["## Turning test (camera world)", "",
+              f"From each seed's start frame, yaw +1 (turn right at the full rate) for {n} "
+              f"frames, then yaw -1 for {n}; no walking. *Turned*: the share of the phase's "
+              "frames whose picture moved against the turn (right turn: the scene moves "
+              "left) by at least 1/128 of the width; *px per frame*: the mean shift against "
+              "the turn (negative: the wrong way). Strip: turning.png.", "",
+              "| phase | video | turned | px per frame |", "|---|---|---|---|"]
+    for phase, videos in result["turning"].items():
+      for video, stats in videos.items():
+        lines.append(f"| {phase} | {video} | {_cell(stats['turned'], '{:.2f}')} | "
+                     f"{_cell(stats['px_per_frame'], '{:.2f}')} |")
+    lines.append("")
   lines += ["## FVD (I3D, Kinetics-400)", ""]
   if result["fvd"]:
     lines += ["| window | " + " | ".join(next(iter(result["fvd"].values()))) + " |",
@@ -131,7 +145,7 @@ def write_report(result: dict, out_dir: str) -> dict[str, str]:
   os.makedirs(out_dir, exist_ok=True)
   paths = {"report.json": os.path.join(out_dir, "report.json"),
            "report.md": os.path.join(out_dir, "report.md")}
-  data = {k: v for k, v in result.items() if k != "strip"}
+  data = {k: v for k, v in result.items() if k not in ("strip", "turning_strip")}
   with open(paths["report.json"], "w") as f:
     json.dump(_json_ready(data), f, indent=1)
   with open(paths["report.md"], "w") as f:

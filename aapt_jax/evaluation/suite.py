@@ -39,7 +39,9 @@ class Settings:
   and 10 clips, ...) and FVD's windows placed at; 0 = the checkpoint's own
   training clip. Set it to score models trained on different clips on the
   same frame ranges. `horizons`: the horizons' last frames instead (e.g.
-  (40, 80, 120): the thirds of 120 frames); () = cut by the clip."""
+  (40, 80, 120): the thirds of 120 frames); () = cut by the clip.
+  `turn_frames`: a camera world's turning test turns right for so many
+  frames, then left as long (`_turning`); 0 = no test."""
   seeds: tuple[int, ...] = (0, 1, 2)
   frames: int = 1440
   teacher_forced_frames: int = 240
@@ -47,6 +49,7 @@ class Settings:
   repeat_prob: float = 0.75
   horizon_clip: int = 0
   horizons: tuple[int, ...] = ()
+  turn_frames: int = 24
 
   def check(self):
     if len(self.seeds) < 1 or len(set(self.seeds)) != len(self.seeds):
@@ -60,6 +63,9 @@ class Settings:
       raise ValueError(f"--horizon_clip must be >= 0 (0 = the checkpoint's training clip), "
                        f"got {self.horizon_clip}")
     metrics.check_horizon_ends(self.horizons)
+    if self.turn_frames < 0:
+      raise ValueError(f"--turn_frames must be >= 0 (0 = no turning test), got "
+                       f"{self.turn_frames}")
 
 
 def _predictions(episode, one_step: np.ndarray | None, tf_frames: int):
@@ -141,6 +147,31 @@ def _fvd(episodes, clip_frames, predictions_per_seed, bar):
   return out
 
 
+def _turning(session, world, settings: Settings):
+  """A camera world's turning test: per seed the emulator and the model, open
+  loop from the same start frame, turn right at the full rate for
+  `settings.turn_frames` frames and then left as long
+  (camera.turn_controls). Returns ({phase: {"generated"|"emulator": {stat:
+  spread over seeds}}} of camera.turning_test, and the first seed's videos
+  for the strip)."""
+  controls = camera.turn_controls(settings.turn_frames, world.control_dim)  # [2n+1, A]
+  per_seed, strip = [], None
+  for seed in tqdm(settings.seeds, desc="turning test", unit="seed"):
+    real = world.replay(controls, seed)                                  # [<=2n+1, H, W, 3]
+    episode = rollouts.Episode(seed=int(seed), actions=controls, real=real,
+                               ram=np.zeros((len(real), 0), np.uint8))
+    generated = rollouts.roll_out(session, episode)                      # [2n+1, H, W, 3]
+    per_seed.append({"generated": camera.turning_test(generated, controls),
+                     "emulator": camera.turning_test(real, controls)})
+    if strip is None:
+      strip = {"generated": generated, "real": real, "controls": controls}
+  table = {phase: {video: {stat: metrics.spread([s[video][phase][stat] for s in per_seed])
+                           for stat in ("turned", "px_per_frame")}
+                   for video in ("generated", "emulator")}
+           for phase in ("right", "left")}
+  return table, strip
+
+
 def evaluate(session, settings: Settings) -> dict:
   """Runs the evaluation of a `StreamingSession` and returns the report's data
   (see report.py): per-horizon spreads of every metric for every predictor,
@@ -166,6 +197,10 @@ def evaluate(session, settings: Settings) -> dict:
     episodes.append(episode)
   bar.close()
   timing = {"rollouts": time.time() - started}
+  turning, turning_strip = ({}, None)
+  if world.control_dim and settings.turn_frames:
+    turning, turning_strip = _turning(session, world, settings)
+    timing["turning test"] = time.time() - started - sum(timing.values())
   one_step = [None] * len(episodes)
   tf = min(settings.teacher_forced_frames,
            min(len(e.real) for e in episodes) - 1)
@@ -210,7 +245,8 @@ def evaluate(session, settings: Settings) -> dict:
       "settings": dataclasses.asdict(settings), "teacher_forced_frames": tf,
       "buckets": [metrics.bucket_label(b) for b in buckets],
       "real_frames": {int(e.seed): int(len(e.real) - 1) for e in episodes},
-      "table": table, "fvd": fvd_scores, "fvd_note": fvd_note,
+      "table": table, "fvd": fvd_scores, "fvd_note": fvd_note, "turning": turning,
+      "turning_strip": turning_strip,
       "object_truth": game is not None, "drift": drift,
       "strip": {"seed": int(episodes[0].seed), "generated": episodes[0].generated,
                 "real": episodes[0].real, "one_step": one_step[0]},
