@@ -7,7 +7,9 @@ Against the emulator's frames of the same seeds (the sticky-random policy of
 the evaluation suite), prints one JSON line and a table of:
   tf_*   the model's one-step teacher-forced prediction at t = 1 of frames
          1..tf_frames (evaluation/teacher_forced.py): what stage 1 learned,
-         before any open-loop drift;
+         before any open-loop drift; beside it real_copy_previous_ball_*,
+         the ball "found" in the previous real frame (~2 px from the true
+         place: a model that copies its input scores this);
   ol_*   its open-loop rollout of open_loop_frames frames with sampler_steps
          Euler steps per frame (stage 1's sampler), and "hold the start
          frame" on the same frames;
@@ -73,12 +75,12 @@ def _mse(a, b):
   return float(np.mean(np.square(a.astype(np.float64) - b.astype(np.float64))))
 
 
-def probe(checkpoint, seeds, tf_frames, open_loop_frames, sampler_steps):
+def probe(model, seeds, tf_frames, open_loop_frames):
+  """The probe's numbers (module docstring) of a StreamingModel of a Pong world."""
   from aapt_jax.evaluation import rollouts, teacher_forced
   from aapt_jax.inference.quality import change, roughness
-  from aapt_jax.inference.session import StreamingModel, StreamingSession
+  from aapt_jax.inference.session import StreamingSession
 
-  model = StreamingModel.load(checkpoint, sampler_steps=sampler_steps)
   world, game = model.world, model.world.game
   frames = max(tf_frames, open_loop_frames)
   episodes = [rollouts.play_emulator(world, s, frames) for s in seeds]
@@ -96,7 +98,12 @@ def probe(checkpoint, seeds, tf_frames, open_loop_frames, sampler_steps):
     s["mse"] = np.array([_mse(pred[i], r[i]) for i in range(1, len(r))])
     s["copy_previous_mse"] = np.array([_mse(r[i - 1], r[i]) for i in range(1, len(r))])
     tf.append(s)
+    # copying the previous real frame "finds" the ball where it was a frame ago (~2 px
+    # off): a one-step ball must beat this row's error, not only its presence
+    copied = _objects(game, e.ram[:n_tf + 1], np.concatenate([r[:1], r[:-1]]), model.frame_size)
     real.append({"ball_signal": _ball_signal(game, e.ram[:n_tf + 1], r, model.frame_size),
+                 "copy_previous_ball_present": copied["ball_present"],
+                 "copy_previous_ball_error": copied["ball_error"],
                  "roughness": np.array([roughness(f) for f in r[1:]]),
                  "change": np.array([change(r[i], r[i - 1]) for i in range(1, len(r))])})
   if open_loop_frames:
@@ -112,7 +119,7 @@ def probe(checkpoint, seeds, tf_frames, open_loop_frames, sampler_steps):
       s["mse"] = np.array([_mse(gen[i], sub.real[i]) for i in range(1, n + 1)])
       s["hold_start_mse"] = np.array([_mse(sub.real[0], sub.real[i]) for i in range(1, n + 1)])
       ol.append(s)
-  out = {"checkpoint": checkpoint, "seeds": list(seeds), "tf_frames": n_tf,
+  out = {"checkpoint": model.source, "seeds": list(seeds), "tf_frames": n_tf,
          "open_loop_frames": open_loop_frames, "sampler_steps": model.sampler_steps}
   out.update(_summary("tf", tf))
   out.update(_summary("real", real))
@@ -121,7 +128,8 @@ def probe(checkpoint, seeds, tf_frames, open_loop_frames, sampler_steps):
   return out
 
 
-COLUMNS = ("tf_ball_present", "tf_ball_error", "tf_ball_signal", "real_ball_signal",
+COLUMNS = ("tf_ball_present", "tf_ball_error", "real_copy_previous_ball_present",
+           "real_copy_previous_ball_error", "tf_ball_signal", "real_ball_signal",
            "tf_player_present", "tf_enemy_present", "tf_roughness", "tf_change", "tf_psnr",
            "tf_copy_previous_psnr", "ol_ball_present", "ol_ball_error", "ol_ball_signal",
            "ol_roughness", "ol_change", "ol_psnr", "ol_hold_start_psnr", "real_roughness",
@@ -138,8 +146,9 @@ def main(argv=None) -> int:
                  help="Euler steps per open-loop frame (0 = the model's default)")
   args = p.parse_args(argv)
   seeds = [int(s) for s in args.seeds.split(",")]
-  out = probe(args.checkpoint, seeds, args.tf_frames, args.open_loop_frames,
-              args.sampler_steps)
+  from aapt_jax.inference.session import StreamingModel
+  model = StreamingModel.load(args.checkpoint, sampler_steps=args.sampler_steps)
+  out = probe(model, seeds, args.tf_frames, args.open_loop_frames)
   print(json.dumps(out))
   for k in COLUMNS:
     if k in out:

@@ -102,3 +102,19 @@ def test_object_and_follow_series_on_hand_made_detections():
   follow = objects.follow_series("Pong", names, actions, found, [None] + found[:-1])
   # up 2 px: followed; down 0.1 px: under MOVE_MIN, not a move; down 0.9: followed; FIRE: none
   np.testing.assert_equal(follow, [np.nan, 1.0, 0.0, 1.0, np.nan])
+
+
+def test_ball_probe_scores_a_model_beside_copying_the_previous_frame():
+  """benchmarks/ball_probe.py on the tiny random Pong model: the copy-previous
+  row finds the ball where it was a frame ago, the one-step and open-loop rows are the model's own."""
+  from helpers import load_benchmark
+  from streaming_helpers import tiny_streaming_model
+  ball_probe = load_benchmark("ball_probe")
+  out = ball_probe.probe(tiny_streaming_model(sampler_steps=1), [0], tf_frames=20,
+                         open_loop_frames=3)
+  assert out["tf_frames"] == 20 and out["sampler_steps"] == 1
+  assert out["real_copy_previous_ball_present"] > 0.8            # frames 15-20: the serve
+  # the serve moves (-1.6, +1.2) px a frame at 64x64: 2.0 px, 0.5 px at the tiny 16x16
+  assert 0.4 < out["real_copy_previous_ball_error"] < 0.6
+  assert 0.0 <= out["tf_ball_present"] <= 1.0 and np.isfinite(out["real_ball_signal"])
+  assert {"ol_psnr", "ol_hold_start_psnr", "tf_psnr"} <= set(out)

@@ -324,7 +324,7 @@ def test_the_shipped_export_plays_pong():
   """The shipped export (aapt_jax/assets/atari, package data) loads with
   today's code (config and every array checked), by None or by its name, and
   its first frames follow the emulator: PSNR over 8 NOOP frames above 45 dB
-  (it measures 54.7; the export it replaced 40.2, random weights ~10, the
+  (it measures 59.0; the export before it 54.7, then 40.2, random weights ~10, the
   200-step model ~13). A stage-1 export plays at the one forward per frame
   its config names (launch/export.py --sampler_steps=1), not 16."""
   from aapt_jax.data.worlds.atari import AtariWorld
