@@ -110,8 +110,10 @@ def get_config(arg=None):
     # frames back nor the sink at 9, and fell into texture after ~120 frames;
     # 3000 steps on 12-frame clips took frames 121-480 from 21.3 to 33.3 dB.
     # The export itself ran stage 1 as 12000 steps on 8-frame clips, then
-    # 3000 on 12 (RESULTS.md gives the commands); this variant trains on 12
-    # throughout, which has not been run end to end. The export is stage 1
+    # 3000 on 12, then 1500 on 12 with clean context (context_noise 0) and
+    # a cosine-decayed 3e-4 (RESULTS.md gives the commands); this variant
+    # trains on 12 throughout with noisy context, which has not been run end
+    # to end. The export is stage 1
     # at one forward per frame (launch/export.py --checkpoint=RUN/diffusion
     # --sampler_steps=1): on this base stages 2 and 3 measured below it at
     # every horizon (RESULTS.md); they run here for that table.
