@@ -59,6 +59,14 @@ def horizontal_motion(frames: np.ndarray) -> np.ndarray:
                    for t in range(1, len(frames))], np.float64)
 
 
+def moved_with_turn(yaw, against, width: int):
+  """Whether a shift `against` the turn (pixels, + = content moved left) follows
+  the yaw: at least MOTION_FRACTION of the frame `width` in the turn's direction
+  (right turn -> content left). Elementwise over arrays; the one rule of
+  camera_following, follow_series and turning_test."""
+  return np.sign(yaw) * against >= MOTION_FRACTION * width
+
+
 def camera_following(frames: np.ndarray, yaw: np.ndarray) -> dict[str, float]:
   """How well the picture follows the yaw control.
 
@@ -82,7 +90,7 @@ def camera_following(frames: np.ndarray, yaw: np.ndarray) -> dict[str, float]:
   against = -horizontal_motion(frames)              # [T - 1], + = content moved left
   u = yaw[1:]
   turning = np.abs(u) >= YAW_THRESHOLD
-  agree = (np.sign(u) * against >= MOTION_FRACTION * np.shape(frames)[2])[turning]
+  agree = moved_with_turn(u, against, np.shape(frames)[2])[turning]
   if np.std(u) > 0 and np.std(against) > 0:
     correlation = float(np.corrcoef(u, against)[0, 1])
   else:
@@ -112,11 +120,10 @@ def follow_series(frames: np.ndarray, previous: np.ndarray, yaw: np.ndarray,
   sign_agreement; the evaluation suite averages it per horizon."""
   yaw = np.asarray(yaw, np.float64)
   out = np.full(len(frames), np.nan)
-  threshold = MOTION_FRACTION * np.shape(frames)[2]
   for i in range(1, len(frames)):
     if made[i] and abs(yaw[i]) >= YAW_THRESHOLD:
       against = -image_shift(previous[i], frames[i])[0]
-      out[i] = float(np.sign(yaw[i]) * against >= threshold)
+      out[i] = float(moved_with_turn(yaw[i], against, np.shape(frames)[2]))
   return out
 
 
@@ -146,12 +153,12 @@ def turning_test(frames: np.ndarray, controls: np.ndarray) -> dict[str, dict[str
   n = min(len(frames), len(controls))
   yaw = np.asarray(controls, np.float64)[:n, 0]
   against = np.concatenate([[np.nan], -horizontal_motion(np.asarray(frames)[:n])])  # [n]
-  threshold = MOTION_FRACTION * np.shape(frames)[2]
   out = {}
   for phase, sign in (("right", 1.0), ("left", -1.0)):
     rows = np.flatnonzero(yaw == sign)
     rows = rows[rows >= 1]
-    moved = sign * against[rows]
-    out[phase] = {"turned": float(np.mean(moved >= threshold)) if rows.size else float("nan"),
-                  "px_per_frame": float(np.mean(moved)) if rows.size else float("nan")}
+    turned = moved_with_turn(sign, against[rows], np.shape(frames)[2])
+    out[phase] = {"turned": float(np.mean(turned)) if rows.size else float("nan"),
+                  "px_per_frame": float(np.mean(sign * against[rows])) if rows.size
+                  else float("nan")}
   return out

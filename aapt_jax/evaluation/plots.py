@@ -97,7 +97,7 @@ def write_plots(result: dict, out_dir: str) -> dict[str, str]:
   paths["frames.png"] = _strip(rows, picks, out_dir, "frames.png")
   if result.get("turning_strip"):  # a camera world's turning test, first seed
     turn = result["turning_strip"]
-    n = len(turn["controls"]) - 1
+    n = len(turn["generated"]) - 1                  # 2 x turn_frames
     picks = sorted({int(i) for i in np.linspace(0, n, 9).round()})
     paths["turning.png"] = _strip([("model", turn["generated"]), ("emulator", turn["real"])],
                                   picks, out_dir, "turning.png",

@@ -164,7 +164,7 @@ def _turning(session, world, settings: Settings):
     per_seed.append({"generated": camera.turning_test(generated, controls),
                      "emulator": camera.turning_test(real, controls)})
     if strip is None:
-      strip = {"generated": generated, "real": real, "controls": controls}
+      strip = {"generated": generated, "real": real}
   table = {phase: {video: {stat: metrics.spread([s[video][phase][stat] for s in per_seed])
                            for stat in ("turned", "px_per_frame")}
                    for video in ("generated", "emulator")}
