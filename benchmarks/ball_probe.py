@@ -1,7 +1,7 @@
 """Does a pixel-space Pong model draw the ball? A fast probe of one checkpoint.
 
   python benchmarks/ball_probe.py --checkpoint=RUN [--seeds=1000,1001,1002]
-      [--tf_frames=48] [--open_loop_frames=24] [--sampler_steps=8]
+      [--tf_frames=48] [--open_loop_frames=24] [--sampler_steps=8] [--denoise_t=0.1]
 
 Against the emulator's frames of the same seeds (the sticky-random policy of
 the evaluation suite), prints one JSON line and a table of:
@@ -10,6 +10,11 @@ the evaluation suite), prints one JSON line and a table of:
          before any open-loop drift; beside it real_copy_previous_ball_*,
          the ball "found" in the previous real frame (~2 px from the true
          place: a model that copies its input scores this);
+  dn_*   the denoising check (evaluation/teacher_forced.py): the same
+         prediction from the real frame noised to t = denoise_t instead of
+         from noise alone. A diffusion model reads its noisy input (dn_psnr
+         far above tf_psnr); one that scores the same has learnt to ignore
+         it, and more Euler steps then draw the same frame;
   ol_*   its open-loop rollout of open_loop_frames frames with sampler_steps
          Euler steps per frame (stage 1's sampler), and "hold the start
          frame" on the same frames;
@@ -75,7 +80,7 @@ def _mse(a, b):
   return float(np.mean(np.square(a.astype(np.float64) - b.astype(np.float64))))
 
 
-def probe(model, seeds, tf_frames, open_loop_frames):
+def probe(model, seeds, tf_frames, open_loop_frames, denoise_t=None):
   """The probe's numbers (module docstring) of a StreamingModel of a Pong world."""
   from aapt_jax.evaluation import rollouts, teacher_forced
   from aapt_jax.inference.quality import change, roughness
@@ -85,12 +90,18 @@ def probe(model, seeds, tf_frames, open_loop_frames):
   frames = max(tf_frames, open_loop_frames)
   episodes = [rollouts.play_emulator(world, s, frames) for s in seeds]
   n_tf = min(tf_frames, min(len(e.real) for e in episodes) - 1)
-  one_step = teacher_forced.one_step_predictions(
-      model, np.stack([e.real[:n_tf + 1] for e in episodes]),
-      np.stack([e.actions[:n_tf + 1] for e in episodes]), seeds)
-  tf, ol, real = [], [], []
-  for e, pred in zip(episodes, one_step):
+  denoise_t = teacher_forced.DENOISE_T if denoise_t is None else denoise_t
+  real_frames = np.stack([e.real[:n_tf + 1] for e in episodes])
+  actions = np.stack([e.actions[:n_tf + 1] for e in episodes])
+  one_step_fn = teacher_forced.make_one_step_fn(model.generator)
+  one_step = teacher_forced.one_step_predictions(model, real_frames, actions, seeds, one_step_fn)
+  denoised = teacher_forced.one_step_predictions(model, real_frames, actions, seeds, one_step_fn,
+                                                 noise_level=denoise_t)
+  tf, dn, ol, real = [], [], [], []
+  for e, pred, den in zip(episodes, one_step, denoised):
     r = e.real[:n_tf + 1]
+    dn.append({"ball_signal": _ball_signal(game, e.ram[:n_tf + 1], den, model.frame_size),
+               "mse": np.array([_mse(den[i], r[i]) for i in range(1, len(r))])})
     s = _objects(game, e.ram[:n_tf + 1], pred, model.frame_size)
     s["roughness"] = np.array([roughness(f) for f in pred[1:]])
     s["ball_signal"] = _ball_signal(game, e.ram[:n_tf + 1], pred, model.frame_size)
@@ -120,8 +131,10 @@ def probe(model, seeds, tf_frames, open_loop_frames):
       s["hold_start_mse"] = np.array([_mse(sub.real[0], sub.real[i]) for i in range(1, n + 1)])
       ol.append(s)
   out = {"checkpoint": model.source, "seeds": list(seeds), "tf_frames": n_tf,
-         "open_loop_frames": open_loop_frames, "sampler_steps": model.sampler_steps}
+         "open_loop_frames": open_loop_frames, "sampler_steps": model.sampler_steps,
+         "denoise_t": denoise_t}
   out.update(_summary("tf", tf))
+  out.update(_summary("dn", dn))
   out.update(_summary("real", real))
   if ol:
     out.update(_summary("ol", ol))
@@ -131,7 +144,8 @@ def probe(model, seeds, tf_frames, open_loop_frames):
 COLUMNS = ("tf_ball_present", "tf_ball_error", "real_copy_previous_ball_present",
            "real_copy_previous_ball_error", "tf_ball_signal", "real_ball_signal",
            "tf_player_present", "tf_enemy_present", "tf_roughness", "tf_change", "tf_psnr",
-           "tf_copy_previous_psnr", "ol_ball_present", "ol_ball_error", "ol_ball_signal",
+           "tf_copy_previous_psnr", "dn_psnr", "dn_ball_signal", "ol_ball_present",
+           "ol_ball_error", "ol_ball_signal",
            "ol_roughness", "ol_change", "ol_psnr", "ol_hold_start_psnr", "real_roughness",
            "real_change")
 
@@ -144,11 +158,15 @@ def main(argv=None) -> int:
   p.add_argument("--open_loop_frames", type=int, default=24)
   p.add_argument("--sampler_steps", type=int, default=8,
                  help="Euler steps per open-loop frame (0 = the model's default)")
+  p.add_argument("--denoise_t", type=float, default=0.1,  # teacher_forced.DENOISE_T
+                 help="noise level t in (0, 1] of the denoising check (dn_*)")
   args = p.parse_args(argv)
+  if not 0.0 < args.denoise_t <= 1.0:
+    p.error(f"--denoise_t must be in (0, 1], got {args.denoise_t}")
   seeds = [int(s) for s in args.seeds.split(",")]
   from aapt_jax.inference.session import StreamingModel
   model = StreamingModel.load(args.checkpoint, sampler_steps=args.sampler_steps)
-  out = probe(model, seeds, args.tf_frames, args.open_loop_frames)
+  out = probe(model, seeds, args.tf_frames, args.open_loop_frames, args.denoise_t)
   print(json.dumps(out))
   for k in COLUMNS:
     if k in out:

@@ -150,6 +150,23 @@ def test_teacher_forced_frame_one_is_the_open_loop_frame_one(tiny_run):
   assert np.abs(base[0, 4].astype(int) - moved[0, 4]).mean() > 0
 
 
+def test_teacher_forced_noise_level_noises_the_real_frame(tiny_run):
+  """noise_level t < 1: block i is the real frame noised to t, and x0 = x_t - t v;
+  at t -> 0 that is the real frame whatever the (random) model predicts, while
+  at t = 1 it is the model's own frame."""
+  session, result = tiny_run
+  real = result["strip"]["real"][None, :6]
+  actions = np.zeros((1, 6), np.int32)
+  fn = teacher_forced.make_one_step_fn(session.model.generator)
+  near_clean = teacher_forced.one_step_predictions(session.model, real, actions, [0], fn,
+                                                    noise_level=1e-3)
+  from_noise = teacher_forced.one_step_predictions(session.model, real, actions, [0], fn)
+  assert np.abs(near_clean[0, 1:].astype(int) - real[0, 1:]).max() <= 3
+  assert np.abs(from_noise[0, 1:].astype(int) - real[0, 1:]).mean() > 10
+  with pytest.raises(ValueError, match="noise_level must be in"):
+    teacher_forced.one_step_predictions(session.model, real, actions, [0], fn, noise_level=0.0)
+
+
 def test_report_of_a_tiny_run(tiny_run, tmp_path):
   _, result = tiny_run
   assert result["buckets"] == ["1-5", "6-17", "18-20"]
@@ -160,10 +177,15 @@ def test_report_of_a_tiny_run(tiny_run, tmp_path):
   with open(paths["report.json"]) as f:
     report = json.load(f)
   psnr = report["table"]["psnr"]
-  assert set(psnr) == {"model", "hold_start", "copy_previous", "model_1step", "emulator"}
+  assert set(psnr) == {"model", "hold_start", "copy_previous", "model_1step", "model_denoise",
+                       "emulator"}
   for cell in psnr["hold_start"]:
     assert cell["n"] == 2 and cell["min"] <= cell["mean"] <= cell["max"]
   assert psnr["model_1step"][2]["n"] == 0     # frames 18-20: past the teacher-forced 8
+  # the denoising check: from the real frame noised to t = 0.1, x0 = x_t - t v stays near
+  # the real frame even for a random model, far above its frame from noise alone
+  assert psnr["model_denoise"][0]["mean"] > psnr["model_1step"][0]["mean"] + 5
+  assert psnr["model_denoise"][2]["n"] == 0
   text = open(paths["report.md"]).read()
   assert "| 1-5 | 6-17 | 18-20 |" in text and " ± " in text
   assert "ball found where the emulator shows it" in text
@@ -172,6 +194,7 @@ def test_report_of_a_tiny_run(tiny_run, tmp_path):
       "model_1step"}
   assert report["table"]["change_gain"]["model_1step"][0]["n"] == 2
   assert "one-step change's size over the real change's" in text
+  assert "`model_denoise` = the same from the real frame noised to t = 0.1" in text
   assert len(report["drift"]["model"]["roughness"]) == 2  # per seed curves
   assert "training clip 5 frames (10x = 50)" in text and report["train_clip_frames"] == 5
   # with --horizon_clip the text names both clips

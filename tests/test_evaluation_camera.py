@@ -97,7 +97,8 @@ def test_suite_scores_camera_following_of_a_camera_world(tmp_path):
     assert turning[phase]["generated"]["px_per_frame"]["n"] == 2
   assert len(result["turning_strip"]["generated"]) == 7
   follow = result["table"]["camera_follow"]
-  assert set(follow) == {"model", "hold_start", "copy_previous", "model_1step", "emulator"}
+  assert set(follow) == {"model", "hold_start", "copy_previous", "model_1step", "model_denoise",
+                         "emulator"}
   turned = [c for c in follow["emulator"] if c["n"]]
   assert turned and all(c["mean"] > 0.6 for c in turned)   # the emulator turns with the yaw
   for name in ("hold_start", "copy_previous"):             # a still picture never does

@@ -118,3 +118,6 @@ def test_ball_probe_scores_a_model_beside_copying_the_previous_frame():
   assert 0.4 < out["real_copy_previous_ball_error"] < 0.6
   assert 0.0 <= out["tf_ball_present"] <= 1.0 and np.isfinite(out["real_ball_signal"])
   assert {"ol_psnr", "ol_hold_start_psnr", "tf_psnr"} <= set(out)
+  # the denoising check at t = 0.1: the real frame noised a little, x0 = x_t - t v,
+  # is within a few levels of the real frame even for a random model
+  assert out["denoise_t"] == 0.1 and out["dn_psnr"] > out["tf_psnr"] + 5

@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from aapt_jax.evaluation import plots
+from aapt_jax.evaluation.teacher_forced import DENOISE_T
 
 # (metric key, row title, format, higher is better)
 _ROWS = [("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"),
@@ -29,6 +30,9 @@ _PREDICTOR_NOTES = {
     "hold_start": "hold the start frame (open loop)",
     "copy_previous": "copy the previous real frame (one step, teacher forced)",
     "model_1step": "the model's one-step prediction from real previous frames (teacher forced)",
+    "model_denoise": (f"the same from the real frame noised to t = {DENOISE_T} instead of "
+                      "from noise alone (the denoising check: a diffusion model scores far above "
+                      "model_1step; the same score = it ignores its noisy input)"),
     "emulator": "the emulator's own frames (detector and action-following reference)",
 }
 

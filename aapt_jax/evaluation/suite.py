@@ -10,6 +10,11 @@ frames of the same seed:
                  frames (teacher forced; first `teacher_forced_frames` only;
                  one forward per frame even for a stage-1 model the rollout
                  samples with several);
+  model_denoise  the same from the real frame noised to t =
+                 teacher_forced.DENOISE_T instead of from noise alone (the
+                 denoising check): a diffusion model scores far above
+                 model_1step here; one that scores the same ignores its noisy
+                 input, and more Euler steps draw the same frame;
   emulator       the real frames themselves: the reference for the object
                  detector and for action following.
 """
@@ -25,7 +30,7 @@ from aapt_jax.evaluation import fvd as fvd_lib
 from aapt_jax.evaluation import camera, metrics, objects, ram_objects, rollouts, teacher_forced
 
 OPEN_LOOP = ("model", "hold_start")
-TEACHER_FORCED = ("copy_previous", "model_1step")
+TEACHER_FORCED = ("copy_previous", "model_1step", "model_denoise")
 PREDICTORS = OPEN_LOOP + TEACHER_FORCED + ("emulator",)
 
 
@@ -68,7 +73,8 @@ class Settings:
                        f"{self.turn_frames}")
 
 
-def _predictions(episode, one_step: np.ndarray | None, tf_frames: int):
+def _predictions(episode, one_step: np.ndarray | None, tf_frames: int,
+                 denoised: np.ndarray | None = None):
   """{predictor: (frames [T+1, H, W, 3], made bool [T+1], previous-frame index
   source for action following: "own" or "real")}."""
   n, r = episode.frames + 1, len(episode.real)
@@ -81,9 +87,9 @@ def _predictions(episode, one_step: np.ndarray | None, tf_frames: int):
          "hold_start": (np.repeat(episode.real[:1], n, 0), made_all, "own"),
          "copy_previous": (previous, made_real, "real"),
          "emulator": (padded, made_real, "own")}
-  if one_step is not None:
-    frames = np.concatenate([one_step, np.repeat(one_step[-1:], n - len(one_step), 0)])
-    out["model_1step"] = (frames, made_tf, "real")
+  for name, tf in (("model_1step", one_step), ("model_denoise", denoised)):
+    if tf is not None:
+      out[name] = (np.concatenate([tf, np.repeat(tf[-1:], n - len(tf), 0)]), made_tf, "real")
   return out
 
 
@@ -201,17 +207,20 @@ def evaluate(session, settings: Settings) -> dict:
   if world.control_dim and settings.turn_frames:
     turning, turning_strip = _turning(session, world, settings)
     timing["turning test"] = time.time() - started - sum(timing.values())
-  one_step = [None] * len(episodes)
+  one_step = denoised = [None] * len(episodes)
   tf = min(settings.teacher_forced_frames,
            min(len(e.real) for e in episodes) - 1)
   if tf > 0:
-    print(f"evaluate: the model's one-step teacher-forced prediction of frames 1-{tf}")
-    stacked = teacher_forced.one_step_predictions(
-        model, np.stack([e.real[:tf + 1] for e in episodes]),
-        np.stack([e.actions[:tf + 1] for e in episodes]), settings.seeds)
-    one_step = list(stacked)
+    print(f"evaluate: the model's one-step teacher-forced prediction of frames 1-{tf}, "
+          f"from noise and from the real frame noised to t = {teacher_forced.DENOISE_T}")
+    real = np.stack([e.real[:tf + 1] for e in episodes])
+    actions = np.stack([e.actions[:tf + 1] for e in episodes])
+    fn = teacher_forced.make_one_step_fn(model.generator)
+    one_step = list(teacher_forced.one_step_predictions(model, real, actions, settings.seeds, fn))
+    denoised = list(teacher_forced.one_step_predictions(model, real, actions, settings.seeds, fn,
+                                                        noise_level=teacher_forced.DENOISE_T))
   timing["teacher_forced"] = time.time() - started - sum(timing.values())
-  predictions = [_predictions(e, o, tf) for e, o in zip(episodes, one_step)]
+  predictions = [_predictions(e, o, tf, d) for e, o, d in zip(episodes, one_step, denoised)]
   scores = []
   for e, p in tqdm(list(zip(episodes, predictions)), desc="metrics", unit="seed"):
     scores.append(_score_seed(game, world.action_names, e, p, model.frame_size))
