@@ -9,7 +9,8 @@ with the package, for the generator and the video VAE.
 A checkpoint source is a run directory (its last stage's latest complete
 step), a stage directory, a step directory, an export directory, or the name
 of an export shipped inside the package (`shipped_exports()`: "atari", the
-Pong world model; "atari_vae", its VAE) when no directory of that name exists. Training
+Pong world model; "atari_vae", its VAE; "doom", the camera-steered ViZDoom
+world) when no directory of that name exists. Training
 (`init_from`), data (`encode_records`), inference (sessions, `generate`) and
 the launch scripts all load through here, so none of them imports another's
 package to read weights.

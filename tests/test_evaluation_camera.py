@@ -116,6 +116,7 @@ def test_suite_scores_camera_following_of_a_camera_world(tmp_path):
   paths = write_report(result, str(tmp_path))
   text = open(paths["report.md"]).read()
   assert "picture turns against the yaw" in text and "## Turning test" in text
+  assert "camera explorer's control vectors" in text and "sticky-random" not in text
   assert "turning.png" in paths and os.path.getsize(paths["turning.png"]) > 0
   assert "turning_strip" not in json.load(open(paths["report.json"]))
   assert "camera_follow" in json.load(open(paths["report.json"]))["table"]

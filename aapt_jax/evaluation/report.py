@@ -87,11 +87,15 @@ def clip_phrase(result: dict) -> str:
 def markdown(result: dict) -> str:
   """report.md's text: one table per metric (rows predictors, columns horizons)."""
   s = result["settings"]
+  camera = "camera_follow" in result["table"]  # a camera world: the explorer's controls
+  played = ("the camera explorer's control vectors" if camera
+            else f"sticky-random policy, repeat {s['repeat_prob']}")
   lines = [f"# Evaluation of {result['source']}", "",
-           f"{result['game']}, open loop against the emulator replaying the same actions "
-           f"(sticky-random policy, repeat {s['repeat_prob']}); seeds {list(s['seeds'])}; "
+           f"{result['game']}, open loop against the emulator replaying the same "
+           f"{'controls' if camera else 'actions'} ({played}); seeds {list(s['seeds'])}; "
            f"{s['frames']} latent frames; {clip_phrase(result)}. Cells: mean ± std over seeds of each "
-           "seed's mean over the horizon's frames. The emulator's game ends after "
+           f"seed's mean over the horizon's frames. The emulator's "
+           f"{'episode' if camera else 'game'} ends after "
            + ", ".join(f"{v} frames (seed {k})" for k, v in result["real_frames"].items())
            + ": comparisons stop there; drift curves go on. Teacher-forced one-step rows "
            f"cover frames 1-{result['teacher_forced_frames']}.", "",
