@@ -358,11 +358,11 @@ def test_the_shipped_doom_export_turns_with_the_yaw():
   card). Its own picture under zero yaw scores 0-4 of 12 frames, and a
   mirrored turn fails as well (the scoring: tests/test_evaluation_camera.py)."""
   from aapt_jax.evaluation import camera
-  model = StreamingModel.load("doom")
+  session = StreamingSession.load("doom", seed=0)
+  model = session.model
   assert model.source == os.path.join(loading.SHIPPED_DIR, "doom")
   assert model.sampler_steps == 1 and model.frame_size == (32, 32)
-  assert model.config.model.control_dim == 3 and model.config.model.num_actions == 0
-  session = StreamingSession(model, seed=0)
+  assert session.control_dim == 3 and session.num_actions == 0
   controls = camera.turn_controls(12, 3)                            # [25, 3]
   frames = [session.start()[0]]
   frames += [session.step(u)[0] for u in controls[1:]]

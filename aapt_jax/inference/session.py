@@ -6,7 +6,8 @@ over it (its KV cache, decoder cache, previous frame, noise key), so several
 sessions (browser tabs) share one compile. The contract:
 
     session = StreamingSession.load("runs/atari")       # a run, stage, step or export dir;
-                                                        # None / "atari" = the shipped export
+                                                        # None / "atari" = the shipped Pong
+                                                        # world, "doom" the camera world
     frames = session.start()                            # uint8 [k, H, W, 3]: the first frame
     frames = session.step(action_id)                    # uint8 [k, H, W, 3], host numpy
     session.reset()                                     # back to right after start()
@@ -309,8 +310,8 @@ class StreamingSession:
            seed: int = 0, text_encoder: str | None = None) -> StreamingSession:
     """A session over the generator in `checkpoint`: a run, stage or step
     directory (its EMA params), an export directory, the name of an export
-    shipped with the package ("atari"; an unknown name raises ValueError
-    listing them), or None (the shipped "atari"). `text_encoder`: the umT5
+    shipped with the package ("atari", "doom"; an unknown name raises
+    ValueError listing them), or None (the shipped "atari"). `text_encoder`: the umT5
     folder for text strings (default: the config's data.text_encoder)."""
     return cls(StreamingModel.load(checkpoint, sampler_steps=sampler_steps,
                                    text_encoder=text_encoder), seed)
