@@ -146,6 +146,9 @@ def test_doom_config_validates_and_fits_its_records(variant, world):
                          frame_skip=c.data.frame_skip).record_episode(0, max_frames=3)
   check_example({"video": ep.frames, "controls": ep.controls}, c, "doom record",
                 min_frames=3)
+  if variant == ":full":  # the shipped export's stages 2 and 3 (RESULTS.md, Doom model card)
+    assert (c.pipeline.consistency_steps, c.pipeline.adversarial_steps) == (600, 150)
+    assert c.adversarial.gen_optim.learning_rate == 1e-5
   with pytest.raises(ValueError, match="unknown variant"):
     load_config(os.path.join(REPO, "configs", "doom.py") + ":fast")
 
